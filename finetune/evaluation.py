@@ -1,0 +1,162 @@
+"""Stage 5: score a model on held-out conversations and report before/after.
+
+Entry points: `perplexity(model, dataset, ...)` and `write_report(...)`. Perplexity uses the same labels as
+training (assistant tokens only), plus an all-token variant, computed in length-sorted batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from rich.table import Table
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from finetune.data import IGNORE_INDEX
+
+# Metrics where a smaller value is better; every other metric is better when larger.
+LOWER_IS_BETTER = {"perplexity", "perplexity_all_tokens", "loss"}
+
+
+@torch.inference_mode()
+def perplexity(model: PreTrainedModel, dataset: Dataset, *, pad_token_id: int, batch_size: int = 8, desc: str = "Scoring") -> dict[str, float]:
+    """exp(mean NLL) over assistant tokens (`perplexity`) and over all tokens (`perplexity_all_tokens`)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows = sorted(zip(dataset["input_ids"], dataset["labels"]), key=lambda row: len(row[0]))
+    nll = {"assistant": 0.0, "all": 0.0}
+    counts = {"assistant": 0, "all": 0}
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
+        batch = rows[start : start + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (ids, lab) in enumerate(batch):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(lab)] = torch.tensor(lab)
+            attention[i, : len(ids)] = 1
+        input_ids, labels, attention = input_ids.to(device), labels.to(device), attention.to(device)
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+        every_token = input_ids[:, 1:].masked_fill(attention[:, 1:] == 0, IGNORE_INDEX)
+        for name, targets in (("assistant", labels[:, 1:]), ("all", every_token)):
+            nll[name] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
+            counts[name] += int((targets != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return {
+        "perplexity": math.exp(nll["assistant"] / max(counts["assistant"], 1)),
+        "perplexity_all_tokens": math.exp(nll["all"] / max(counts["all"], 1)),
+        "scored_tokens": counts["assistant"],
+    }
+
+
+@torch.inference_mode()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict[str, str]]],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+) -> list[list[int]]:
+    """Greedy replies (token ids, end-of-turn token included when reached) to each conversation's last turn.
+
+    Batched with left padding so every prompt ends where generation starts; the KV cache is on by default.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    replies: list[list[int]] = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+            eos = model.generation_config.eos_token_id
+            stops = {eos} if isinstance(eos, int) else set(eos or [])
+            for row in output[:, batch["input_ids"].shape[1] :].tolist():
+                end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+                replies.append(row[:end])
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return replies
+
+
+def comparison_rows(before: dict[str, float], after: dict[str, float]) -> list[tuple[str, float, float, str]]:
+    rows = []
+    for metric, old in before.items():
+        if metric not in after or metric == "scored_tokens":
+            continue
+        new = after[metric]
+        change = (new - old) / abs(old) if old else float("inf")
+        better = (new < old) if metric in LOWER_IS_BETTER else (new > old)
+        rows.append((metric, old, new, f"{change:+.1%} ({'better' if better else 'worse'})"))
+    return rows
+
+
+def comparison_table(before: dict[str, float], after: dict[str, float]) -> Table:
+    table = Table(title="Held-out evaluation: base vs fine-tuned")
+    for column in ("metric", "before", "after", "change"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for metric, old, new, change in comparison_rows(before, after):
+        table.add_row(metric, f"{old:.4g}", f"{new:.4g}", change)
+    return table
+
+
+def write_report(run_dir: Path, *, summary: dict[str, Any], history: dict[str, list[tuple[int, float]]]) -> None:
+    """metrics.json, report.md and PNG plots (loss curves, before/after bars) in the run folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps({**summary, "history": history}, indent=2))
+    before, after = summary.get("metrics_before") or {}, summary.get("metrics_after") or {}
+    lines = [f"# Run report: {summary.get('name', run_dir.name)}", ""]
+    if before and after:
+        lines += ["| metric | before | after | change |", "|---|---:|---:|---:|"]
+        lines += [f"| {m} | {o:.4g} | {n:.4g} | {c} |" for m, o, n, c in comparison_rows(before, after)]
+        lines.append("")
+    for key, value in summary.items():
+        if key not in ("metrics_before", "metrics_after", "name") and not isinstance(value, (dict, list)):
+            lines.append(f"- **{key}**: {value}")
+    lines += ["", "![loss curves](loss_curves.png)", ""]
+    if before and after:
+        lines += ["![before and after](metrics.png)", ""]
+    (run_dir / "report.md").write_text("\n".join(lines))
+    _plot(run_dir, history, before, after)
+
+
+def _plot(run_dir: Path, history: dict[str, list[tuple[int, float]]], before: dict[str, float], after: dict[str, float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for series, points in history.items():
+        if points:
+            axes.plot(*zip(*points), marker="o" if len(points) < 20 else None, label=series.replace("_", " "))
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss (assistant tokens)")
+    axes.set_title("Loss curves")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(run_dir / "loss_curves.png", dpi=100)
+    plt.close(figure)
+    metrics = [row for row in comparison_rows(before, after)]
+    if not metrics:
+        return
+    figure, axes = plt.subplots(1, len(metrics), figsize=(3 * len(metrics), 3.5), squeeze=False)
+    for ax, (metric, old, new, change) in zip(axes[0], metrics):
+        ax.bar(["before", "after"], [old, new], color=["#999999", "#2a7ab0"])
+        ax.set_title(f"{metric}\n{change}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(run_dir / "metrics.png", dpi=100)
+    plt.close(figure)

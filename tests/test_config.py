@@ -1,0 +1,71 @@
+import pytest
+
+from finetune.config import RecipeConfig, apply_overrides
+from finetune.errors import FinetuneError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_validate_and_round_trip(tmp_path):
+    config = RecipeConfig()
+    assert config.model.quantization == "4bit" and config.lora.lora_alpha == 32
+    config.to_yaml(tmp_path / "out.yaml")
+    assert RecipeConfig.from_yaml(tmp_path / "out.yaml") == config
+
+
+def test_unknown_key_names_file_line_and_allowed_keys(tmp_path):
+    path = write(tmp_path, "name: x\ntraining:\n  max_steps: 5\n  lr: 0.1\n")
+    with pytest.raises(FinetuneError) as err:
+        RecipeConfig.from_yaml(path)
+    message = str(err.value)
+    assert f"{path}:4: unknown key `training.lr`" in message
+    assert "learning_rate" in message and "Allowed keys here:" in message
+
+
+def test_wrong_type_and_bad_choice_name_the_key_and_the_allowed_values(tmp_path):
+    path = write(tmp_path, "model:\n  quantization: 3bit\ntraining:\n  max_steps: many\n")
+    with pytest.raises(FinetuneError) as err:
+        RecipeConfig.from_yaml(path)
+    message = str(err.value)
+    assert f"{path}:2: `model.quantization`: Input should be 'none', '8bit' or '4bit' (got '3bit')" in message
+    assert f"{path}:4: `training.max_steps`" in message and "'many'" in message
+
+
+def test_impossible_settings_are_refused(tmp_path):
+    with pytest.raises(FinetuneError, match="validation_split \\+ test_split"):
+        RecipeConfig.from_dict({"data": {"validation_split": 0.5, "test_split": 0.45}})
+    with pytest.raises(FinetuneError, match="needs `path`"):
+        RecipeConfig.from_dict({"data": {"sources": [{"type": "file"}]}})
+
+
+def test_overrides_parse_values_as_yaml(tmp_path):
+    path = write(tmp_path, "training:\n  max_steps: 5\n")
+    config = RecipeConfig.from_yaml(path, ["training.max_steps=20", "lora.use_dora=true", "model.source=some/model"])
+    assert config.training.max_steps == 20 and config.lora.use_dora is True and config.model.source == "some/model"
+    with pytest.raises(FinetuneError, match="expected KEY=VALUE"):
+        apply_overrides({}, ["training.max_steps"])
+    with pytest.raises(FinetuneError, match="unknown key `training.nope`"):
+        RecipeConfig.from_yaml(path, ["training.nope=1"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(FinetuneError, match="recipe file not found"):
+        RecipeConfig.from_yaml(tmp_path / "absent.yaml")
+    path = write(tmp_path, "model:\n  source: [unclosed\n")
+    with pytest.raises(FinetuneError, match=rf"{path}:\d+: not valid YAML"):
+        RecipeConfig.from_yaml(path)
+    with pytest.raises(FinetuneError, match="must be a YAML mapping"):
+        RecipeConfig.from_yaml(write(tmp_path, "- a\n- b\n"))
+
+
+def test_every_shipped_recipe_validates():
+    from pathlib import Path
+
+    recipes = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        RecipeConfig.from_yaml(path)

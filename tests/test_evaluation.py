@@ -1,0 +1,56 @@
+import math
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+
+from finetune.config import ModelConfig
+from finetune.data import tokenize_conversation
+from finetune.evaluation import comparison_rows, generate, perplexity, write_report
+from finetune.models import configure_generation, load_tokenizer
+
+CHATS = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, friend."}],
+    [{"role": "user", "content": "Name a fruit"}, {"role": "assistant", "content": "Apple."},
+     {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "A pear, perhaps, or a plum."}],
+    [{"role": "system", "content": "Terse."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+]
+
+
+def test_batched_perplexity_equals_row_by_row_loss(tiny_llama_dir):
+    tokenizer = load_tokenizer(ModelConfig(source=str(tiny_llama_dir)))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    rows = [tokenize_conversation(tokenizer, chat) for chat in CHATS]
+    result = perplexity(model, Dataset.from_list(rows), pad_token_id=tokenizer.pad_token_id, batch_size=2)
+    # Independent computation: the model's own loss per row (mean over its trained tokens), re-weighted.
+    total, count = 0.0, 0
+    for row in rows:
+        labels = torch.tensor([row["labels"]])
+        n = int((labels[:, 1:] != -100).sum())
+        with torch.no_grad():
+            total += model(input_ids=torch.tensor([row["input_ids"]]), labels=labels).loss.item() * n
+        count += n
+    assert result["scored_tokens"] == count
+    assert math.isclose(result["perplexity"], math.exp(total / count), rel_tol=1e-4)
+    assert result["perplexity_all_tokens"] > 1
+
+
+def test_generation_is_batched_left_padded_and_stops_at_end_of_turn(tiny_llama_dir):
+    tokenizer = load_tokenizer(ModelConfig(source=str(tiny_llama_dir)))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    configure_generation(model, tokenizer, [tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    prompts = [chat[:-1] for chat in CHATS]
+    batched = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    one_by_one = [generate(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    assert batched == one_by_one and all(0 < len(r) <= 6 for r in batched)
+    assert tokenizer.padding_side == "right"
+
+
+def test_report_files_and_direction_of_change(tmp_path):
+    before, after = {"perplexity": 20.0, "bleu": 10.0}, {"perplexity": 15.0, "bleu": 8.0}
+    rows = {metric: change for metric, _, _, change in comparison_rows(before, after)}
+    assert rows == {"perplexity": "-25.0% (better)", "bleu": "-20.0% (worse)"}
+    write_report(tmp_path, summary={"name": "t", "metrics_before": before, "metrics_after": after},
+                 history={"train_loss": [(1, 3.0), (2, 2.5)], "eval_loss": [(2, 2.7)]})
+    for name in ("metrics.json", "report.md", "loss_curves.png", "metrics.png"):
+        assert (tmp_path / name).stat().st_size > 0

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from finetune.config import ModelConfig
+from finetune.errors import FinetuneError
+from finetune.models import load_model, load_tokenizer, resolve_source
+from tests.conftest import build_chatml_tokenizer
+
+
+def test_folder_and_hub_sources_resolve(tiny_llama_dir):
+    assert resolve_source(ModelConfig(source=str(tiny_llama_dir))).kind == "folder"
+    assert resolve_source(ModelConfig(source="HuggingFaceTB/SmolLM2-135M-Instruct")).kind == "hub"
+
+
+@pytest.mark.parametrize(
+    ("source", "problem"),
+    [("./missing/model", "does not exist"), ("missing.gguf", "GGUF file `missing.gguf` not found")],
+)
+def test_bad_sources_say_what_is_wrong(source, problem):
+    with pytest.raises(FinetuneError, match=problem):
+        resolve_source(ModelConfig(source=source))
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(FinetuneError, match="has no config.json"):
+        resolve_source(ModelConfig(source=str(tmp_path)))
+
+
+def test_pad_token_is_distinct_from_eos_when_possible(tiny_llama_dir):
+    tokenizer = load_tokenizer(ModelConfig(source=str(tiny_llama_dir)))
+    assert tokenizer.pad_token == "<|endoftext|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.padding_side == "right"
+
+
+def test_pad_falls_back_to_eos_only_when_nothing_else_exists(tmp_path):
+    tokenizer = build_chatml_tokenizer(eos_token="<|endoftext|>")
+    tokenizer.unk_token = None
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    loaded = load_tokenizer(ModelConfig(source=str(tmp_path)))
+    assert loaded.pad_token == loaded.eos_token
+
+
+def test_chat_template_overrides(tiny_llama_dir, tmp_path):
+    assert "<|im_start|>" in load_tokenizer(ModelConfig(source=str(tiny_llama_dir), chat_template="chatml")).chat_template
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert load_tokenizer(ModelConfig(source=str(tiny_llama_dir), chat_template=str(template))).chat_template == template.read_text()
+    with pytest.raises(FinetuneError, match="neither 'chatml', a Jinja string, nor an existing file"):
+        load_tokenizer(ModelConfig(source=str(tiny_llama_dir), chat_template="missing.jinja"))
+
+
+def test_tokenizer_without_template_is_refused(tmp_path):
+    tokenizer = build_chatml_tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FinetuneError, match="has no chat template"):
+        load_tokenizer(ModelConfig(source=str(tmp_path)))
+
+
+@pytest.mark.parametrize(("quantization", "layer_type"), [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt"), ("none", "Linear")])
+def test_quantization_modes(tiny_llama_dir, quantization, layer_type):
+    model = load_model(ModelConfig(source=str(tiny_llama_dir), quantization=quantization))
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == layer_type
+    logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all()
+    full = load_model(ModelConfig(source=str(tiny_llama_dir), quantization=quantization), quantized=False)
+    assert type(full.model.layers[0].self_attn.q_proj).__name__ == "Linear" and full.dtype == torch.float32

@@ -1,0 +1,78 @@
+"""Real-model tests on the bundled SmolLM2-135M-Instruct (GGUF): conversion, QLoRA, merge, behaviour.
+
+They take about two minutes on 2 CPU cores and run in CI like every other test (nothing is skipped).
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from finetune import ChatSFTRecipe
+from finetune.evaluation import generate
+from finetune.models import BUNDLED_MODELS, resolve_source
+from tests.conftest import FACTS
+
+pytestmark = pytest.mark.real_model
+
+QUESTION = [{"role": "user", "content": FACTS[0][0]}]  # "What is the capital of Zorbia?" -> "... Quenth."
+
+
+def test_gguf_conversion_is_saveable_and_exact():
+    import importlib.util
+    from pathlib import Path
+
+    from finetune.config import ModelConfig
+
+    folder = Path(resolve_source(ModelConfig(source="smollm2-135m-instruct")).path)
+    assert (folder / "model.safetensors").is_file() and (folder / "chat_template.jinja").is_file()
+    package, filename, _ = BUNDLED_MODELS["smollm2-135m-instruct"]
+    gguf_dir = next(iter(importlib.util.find_spec(package).submodule_search_locations))
+    direct = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename)
+    converted = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356]])
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, converted(ids).logits)
+
+
+@pytest.fixture(scope="module")
+def fact_run(facts_jsonl, tmp_path_factory):
+    recipe = ChatSFTRecipe(
+        name="facts",
+        model={"source": "smollm2-135m-instruct", "quantization": "4bit"},
+        lora={"r": 16},
+        data={"sources": [{"type": "file", "path": str(facts_jsonl)}], "validation_split": 0.0, "test_split": 0.1, "max_length": 128},
+        training={"max_steps": 24, "batch_size": 6, "gradient_accumulation_steps": 1, "learning_rate": 2e-3, "logging_steps": 4, "warmup_ratio": 0.0},
+        evaluation={"batch_size": 8},
+        output={"dir": str(tmp_path_factory.mktemp("smollm2") / "facts")},
+    )
+    recipe.setup()
+    before = recipe.evaluate()
+    reply_before = generate(recipe.model, recipe.tokenizer, [QUESTION], max_new_tokens=24)[0]
+    recipe.train()
+    after = recipe.evaluate()
+    reply_after = generate(recipe.model, recipe.tokenizer, [QUESTION], max_new_tokens=24)[0]
+    recipe.save()
+    merge = recipe.merge()
+    recipe.cleanup()
+    return {"recipe": recipe, "before": before, "after": after, "reply_before": reply_before, "reply_after": reply_after, "merge": merge}
+
+
+def test_made_up_fact_is_learned_and_the_reply_stops(fact_run):
+    tokenizer = fact_run["recipe"].tokenizer
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert "Quenth" not in tokenizer.decode(fact_run["reply_before"])
+    reply = fact_run["reply_after"]
+    assert "Quenth" in tokenizer.decode(reply), tokenizer.decode(reply)
+    assert reply[-1] == end_of_turn and len(reply) < 24
+    assert fact_run["after"]["perplexity"] < fact_run["before"]["perplexity"]
+
+
+def test_merged_model_keeps_the_fact_in_plain_transformers(fact_run):
+    merged_dir = fact_run["merge"].merged_dir
+    assert fact_run["merge"].max_logit_diff < 1e-3
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir)
+    prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = model.generate(**prompt, max_new_tokens=24, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    assert "Quenth" in tokenizer.decode(output), tokenizer.decode(output)
+    assert output[-1].item() == tokenizer.convert_tokens_to_ids("<|im_end|>")  # stopped by generation_config alone
