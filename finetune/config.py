@@ -264,3 +264,21 @@ def _explain(exc: ValidationError, source: str, key_lines: dict[str, int]) -> st
             message = f"`{dotted or 'recipe'}`: {error['msg']}{shown}."
         problems.append(f"{where}: {message}")
     return "Invalid recipe:\n  " + "\n  ".join(problems)
+
+
+def reference_markdown() -> str:
+    """The key/default/meaning tables of docs/configuration.md, generated from the fields (a test keeps them in sync)."""
+
+    def rows(model: type[BaseModel], prefix: str) -> list[str]:
+        out = ["| key | default | meaning |", "|---|---|---|"]
+        for key, field in model.model_fields.items():
+            default = "see below" if field.default_factory is not None else yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix("\n...")
+            out.append(f"| `{prefix}{key}` | `{default}` | {field.description} |")
+        return out
+
+    lines = [f"| `name` | `{RecipeConfig.model_fields['name'].default}` | {RecipeConfig.model_fields['name'].description} |"]
+    for section, field in RecipeConfig.model_fields.items():
+        if section != "name":
+            lines += ["", f"### `{section}`", "", *rows(field.annotation, f"{section}.")]
+    lines += ["", "### `data.sources[]` entries", "", *rows(DataSource, "")]
+    return "\n".join(lines)

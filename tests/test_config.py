@@ -69,3 +69,12 @@ def test_every_shipped_recipe_validates():
     assert recipes
     for path in recipes:
         RecipeConfig.from_yaml(path)
+
+
+def test_configuration_reference_is_in_sync_with_the_fields():
+    from pathlib import Path
+
+    from finetune.config import reference_markdown
+
+    docs = Path(__file__).parent.parent.joinpath("docs", "configuration.md").read_text()
+    assert reference_markdown() in docs, "regenerate the Keys section of docs/configuration.md from reference_markdown()"
