@@ -80,6 +80,12 @@ class DataConfig(_Section):
     sources: list[DataSource] = Field(
         default_factory=lambda: [DataSource(type="chatterbot")], min_length=1, description="Where conversations come from."
     )
+    validation_sources: list[DataSource] | None = Field(
+        None, description="Separate validation data; when set, validation_split is not taken from `sources`."
+    )
+    test_sources: list[DataSource] | None = Field(
+        None, description="Separate held-out test data; when set, test_split is not taken from `sources`."
+    )
     system_prompt: str | None = Field(None, description="System message prepended to every conversation without one.")
     max_length: int = Field(1024, ge=16, description="Longest tokenized conversation kept, in tokens.")
     too_long: Literal["drop", "truncate", "error"] = Field(
@@ -126,13 +132,27 @@ class TrainingConfig(_Section):
     eval_steps: int | None = Field(
         None, ge=1, description="Validation loss every N steps; default about four times per run."
     )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many validations in a row without a lower validation loss."
+    )
+    keep_best: bool = Field(
+        True, description="With a validation split, end with the adapter of the lowest validation loss, not the last."
+    )
     seed: int = Field(42, description="Seed for LoRA initialisation, dropout and data order.")
 
 
 class EvaluationConfig(_Section):
     before_and_after: bool = Field(True, description="Score the held-out split before and after training.")
-    max_rows: int | None = Field(200, ge=1, description="Score at most this many held-out conversations.")
-    batch_size: int = Field(8, ge=1, description="Conversations per scoring forward pass.")
+    max_rows: int | None = Field(200, ge=1, description="Score at most this many held-out conversations (perplexity).")
+    batch_size: int = Field(8, ge=1, description="Conversations per scoring or generation batch.")
+    generation: bool = Field(
+        True, description="Also generate replies to held-out prompts and score BLEU, ROUGE-1/2/L, token F1, exact match."
+    )
+    generation_rows: int = Field(50, ge=1, description="Held-out prompts to generate for (generation is the slow part).")
+    max_new_tokens: int = Field(64, ge=1, description="Longest generated reply, in tokens.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (with do_sample).")
+    top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
 
 
 class OutputConfig(_Section):
@@ -152,6 +172,15 @@ class RecipeConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_validation(self) -> RecipeConfig:
+        if self.training.early_stopping_patience and not (self.data.validation_split or self.data.validation_sources):
+            raise ValueError(
+                "training.early_stopping_patience needs validation data: set data.validation_split > 0 "
+                "or data.validation_sources"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -38,6 +38,7 @@ class DataReport:
     invalid: Counter = field(default_factory=Counter)
     invalid_examples: list[str] = field(default_factory=list)
     duplicates: int = 0
+    leaked_into_heldout: int = 0
     too_long_dropped: int = 0
     truncated: int = 0
     splits: dict[str, int] = field(default_factory=dict)
@@ -50,6 +51,8 @@ class DataReport:
         out += [f"  e.g. {example}" for example in self.invalid_examples[:3]]
         if self.duplicates:
             out.append(f"{self.duplicates} exact duplicates removed")
+        if self.leaked_into_heldout:
+            out.append(f"{self.leaked_into_heldout} training conversations removed because held-out data contains them")
         if self.too_long_dropped:
             out.append(f"{self.too_long_dropped} dropped as longer than data.max_length")
         if self.truncated:
@@ -216,10 +219,10 @@ def _read_chatterbot(source: DataSource) -> list[tuple[str, Any]]:
     return rows
 
 
-def load_conversations(cfg: DataConfig, report: DataReport) -> Dataset:
-    """All sources as one Dataset of validated, de-duplicated conversations (columns: messages, origin)."""
+def load_conversations(cfg: DataConfig, report: DataReport, sources: list[DataSource] | None = None) -> Dataset:
+    """Sources (default: cfg.sources) as one Dataset of validated, de-duplicated conversations (messages, origin)."""
     kept, seen = [], set()
-    for source in cfg.sources:
+    for source in sources or cfg.sources:
         for origin, row in _read_source(source):
             report.rows_read += 1
             try:
@@ -254,14 +257,17 @@ def load_conversations(cfg: DataConfig, report: DataReport) -> Dataset:
 
 
 def split_conversations(dataset: Dataset, cfg: DataConfig) -> DatasetDict:
-    """Seeded shuffle, optional cap, then disjoint train/validation/test splits (one conversation, one split)."""
+    """Seeded shuffle, optional cap, then disjoint train/validation/test splits (one conversation, one split).
+
+    A split that comes from its own files (validation_sources, test_sources) is not carved out of `dataset`.
+    """
     order = list(range(len(dataset)))
     random.Random(cfg.seed).shuffle(order)
     if cfg.max_rows:
         order = order[: cfg.max_rows]
     n = len(order)
-    n_test = max(1, round(n * cfg.test_split)) if cfg.test_split else 0
-    n_val = max(1, round(n * cfg.validation_split)) if cfg.validation_split else 0
+    n_test = max(1, round(n * cfg.test_split)) if cfg.test_split and not cfg.test_sources else 0
+    n_val = max(1, round(n * cfg.validation_split)) if cfg.validation_split and not cfg.validation_sources else 0
     if n - n_test - n_val < 1:
         raise FinetuneError(f"only {n} conversations: too few to hold out {n_test} for test and {n_val} for validation.")
     splits = {"test": order[:n_test], "validation": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
@@ -344,7 +350,7 @@ def tokenize_splits(conversations: DatasetDict, tokenizer: PreTrainedTokenizerBa
             raise FinetuneError(f"the {name} split is empty after applying data.max_length={cfg.max_length}.")
         tokenized[name] = encoded
         report.splits[name] = len(encoded)
-    labels = tokenized["train"]["labels"]
+    labels = tokenized["train"]["labels"] if "train" in tokenized else []
     total = sum(len(row) for row in labels)
     report.trained_token_share = sum(sum(1 for t in row if t != IGNORE_INDEX) for row in labels) / max(total, 1)
     return tokenized
@@ -353,4 +359,14 @@ def tokenize_splits(conversations: DatasetDict, tokenizer: PreTrainedTokenizerBa
 def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     report = DataReport()
     conversations = split_conversations(load_conversations(cfg, report), cfg)
+    for name, sources in (("validation", cfg.validation_sources), ("test", cfg.test_sources)):
+        if sources:
+            conversations[name] = load_conversations(cfg, report, sources)
+    # A held-out conversation that also sits in the training split would flatter every metric.
+    heldout = {json.dumps(m, sort_keys=True) for name in ("validation", "test") if name in conversations for m in conversations[name]["messages"]}
+    train = conversations["train"]
+    leaked = [i for i, m in enumerate(train["messages"]) if json.dumps(m, sort_keys=True) in heldout]
+    if leaked:
+        report.leaked_into_heldout = len(leaked)
+        conversations["train"] = train.select(sorted(set(range(len(train))) - set(leaked)))
     return PreparedData(splits=tokenize_splits(conversations, tokenizer, cfg, report), report=report)

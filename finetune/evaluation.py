@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from rich.table import Table
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune.data import IGNORE_INDEX
+from finetune import models
+from finetune.config import DataConfig, EvaluationConfig, ModelConfig
+from finetune.data import IGNORE_INDEX, DataReport, end_of_turn_ids, load_conversations, tokenize_splits
+from finetune.errors import FinetuneError
+from finetune.metrics import score_generations
 
 # Metrics where a smaller value is better; every other metric is better when larger.
 LOWER_IS_BETTER = {"perplexity", "perplexity_all_tokens", "loss"}
@@ -65,6 +70,7 @@ def generate(
     *,
     max_new_tokens: int = 64,
     batch_size: int = 8,
+    sampling: dict[str, float] | None = None,
 ) -> list[list[int]]:
     """Greedy replies (token ids, end-of-turn token included when reached) to each conversation's last turn.
 
@@ -80,7 +86,8 @@ def generate(
     try:
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+            decoding = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
+            output = model.generate(**batch, max_new_tokens=max_new_tokens, **decoding)
             eos = model.generation_config.eos_token_id
             stops = {eos} if isinstance(eos, int) else set(eos or [])
             for row in output[:, batch["input_ids"].shape[1] :].tolist():
@@ -90,6 +97,52 @@ def generate(
         tokenizer.padding_side = side
         model.train(was_training)
     return replies
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    samples: list[dict[str, str]] = field(default_factory=list)  # prompt, reference, prediction
+
+
+def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, heldout: Dataset, cfg: EvaluationConfig, *, label: str = "Scoring") -> Evaluation:
+    """Perplexity on held-out conversations and, if enabled, generation metrics on their last assistant turn."""
+    rows = heldout.select(range(min(cfg.max_rows or len(heldout), len(heldout))))
+    metrics = perplexity(model, rows, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, desc=label)
+    if not cfg.generation:
+        return Evaluation(metrics)
+    sample = heldout.select(range(min(cfg.generation_rows, len(heldout))))
+    prompts = [messages[:-1] for messages in sample["messages"]]
+    references = [messages[-1]["content"] for messages in sample["messages"]]
+    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else None
+    replies = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, sampling=sampling)
+    predictions = [tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
+    metrics.update(score_generations(predictions, references))
+    samples = [
+        {"prompt": prompt[-1]["content"], "reference": reference, "prediction": prediction}
+        for prompt, reference, prediction in zip(prompts, references, predictions)
+    ]
+    return Evaluation(metrics, samples)
+
+
+def evaluate_checkpoint(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: EvaluationConfig, adapter: Path | None = None) -> Evaluation:
+    """Score any model (optionally with a LoRA adapter) on every valid conversation of a data config."""
+    from peft import PeftModel
+
+    tokenizer = models.load_tokenizer(model_cfg)
+    if adapter is not None:
+        if not (adapter / "adapter_config.json").is_file():
+            raise FinetuneError(f"--adapter {adapter}: no adapter_config.json there; pass a run's adapter/ folder.")
+        if (adapter / "tokenizer_config.json").is_file():  # the adapter's own tokenizer carries its chat template
+            tokenizer = models.load_tokenizer(model_cfg, folder=adapter)
+    model = models.load_model(model_cfg)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    models.configure_generation(model, tokenizer, end_of_turn_ids(tokenizer))
+    report = DataReport()
+    conversations = DatasetDict({"test": load_conversations(data_cfg, report)})
+    heldout = tokenize_splits(conversations, tokenizer, data_cfg, report)["test"]
+    return score(model, tokenizer, heldout, cfg, label="Scoring")
 
 
 def comparison_rows(before: dict[str, float], after: dict[str, float]) -> list[tuple[str, float, float, str]]:
@@ -113,10 +166,16 @@ def comparison_table(before: dict[str, float], after: dict[str, float]) -> Table
     return table
 
 
-def write_report(run_dir: Path, *, summary: dict[str, Any], history: dict[str, list[tuple[int, float]]]) -> None:
+def write_report(
+    run_dir: Path,
+    *,
+    summary: dict[str, Any],
+    history: dict[str, list[tuple[int, float]]],
+    samples: dict[str, list[dict[str, str]]] | None = None,
+) -> None:
     """metrics.json, report.md and PNG plots (loss curves, before/after bars) in the run folder."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").write_text(json.dumps({**summary, "history": history}, indent=2))
+    (run_dir / "metrics.json").write_text(json.dumps({**summary, "history": history, "samples": samples or {}}, indent=2))
     before, after = summary.get("metrics_before") or {}, summary.get("metrics_after") or {}
     lines = [f"# Run report: {summary.get('name', run_dir.name)}", ""]
     if before and after:
@@ -129,8 +188,26 @@ def write_report(run_dir: Path, *, summary: dict[str, Any], history: dict[str, l
     lines += ["", "![loss curves](loss_curves.png)", ""]
     if before and after:
         lines += ["![before and after](metrics.png)", ""]
+    if samples:
+        lines += _samples_markdown(samples)
     (run_dir / "report.md").write_text("\n".join(lines))
     _plot(run_dir, history, before, after)
+
+
+def _samples_markdown(samples: dict[str, list[dict[str, str]]], limit: int = 5) -> list[str]:
+    """Side by side: a few held-out prompts, their reference reply, and each model's reply."""
+    stages = [stage for stage in ("before", "after") if samples.get(stage)]
+    if not stages:
+        return []
+
+    def cell(text: str) -> str:
+        return " ".join(text.split()).replace("|", "\\|")[:200]
+
+    lines = ["## Sample replies", "", "| prompt | reference | " + " | ".join(stages) + " |", "|---" * (2 + len(stages)) + "|"]
+    for index, row in enumerate(samples[stages[0]][:limit]):
+        replies = [cell(samples[stage][index]["prediction"]) for stage in stages]
+        lines.append(f"| {cell(row['prompt'])} | {cell(row['reference'])} | " + " | ".join(replies) + " |")
+    return [*lines, ""]
 
 
 def _plot(run_dir: Path, history: dict[str, list[tuple[int, float]]], before: dict[str, float], after: dict[str, float]) -> None:
@@ -153,8 +230,12 @@ def _plot(run_dir: Path, history: dict[str, list[tuple[int, float]]], before: di
     metrics = [row for row in comparison_rows(before, after)]
     if not metrics:
         return
-    figure, axes = plt.subplots(1, len(metrics), figsize=(3 * len(metrics), 3.5), squeeze=False)
-    for ax, (metric, old, new, change) in zip(axes[0], metrics):
+    columns = min(4, len(metrics))
+    rows = math.ceil(len(metrics) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(metrics) :]:
+        ax.set_visible(False)
+    for ax, (metric, old, new, change) in zip(axes.flat, metrics):
         ax.bar(["before", "after"], [old, new], color=["#999999", "#2a7ab0"])
         ax.set_title(f"{metric}\n{change}", fontsize=9)
     figure.tight_layout()

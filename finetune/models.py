@@ -106,11 +106,15 @@ def compute_dtype(cfg: ModelConfig) -> torch.dtype:
     return torch.float32
 
 
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """Tokenizer with a chat template and a pad token distinct from EOS whenever the vocabulary has one."""
-    source = resolve_source(cfg)
+def load_tokenizer(cfg: ModelConfig, folder: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """Tokenizer with a chat template and a pad token distinct from EOS whenever the vocabulary has one.
+
+    `folder` loads the tokenizer saved beside an adapter instead of the base model's, so the exact chat
+    template used in training is the one used afterwards.
+    """
+    path = str(folder) if folder is not None else resolve_source(cfg).path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=None if folder else cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as exc:
         raise FinetuneError(f"model.source `{cfg.source}`: could not load its tokenizer ({exc}).") from None
     if not tokenizer.is_fast:

@@ -81,14 +81,9 @@ class ChatSFTRecipe:
     def heldout_split(self) -> str:
         return "test" if "test" in self.data.splits else "validation"
 
-    def evaluate(self, label: str = "Scoring") -> dict[str, float]:
-        cfg = self.config.evaluation
+    def evaluate(self, label: str = "Scoring") -> evaluation.Evaluation:
         heldout = self.data.splits[self.heldout_split]
-        if cfg.max_rows:
-            heldout = heldout.select(range(min(cfg.max_rows, len(heldout))))
-        return evaluation.perplexity(
-            self.model, heldout, pad_token_id=self.tokenizer.pad_token_id, batch_size=cfg.batch_size, desc=label
-        )
+        return evaluation.score(self.model, self.tokenizer, heldout, self.config.evaluation, label=label)
 
     def train(self) -> None:
         self._say("Training")
@@ -143,17 +138,18 @@ class ChatSFTRecipe:
         self.save()
         merge_report = self.merge() if self.config.output.merge else None
         if before:
-            self.console.print(evaluation.comparison_table(before, after))
+            self.console.print(evaluation.comparison_table(before.metrics, after.metrics))
         result = RunResult(
             run_dir=self.run_dir,
             adapter_dir=self.adapter_dir,
             merged_dir=merge_report.merged_dir if merge_report else None,
-            metrics_before=before,
-            metrics_after=after,
+            metrics_before=before.metrics if before else None,
+            metrics_after=after.metrics,
             train_loss=self.train_loss,
             merge_max_logit_diff=merge_report.max_logit_diff if merge_report else None,
         )
-        evaluation.write_report(self.run_dir, summary=self._summary(result), history=self.history)
+        samples = {"before": before.samples if before else [], "after": after.samples}
+        evaluation.write_report(self.run_dir, summary=self._summary(result), history=self.history, samples=samples)
         self.cleanup()
         self._say(f"Done: {self.run_dir} (adapter/, {'merged/, ' if merge_report else ''}metrics.json, report.md)")
         return result

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from datasets import DatasetDict
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
+from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 
 from finetune.config import TrainingConfig
@@ -32,6 +32,9 @@ def total_steps(cfg: TrainingConfig, train_rows: int, world_size: int = 1) -> in
 
 def sft_config(cfg: TrainingConfig, output_dir: Path, *, train_rows: int, has_validation: bool, dtype: torch.dtype) -> SFTConfig:
     steps = total_steps(cfg, train_rows)
+    eval_steps = cfg.eval_steps or max(1, steps // 4)
+    # Keeping the best adapter needs a checkpoint at every validation; adapters are small, so this is cheap.
+    keep_best = has_validation and (cfg.keep_best or cfg.early_stopping_patience is not None)
     on_cuda = torch.cuda.is_available()
     return SFTConfig(
         output_dir=str(output_dir),
@@ -51,8 +54,14 @@ def sft_config(cfg: TrainingConfig, output_dir: Path, *, train_rows: int, has_va
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         logging_steps=cfg.logging_steps,
         eval_strategy="steps" if has_validation else "no",
-        eval_steps=cfg.eval_steps or max(1, steps // 4),
-        save_strategy="no",
+        eval_steps=eval_steps,
+        save_strategy="steps" if keep_best else "no",
+        save_steps=eval_steps,
+        save_only_model=True,
+        save_total_limit=2,  # the best and the latest
+        load_best_model_at_end=keep_best,
+        metric_for_best_model="eval_loss" if keep_best else None,
+        greater_is_better=False,
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=not on_cuda,
@@ -78,12 +87,16 @@ def build_trainer(
     columns = ["input_ids", "labels"]
     validation = splits["validation"].select_columns(columns) if "validation" in splits else None
     args = sft_config(cfg, output_dir, train_rows=len(splits["train"]), has_validation=validation is not None, dtype=dtype)
+    callbacks = []
+    if validation is not None and cfg.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     return SFTTrainer(
         model=model,
         args=args,
         train_dataset=splits["train"].select_columns(columns),
         eval_dataset=validation,
         processing_class=tokenizer,
+        callbacks=callbacks,
     )
 
 

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -46,3 +47,13 @@ def test_run_through_the_cli_with_overrides(tiny_llama_dir, facts_jsonl, tmp_pat
     assert not (tmp_path / "cli-run" / "merged").exists()
     again = CliRunner().invoke(app, ["run", str(path), "--set", "training.max_steps=1", "--overwrite"])
     assert again.exit_code == 0, again.output
+    scored = CliRunner().invoke(app, ["eval", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path / "cli-run" / "adapter"),
+                                      "--data", str(facts_jsonl), "--generation-rows", "3", "--max-new-tokens", "4",
+                                      "--out", str(tmp_path / "scores.json")])
+    assert scored.exit_code == 0, scored.output
+    assert {"perplexity", "bleu", "rougeL"} <= set(json.loads((tmp_path / "scores.json").read_text())["metrics"])
+
+
+def test_eval_names_a_missing_adapter(tiny_llama_dir, facts_jsonl, tmp_path):
+    result = finetune("eval", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path), "--data", str(facts_jsonl))
+    assert result.returncode == 2 and "no adapter_config.json there" in result.stderr

@@ -54,3 +54,19 @@ def test_report_files_and_direction_of_change(tmp_path):
                  history={"train_loss": [(1, 3.0), (2, 2.5)], "eval_loss": [(2, 2.7)]})
     for name in ("metrics.json", "report.md", "loss_curves.png", "metrics.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_score_adds_generation_metrics_consistent_with_its_samples(tiny_llama_dir):
+    from finetune.config import EvaluationConfig
+    from finetune.evaluation import score
+    from finetune.metrics import score_generations
+
+    tokenizer = load_tokenizer(ModelConfig(source=str(tiny_llama_dir)))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    configure_generation(model, tokenizer, [tokenizer.convert_tokens_to_ids("<|im_end|>")])
+    rows = [{"messages": chat, **tokenize_conversation(tokenizer, chat)} for chat in CHATS]
+    result = score(model, tokenizer, Dataset.from_list(rows), EvaluationConfig(max_new_tokens=5, generation_rows=2))
+    assert set(result.metrics) >= {"perplexity", "bleu", "rouge1", "rouge2", "rougeL", "token_f1", "exact_match"}
+    assert [s["reference"] for s in result.samples] == ["Hello there, friend.", "A pear, perhaps, or a plum."]
+    recomputed = score_generations([s["prediction"] for s in result.samples], [s["reference"] for s in result.samples])
+    assert all(result.metrics[k] == v for k, v in recomputed.items())

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune import ChatSFTRecipe, FinetuneError, RecipeConfig
 from finetune.data import tokenize_conversation
-from tests.conftest import tiny_recipe
+from tests.conftest import FACTS, tiny_recipe
 
 PROBE = [{"role": "user", "content": "What is the capital of Zorbia?"}, {"role": "assistant", "content": "Quenth."}]
 
@@ -84,3 +84,30 @@ def test_recipe_from_yaml_with_overrides(tiny_llama_dir, facts_jsonl, tmp_path):
         ChatSFTRecipe(recipe.config, lora={"r": 4})
     with pytest.raises(FinetuneError, match="unknown key `lora.rank`"):
         ChatSFTRecipe(lora={"rank": 4})
+
+
+def test_early_stopping_stops_a_run_whose_validation_loss_rises_and_keeps_the_best(tiny_llama_dir, facts_jsonl, tmp_path):
+    # Validation contradicts the training facts, so learning them makes validation loss rise.
+    contradicting = tmp_path / "contradicting.jsonl"
+    contradicting.write_text("\n".join(json.dumps({"prompt": q, "completion": "Nobody knows that."}) for q, _ in FACTS) + "\n")
+    config = tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path / "early", training__max_steps=40, training__eval_steps=1,
+                         training__early_stopping_patience=2, training__learning_rate=5e-3)
+    config["data"]["validation_sources"] = [{"type": "file", "path": str(contradicting)}]
+    config["evaluation"].update(before_and_after=False, generation=False)
+    config["output"]["merge"] = False
+    recipe = ChatSFTRecipe(**config)
+    recipe.setup()
+    recipe.train()
+    state = recipe.trainer.state
+    eval_losses = [loss for _, loss in recipe.history["eval_loss"]]
+    assert state.global_step < 40, eval_losses
+    assert eval_losses[-1] > min(eval_losses) and state.best_metric == min(eval_losses)
+    best_step = eval_losses.index(min(eval_losses)) + 1
+    assert state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
+    assert recipe.trainer.evaluate()["eval_loss"] == pytest.approx(min(eval_losses), rel=1e-5)  # best adapter restored
+    recipe.cleanup()
+
+
+def test_early_stopping_without_validation_is_a_config_error():
+    with pytest.raises(FinetuneError, match="early_stopping_patience needs validation data"):
+        RecipeConfig.from_dict({"training": {"early_stopping_patience": 2}, "data": {"validation_split": 0}})

@@ -64,7 +64,7 @@ def test_made_up_fact_is_learned_and_the_reply_stops(fact_run):
     reply = fact_run["reply_after"]
     assert "Quenth" in tokenizer.decode(reply), tokenizer.decode(reply)
     assert reply[-1] == end_of_turn and len(reply) < 24
-    assert fact_run["after"]["perplexity"] < fact_run["before"]["perplexity"]
+    assert fact_run["after"].metrics["perplexity"] < fact_run["before"].metrics["perplexity"]
 
 
 def test_merged_model_keeps_the_fact_in_plain_transformers(fact_run):
