@@ -47,6 +47,21 @@ def validate(
     typer.echo(f"{recipe}: valid. Run folder: {config.run_dir}")
 
 
+@app.command()
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder (runs/NAME).")],
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    strategy: Annotated[str, typer.Option(help="auto, full_precision or nf4_roundtrip.")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN_DIR/merged).")] = None,
+) -> None:
+    """Merge a run's adapter into a full-precision base, verify the logits, and save a plain transformers folder."""
+    from finetune.recipes import ChatSFTRecipe
+
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise FinetuneError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16.")
+    ChatSFTRecipe.from_run_dir(run_dir).merge(strategy=strategy, dtype=dtype, out_dir=out)
+
+
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Option(help="Model: bundled alias, Hub id, folder (e.g. a run's merged/) or .gguf file.")],

@@ -158,6 +158,11 @@ class EvaluationConfig(_Section):
 class OutputConfig(_Section):
     dir: str = Field("runs/{name}", description="Run folder; {name} is replaced by the recipe name.")
     merge: bool = Field(True, description="Merge the adapter into a full-precision copy of the base and save it.")
+    merge_strategy: Literal["auto", "full_precision", "nf4_roundtrip"] = Field(
+        "auto",
+        description="Base to merge into: original weights, or the dequantized 4-bit weights the adapter trained on; "
+        "auto merges both (4-bit runs) and keeps the one closer to the adapter on held-out perplexity.",
+    )
     merge_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Dtype of the merged model's weights; auto keeps the base checkpoint's dtype."
     )

@@ -1,30 +1,42 @@
 """Stage 6: merge a LoRA adapter into a full-precision copy of its base, verify it, and save it.
 
-Entry point: `merge_adapter(...)`. The base is always reloaded unquantized from its source, whatever precision
-training used: merging into 4-bit weights re-rounds every updated weight (peft warns per layer; in one probe
-logits moved by up to 36), which is the most reported way a good QLoRA fine-tune turns bad.
+Entry point: `merge_adapter(...)`. The base is always reloaded unquantized, whatever precision training used:
+merging into 4-bit weights re-rounds every updated weight (peft warns per layer; in one probe logits moved by
+up to 36), which is the most reported way a good QLoRA fine-tune turns bad.
+
+An adapter trained on a 4-bit base was fitted to the *quantized* weights, so for 4-bit runs two bases are
+candidates: the original full-precision weights, or the dequantized NF4 weights the adapter actually saw (an NF4
+round trip). Both are merged and scored on held-out data against the adapter-on-4-bit model they came from; the
+closer one is kept unless a strategy is forced.
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from peft import PeftModel
-from transformers import AutoConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
+from finetune.evaluation import perplexity
 from finetune.models import configure_generation, load_model, resolve_source
+
+STRATEGIES = ("auto", "full_precision", "nf4_roundtrip")
 
 
 @dataclass(frozen=True)
 class MergeReport:
     merged_dir: Path
     dtype: str
-    max_logit_diff: float  # merged vs base+adapter, both float32, on the probe inputs
+    strategy: str
+    max_logit_diff: float  # merged vs its base+adapter, both float32, on the probe inputs
+    # Held-out perplexity of each merged candidate, and of the adapter on the training-time (quantized) base.
+    fidelity: dict[str, float] = field(default_factory=dict)
 
 
 def _target_dtype(model_cfg: ModelConfig, requested: str) -> torch.dtype:
@@ -43,19 +55,25 @@ def _logits(model: torch.nn.Module, probes: list[list[int]]) -> list[torch.Tenso
     return [model(input_ids=torch.tensor([ids], device=device)).logits.float().cpu() for ids in probes]
 
 
-def merge_adapter(
-    model_cfg: ModelConfig,
-    adapter_dir: Path,
-    out_dir: Path,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    probes: list[list[int]],
-    stop_ids: list[int],
-    dtype: str = "auto",
-    tolerance: float = 1e-3,
-) -> MergeReport:
-    """Merge, check merged logits against base+adapter on `probes`, then save a plain transformers folder."""
+def _nf4_roundtrip_base(model_cfg: ModelConfig) -> PreTrainedModel:
+    """Full-precision model whose quantized layers hold exactly the dequantized 4-bit weights used in training."""
+    import bitsandbytes as bnb
+
     base = load_model(model_cfg, quantized=False)
+    quantized = load_model(model_cfg.model_copy(update={"quantization": "4bit"}))
+    layers = {name: module for name, module in quantized.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
+    for name, module in base.named_modules():
+        if name in layers:
+            weight = layers[name].weight
+            dequantized = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+            if dequantized.shape != module.weight.shape:  # GPT-2 Conv1D stores the transpose
+                dequantized = dequantized.t()
+            module.weight.data = dequantized.contiguous().to(module.weight.device)
+    del quantized
+    return base
+
+
+def _merged(base: PreTrainedModel, adapter_dir: Path, probes: list[list[int]], tolerance: float) -> tuple[PreTrainedModel, float]:
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()
     expected = _logits(model, probes)
@@ -66,6 +84,48 @@ def merge_adapter(
             f"merge check failed: merged logits differ from base+adapter by {diff:.3g} (tolerance {tolerance}). "
             f"The adapter in {adapter_dir} is intact; it can still be used unmerged."
         )
+    return merged, diff
+
+
+def merge_adapter(
+    model_cfg: ModelConfig,
+    adapter_dir: Path,
+    out_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    probes: list[list[int]],
+    stop_ids: list[int],
+    heldout: Dataset | None = None,
+    strategy: str = "auto",
+    dtype: str = "auto",
+    tolerance: float = 1e-3,
+) -> MergeReport:
+    """Merge, check merged logits against base+adapter on `probes`, then save a plain transformers folder."""
+    if strategy not in STRATEGIES:
+        raise FinetuneError(f"merge strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
+    if strategy == "nf4_roundtrip" and model_cfg.quantization != "4bit":
+        raise FinetuneError("merge strategy nf4_roundtrip only applies to adapters trained on a 4-bit base.")
+    candidates = [strategy] if strategy != "auto" else (["full_precision", "nf4_roundtrip"] if model_cfg.quantization == "4bit" else ["full_precision"])
+    fidelity: dict[str, float] = {}
+
+    def score(model: torch.nn.Module) -> float:
+        return perplexity(model, heldout, pad_token_id=tokenizer.pad_token_id, desc="Merge check")["perplexity"]
+
+    if len(candidates) > 1 and heldout is not None:
+        reference = PeftModel.from_pretrained(load_model(model_cfg), str(adapter_dir))
+        fidelity["adapter_on_training_base"] = score(reference)
+        del reference
+    best: tuple[str, PreTrainedModel, float] | None = None
+    for name in candidates:
+        base = _nf4_roundtrip_base(model_cfg) if name == "nf4_roundtrip" else load_model(model_cfg, quantized=False)
+        merged, diff = _merged(base, adapter_dir, probes, tolerance)
+        if "adapter_on_training_base" in fidelity:
+            fidelity[name] = score(merged)
+            gap = abs(fidelity[name] - fidelity["adapter_on_training_base"])
+            if best is not None and gap >= abs(fidelity[best[0]] - fidelity["adapter_on_training_base"]):
+                continue
+        best = (name, merged, diff)
+    name, merged, diff = best
     target = _target_dtype(model_cfg, dtype)
     merged = merged.to(target)
     configure_generation(merged, tokenizer, stop_ids)
@@ -76,4 +136,4 @@ def merge_adapter(
     tokenizer.save_pretrained(partial)
     shutil.rmtree(out_dir, ignore_errors=True)
     partial.rename(out_dir)
-    return MergeReport(merged_dir=out_dir, dtype=str(target).removeprefix("torch."), max_logit_diff=diff)
+    return MergeReport(merged_dir=out_dir, dtype=str(target).removeprefix("torch."), strategy=name, max_logit_diff=diff, fidelity=fidelity)

@@ -53,6 +53,7 @@ class ChatSFTRecipe:
         self.run_dir = config.run_dir
         self.adapter_dir = self.run_dir / "adapter"
         self.merged_dir = self.run_dir / "merged"
+        self.merge_report: merging.MergeReport | None = None
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ChatSFTRecipe:
@@ -108,21 +109,40 @@ class ChatSFTRecipe:
         self.config.to_yaml(self.run_dir / "recipe.yaml")
         return self.adapter_dir
 
-    def merge(self) -> merging.MergeReport:
+    def merge(self, strategy: str | None = None, dtype: str | None = None, out_dir: Path | None = None) -> merging.MergeReport:
+        """Merge the saved adapter into a full-precision base (see `finetune.merging`)."""
         self._release_training_model()
         self._say("Merging the adapter into a full-precision base")
-        probes = self.data.splits[self.heldout_split]["input_ids"][:4]
+        heldout = self.data.splits[self.heldout_split]
+        heldout = heldout.select(range(min(len(heldout), self.config.evaluation.max_rows or len(heldout))))
         report = merging.merge_adapter(
             self.config.model,
             self.adapter_dir,
-            self.merged_dir,
+            out_dir or self.merged_dir,
             self.tokenizer,
-            probes=probes,
+            probes=heldout["input_ids"][:4],
             stop_ids=self.stop_ids,
-            dtype=self.config.output.merge_dtype,
+            heldout=heldout,
+            strategy=strategy or self.config.output.merge_strategy,
+            dtype=dtype or self.config.output.merge_dtype,
         )
-        self._say(f"  merged ({report.dtype}); largest logit difference vs base+adapter: {report.max_logit_diff:.2e}")
+        self.merge_report = report
+        for candidate, value in report.fidelity.items():
+            self._say(f"  held-out perplexity, {candidate.replace('_', ' ')}: {value:.4f}")
+        self._say(f"  merged ({report.strategy}, {report.dtype}); largest logit difference vs base+adapter: {report.max_logit_diff:.2e}")
         return report
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path) -> ChatSFTRecipe:
+        """Reopen a finished run (its recipe.yaml, tokenizer and data splits) to merge or inspect it again."""
+        run_dir = Path(run_dir)
+        if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "adapter" / "adapter_config.json").is_file():
+            raise FinetuneError(f"{run_dir} is not a finished run folder (expected recipe.yaml and adapter/).")
+        recipe = cls.from_yaml(run_dir / "recipe.yaml", [f"output.dir={run_dir}"])
+        recipe.tokenizer = models.load_tokenizer(recipe.config.model, folder=recipe.adapter_dir)
+        recipe.stop_ids = data.end_of_turn_ids(recipe.tokenizer)
+        recipe.data = data.prepare_data(recipe.config.data, recipe.tokenizer)  # same seed, same splits
+        return recipe
 
     def cleanup(self) -> None:
         self._release_training_model()
@@ -166,6 +186,8 @@ class ChatSFTRecipe:
             "train_loss": result.train_loss,
             "train_seconds": round(getattr(self, "train_seconds", 0.0), 1),
             "merge_max_logit_diff": result.merge_max_logit_diff,
+            "merge_strategy": self.merge_report.strategy if self.merge_report else None,
+            "merge_fidelity": self.merge_report.fidelity if self.merge_report else None,
             "metrics_before": result.metrics_before,
             "metrics_after": result.metrics_after,
             "data": self.data.report.lines(),

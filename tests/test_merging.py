@@ -1,0 +1,53 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from finetune import ChatSFTRecipe, FinetuneError
+from finetune.cli import app
+from tests.conftest import tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tiny_llama_dir, facts_jsonl, tmp_path_factory):
+    config = tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path_factory.mktemp("merge") / "q", model__quantization="4bit",
+                         training__max_steps=4)
+    config["evaluation"].update(before_and_after=False, generation=False)
+    recipe = ChatSFTRecipe(**config)
+    return recipe, recipe.run()
+
+
+def test_qlora_merge_measures_both_strategies_and_keeps_the_closer(qlora_run):
+    recipe, result = qlora_run
+    fidelity = recipe.merge_report.fidelity
+    assert set(fidelity) == {"adapter_on_training_base", "full_precision", "nf4_roundtrip"}
+    reference = fidelity["adapter_on_training_base"]
+    chosen = recipe.merge_report.strategy
+    other = "nf4_roundtrip" if chosen == "full_precision" else "full_precision"
+    assert abs(fidelity[chosen] - reference) <= abs(fidelity[other] - reference)
+    # The NF4 round trip reproduces the quantized training base, so it lands (almost) on the adapter's own score.
+    assert fidelity["nf4_roundtrip"] == pytest.approx(reference, rel=1e-3)
+    assert result.merge_max_logit_diff < 1e-3
+
+
+def test_forced_strategy_and_dtype_through_the_cli(qlora_run, tmp_path):
+    from typer.testing import CliRunner
+
+    _, result = qlora_run
+    out = tmp_path / "fp16"
+    run = CliRunner().invoke(app, ["merge", str(result.run_dir), "--strategy", "full_precision", "--dtype", "float16", "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch.float16
+    assert "merged (full_precision, float16)" in run.output
+
+
+def test_merge_refuses_impossible_requests(qlora_run, tmp_path, tiny_llama_dir, facts_jsonl):
+    recipe, result = qlora_run
+    with pytest.raises(FinetuneError, match="strategy 'fancy' is unknown"):
+        ChatSFTRecipe.from_run_dir(result.run_dir).merge(strategy="fancy")
+    with pytest.raises(FinetuneError, match="not a finished run folder"):
+        ChatSFTRecipe.from_run_dir(tmp_path)
+    full = ChatSFTRecipe(**tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path / "fp", training__max_steps=1))
+    with pytest.raises(FinetuneError, match="only applies to adapters trained on a 4-bit base"):
+        full.config.output.merge_strategy = "nf4_roundtrip"
+        full.run()
