@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install quickstart test clean
+.PHONY: install browsers quickstart test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/finetune run recipes/quickstart.yaml --overwrite
 
-test: $(STAMP)
+# Debian's Chromium for the web chat page test; Playwright drives it and never downloads a browser of its own.
+browsers:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+		|| { echo "Could not install chromium; as root run: apt-get install chromium" >&2; exit 1; }
+
+test: $(STAMP) browsers
 	$(BIN)/python -m pytest -q --durations=10
 
 clean:
