@@ -59,7 +59,12 @@ def merge(
 
     if dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise FinetuneError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16.")
+    from finetune import hub
+
     ChatSFTRecipe.from_run_dir(run_dir).merge(strategy=strategy, dtype=dtype, out_dir=out)
+    if out is None:  # the run's own merged/ was replaced: refresh its card and the manifest's hashes
+        hub.write_model_card(run_dir)
+        hub.write_manifest(run_dir)
 
 
 @app.command("eval")

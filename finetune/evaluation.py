@@ -84,7 +84,7 @@ def generate(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for start in range(0, len(prompts), batch_size):
+        for start in tqdm(range(0, len(prompts), batch_size), desc="Generating replies", unit="batch", leave=False):
             batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             decoding = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
             output = model.generate(**batch, max_new_tokens=max_new_tokens, **decoding)
@@ -151,9 +151,12 @@ def comparison_rows(before: dict[str, float], after: dict[str, float]) -> list[t
         if metric not in after or metric == "scored_tokens":
             continue
         new = after[metric]
-        change = (new - old) / abs(old) if old else float("inf")
+        if new == old:
+            rows.append((metric, old, new, "unchanged"))
+            continue
         better = (new < old) if metric in LOWER_IS_BETTER else (new > old)
-        rows.append((metric, old, new, f"{change:+.1%} ({'better' if better else 'worse'})"))
+        change = f"{(new - old) / abs(old):+.1%}" if old else f"{new - old:+.4g}"  # no relative change from zero
+        rows.append((metric, old, new, f"{change} ({'better' if better else 'worse'})"))
     return rows
 
 

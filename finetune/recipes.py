@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
-from finetune import adapters, data, evaluation, merging, models, training
+from finetune import adapters, data, evaluation, hub, merging, models, training
 from finetune.config import RecipeConfig
 from finetune.errors import FinetuneError
 
@@ -132,6 +132,10 @@ class ChatSFTRecipe:
         self._say(f"  merged ({report.strategy}, {report.dtype}); largest logit difference vs base+adapter: {report.max_logit_diff:.2e}")
         return report
 
+    def push(self, repo_id: str, **options: Any) -> hub.PushReport:
+        """Publish this run's adapter (or merged model, `merged=True`) to the Hub; see `finetune.hub.push`."""
+        return hub.push(self.run_dir, repo_id, **options)
+
     @classmethod
     def from_run_dir(cls, run_dir: str | Path) -> ChatSFTRecipe:
         """Reopen a finished run (its recipe.yaml, tokenizer and data splits) to merge or inspect it again."""
@@ -170,8 +174,10 @@ class ChatSFTRecipe:
         )
         samples = {"before": before.samples if before else [], "after": after.samples}
         evaluation.write_report(self.run_dir, summary=self._summary(result), history=self.history, samples=samples)
+        hub.write_model_card(self.run_dir)
+        hub.write_manifest(self.run_dir)
         self.cleanup()
-        self._say(f"Done: {self.run_dir} (adapter/, {'merged/, ' if merge_report else ''}metrics.json, report.md)")
+        self._say(f"Done: {self.run_dir} (adapter/ with model card, {'merged/, ' if merge_report else ''}metrics.json, report.md, run.json)")
         return result
 
     # ------------------------------------------------------------------ helpers

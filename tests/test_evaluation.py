@@ -50,6 +50,8 @@ def test_report_files_and_direction_of_change(tmp_path):
     before, after = {"perplexity": 20.0, "bleu": 10.0}, {"perplexity": 15.0, "bleu": 8.0}
     rows = {metric: change for metric, _, _, change in comparison_rows(before, after)}
     assert rows == {"perplexity": "-25.0% (better)", "bleu": "-20.0% (worse)"}
+    from_zero = {m: c for m, _, _, c in comparison_rows({"bleu": 0.0, "exact_match": 0.0}, {"bleu": 2.5, "exact_match": 0.0})}
+    assert from_zero == {"bleu": "+2.5 (better)", "exact_match": "unchanged"}
     write_report(tmp_path, summary={"name": "t", "metrics_before": before, "metrics_after": after},
                  history={"train_loss": [(1, 3.0), (2, 2.5)], "eval_loss": [(2, 2.7)]})
     for name in ("metrics.json", "report.md", "loss_curves.png", "metrics.png"):

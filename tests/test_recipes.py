@@ -22,7 +22,8 @@ def test_run_leaves_adapter_merged_model_metrics_and_report(llama_run):
     _, result = llama_run
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/chat_template.jinja",
                  "merged/config.json", "merged/model.safetensors", "merged/chat_template.jinja", "merged/generation_config.json",
-                 "metrics.json", "report.md", "loss_curves.png", "metrics.png", "recipe.yaml"):
+                 "metrics.json", "report.md", "loss_curves.png", "metrics.png", "recipe.yaml", "run.json",
+                 "adapter/README.md", "adapter/run.json"):
         assert (result.run_dir / name).is_file(), name
     assert not (result.run_dir / "checkpoints").exists()
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
