@@ -244,6 +244,11 @@ def _metric_lines(metrics: dict[str, Any]) -> list[str]:
     if metrics.get("merge_max_logit_diff") is not None:
         strategy = f" ({metrics['merge_strategy']})" if metrics.get("merge_strategy") else ""
         lines += ["", f"Merged model{strategy} vs base + adapter: largest logit difference {metrics['merge_max_logit_diff']:.2e}."]
+    fidelity = metrics.get("merge_fidelity") or {}
+    if len(fidelity) > 1:
+        lines += ["", "Merge fidelity (held-out perplexity; the merged base closer to the adapter on its 4-bit training base is kept):", ""]
+        lines += ["| model | perplexity |", "|---|---:|"]
+        lines += [f"| {name.replace('_', ' ')} | {value:.4f} |" for name, value in fidelity.items()]
     return lines
 
 
@@ -340,7 +345,7 @@ def write_manifest(run_dir: str | Path) -> Path:
         "base_model": _base_model(config),
         "data": _data_sources(config),
         "files": _file_hashes(run_dir),
-        "metrics": {key: metrics.get(key) for key in ("train_loss", "merge_strategy", "merge_max_logit_diff", "metrics_before", "metrics_after")},
+        "metrics": {key: metrics.get(key) for key in ("train_loss", "merge_strategy", "merge_max_logit_diff", "merge_fidelity", "metrics_before", "metrics_after")},
         "recipe": config.model_dump(mode="json"),
         "libraries": _versions(),
         "python": platform.python_version(),

@@ -27,6 +27,8 @@ def test_qlora_merge_measures_both_strategies_and_keeps_the_closer(qlora_run):
     # The NF4 round trip reproduces the quantized training base, so it lands (almost) on the adapter's own score.
     assert fidelity["nf4_roundtrip"] == pytest.approx(reference, rel=1e-3)
     assert result.merge_max_logit_diff < 1e-3
+    card = (result.adapter_dir / "README.md").read_text()
+    assert "Merge fidelity" in card and f"{fidelity['nf4_roundtrip']:.4f}" in card
 
 
 def test_forced_strategy_and_dtype_through_the_cli(qlora_run, tmp_path):
