@@ -1,4 +1,4 @@
-"""Fine-tune the bundled SmolLM2-135M-Instruct on a laptop CPU through the Python API (about 5 minutes).
+"""Fine-tune the bundled SmolLM2-135M-Instruct on a laptop CPU through the Python API (about 8 minutes).
 
     python examples/cpu_quickstart.py
 
@@ -13,7 +13,7 @@ CONFIG = {
     "lora": {"r": 16},
     "data": {"sources": [{"type": "chatterbot", "language": "english"}], "max_length": 256, "validation_split": 0.04},
     "training": {"learning_rate": 3e-4, "max_steps": 24, "batch_size": 8, "gradient_accumulation_steps": 1, "eval_steps": 12},
-    "evaluation": {"max_rows": 200, "batch_size": 16, "generation_rows": 40, "max_new_tokens": 48},
+    "evaluation": {"max_rows": 200, "batch_size": 16, "generation_rows": 32, "max_new_tokens": 40},
     "output": {"overwrite": True},
 }
 
