@@ -194,8 +194,8 @@ def _locate_json_error(path: Path) -> str | None:
     return None
 
 
-def _read_chatterbot(source: DataSource) -> list[tuple[str, Any]]:
-    """chatterbot-corpus YAML: each conversation is a list of strings, alternating user and assistant."""
+def chatterbot_files(source: DataSource) -> list[Path]:
+    """The chatterbot-corpus YAML files a source selects (all categories of its language by default)."""
     import importlib.util
 
     spec = importlib.util.find_spec("chatterbot_corpus")
@@ -208,9 +208,14 @@ def _read_chatterbot(source: DataSource) -> list[tuple[str, Any]]:
     unknown = sorted(set(source.categories or []) - set(available))
     if unknown:
         raise FinetuneError(f"data.sources: unknown chatterbot categories {unknown}; available: {', '.join(available)}.")
+    return [folder / f"{category}.yml" for category in source.categories or available]
+
+
+def _read_chatterbot(source: DataSource) -> list[tuple[str, Any]]:
+    """chatterbot-corpus YAML: each conversation is a list of strings, alternating user and assistant."""
     rows = []
-    for category in source.categories or available:
-        file = folder / f"{category}.yml"
+    for file in chatterbot_files(source):
+        category = file.stem
         for index, turns in enumerate(yaml.safe_load(file.read_text(encoding="utf-8")).get("conversations", [])):
             if len(turns) % 2:  # a trailing question has no reply to learn from
                 turns = turns[:-1]

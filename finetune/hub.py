@@ -448,13 +448,13 @@ def _describe_source(source: DataSource, split: str) -> dict[str, Any]:
             "sha256": _sha256(path) if found else None,
             "bytes": path.stat().st_size if found else None,
         }
-    # Located the way data.py reads them; the package version and these hashes pin the exact conversations.
-    spec = importlib.util.find_spec("chatterbot_corpus")
-    files: dict[str, str] = {}
-    if spec is not None and spec.submodule_search_locations:
-        folder = Path(next(iter(spec.submodule_search_locations))) / "data" / source.language
-        names = source.categories or sorted(p.stem for p in folder.glob("*.yml"))
-        files = {f"{source.language}/{name}.yml": _sha256(folder / f"{name}.yml") for name in names if (folder / f"{name}.yml").is_file()}
+    from finetune.data import chatterbot_files  # lazy: finetune.data imports datasets and transformers
+
+    # The package version and these hashes pin the exact conversations.
+    try:
+        files = {f"{source.language}/{file.name}": _sha256(file) for file in chatterbot_files(source)}
+    except FinetuneError:  # the card still describes a run whose corpus has since been uninstalled
+        files = {}
     return {
         "split": split,
         "type": "chatterbot",
