@@ -96,11 +96,15 @@ def merge_adapter(
     probes: list[list[int]],
     stop_ids: list[int],
     heldout: Dataset | None = None,
+    reference_perplexity: float | None = None,
     strategy: str = "auto",
     dtype: str = "auto",
     tolerance: float = 1e-3,
 ) -> MergeReport:
-    """Merge, check merged logits against base+adapter on `probes`, then save a plain transformers folder."""
+    """Merge, check merged logits against base+adapter on `probes`, then save a plain transformers folder.
+
+    `reference_perplexity` is the adapter-on-training-base perplexity on `heldout`, when the caller has it.
+    """
     if strategy not in STRATEGIES:
         raise FinetuneError(f"merge strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
     if strategy == "nf4_roundtrip" and model_cfg.quantization != "4bit":
@@ -112,9 +116,11 @@ def merge_adapter(
         return perplexity(model, heldout, pad_token_id=tokenizer.pad_token_id, desc="Merge check")["perplexity"]
 
     if len(candidates) > 1 and heldout is not None:
-        reference = PeftModel.from_pretrained(load_model(model_cfg), str(adapter_dir))
-        fidelity["adapter_on_training_base"] = score(reference)
-        del reference
+        if reference_perplexity is None:  # a run already scored the adapter on its training base; reuse that
+            reference = PeftModel.from_pretrained(load_model(model_cfg), str(adapter_dir))
+            reference_perplexity = score(reference)
+            del reference
+        fidelity["adapter_on_training_base"] = reference_perplexity
     best: tuple[str, PreTrainedModel, float] | None = None
     for name in candidates:
         base = _nf4_roundtrip_base(model_cfg) if name == "nf4_roundtrip" else load_model(model_cfg, quantized=False)

@@ -54,6 +54,7 @@ class ChatSFTRecipe:
         self.adapter_dir = self.run_dir / "adapter"
         self.merged_dir = self.run_dir / "merged"
         self.merge_report: merging.MergeReport | None = None
+        self.metrics_after: dict[str, float] | None = None  # the trained adapter's scores, reused by merge()
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ChatSFTRecipe:
@@ -123,6 +124,7 @@ class ChatSFTRecipe:
             probes=heldout["input_ids"][:4],
             stop_ids=self.stop_ids,
             heldout=heldout,
+            reference_perplexity=self.metrics_after["perplexity"] if self.metrics_after else None,
             strategy=strategy or self.config.output.merge_strategy,
             dtype=dtype or self.config.output.merge_dtype,
         )
@@ -159,6 +161,7 @@ class ChatSFTRecipe:
         before = self.evaluate("Scoring base model") if self.config.evaluation.before_and_after else None
         self.train()
         after = self.evaluate("Scoring fine-tuned model")
+        self.metrics_after = after.metrics
         self.save()
         merge_report = self.merge() if self.config.output.merge else None
         if before:
