@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, Interrupted
 
 app = typer.Typer(
     help="Fine-tune a pretrained chat model with LoRA/QLoRA, evaluate it, merge it.",
@@ -25,26 +25,98 @@ def run(
         Optional[list[str]], typer.Option("--set", help="Override a config value: --set training.max_steps=20 (repeatable).")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run of this recipe from its newest complete checkpoint.")
+    ] = False,
+    num_processes: Annotated[
+        int,
+        typer.Option(min=1, help="Train in N processes through Accelerate: one per GPU, or N CPU processes (gloo) without one."),
+    ] = 1,
 ) -> None:
-    """Run a recipe end to end: load, attach LoRA, prepare data, train, evaluate before/after, merge, report."""
-    from finetune.recipes import ChatSFTRecipe
+    """Run a recipe end to end: load, attach LoRA, prepare data, train, evaluate before/after, merge, report.
 
+    Ctrl-C (SIGINT) or SIGTERM while training saves a checkpoint and exits 130 / 143; --resume continues from it."""
+    if resume and overwrite:
+        raise FinetuneError("--resume continues the run in its folder and --overwrite deletes it: pass one of them.")
     overrides = list(set_ or [])
     if overwrite:
         overrides.append("output.overwrite=true")
-    ChatSFTRecipe.from_yaml(recipe, overrides).run()
+    if num_processes > 1:
+        from finetune import distributed
+
+        if not distributed.launched():
+            from finetune.config import RecipeConfig
+
+            RecipeConfig.from_yaml(recipe, overrides)  # a bad recipe fails here, before any process starts
+            forwarded = [arg for override in overrides for arg in ("--set", override)] + (["--resume"] if resume else [])
+            distributed.launch(["run", str(recipe), *forwarded], num_processes)
+            return
+        if distributed.state().num_processes != num_processes:
+            raise FinetuneError(
+                f"--num-processes {num_processes}, but the launcher started {distributed.state().num_processes} processes: "
+                "under `accelerate launch` or `torchrun`, leave --num-processes out."
+            )
+    from finetune.recipes import ChatSFTRecipe  # imported here: a launching parent process never needs it
+
+    ChatSFTRecipe.from_yaml(recipe, overrides).run(resume=resume)
+
+
+@app.command()
+def sweep(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe whose hyperparameters to search.")],
+    trials: Annotated[int, typer.Option(min=1, help="Finished trials wanted (an interrupted sweep counts those already done).")],
+    space: Annotated[
+        Optional[Path], typer.Option(help="YAML search space (docs/tuning.md); default: learning rate, LoRA r/alpha/dropout, epochs, weight decay.")
+    ] = None,
+    metric: Annotated[str, typer.Option(help="What ranks trials, on the validation split: eval_loss, perplexity, rougeL, bleu, ...")] = "eval_loss",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value of every trial (repeatable).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Sweep folder (default: the run folder + '-sweep').")] = None,
+) -> None:
+    """Search hyperparameters with Optuna: short trials, bad ones pruned early; writes a results table, plots and
+    best_recipe.yaml. Run it again to continue an interrupted sweep."""
+    from finetune.recipes import ChatSFTRecipe
+
+    ChatSFTRecipe.from_yaml(recipe, list(set_ or [])).sweep(trials, space=space, metric=metric, out=out)
 
 
 @app.command()
 def validate(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe to check.")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value (repeatable).")] = None,
+    preflight: Annotated[
+        bool, typer.Option(help="Also run the pre-flight checks: disk space, data files, quantization, context length.")
+    ] = False,
 ) -> None:
     """Check a recipe's keys and values without loading anything, and print the resolved config."""
     from finetune.config import RecipeConfig
 
     config = RecipeConfig.from_yaml(recipe, list(set_ or []))
+    if preflight:
+        from finetune.preflight import preflight as check
+
+        for finding in check(config):  # blocking problems raise, and exit 2 with each one and its fix
+            typer.echo(f"  {finding.message}" + ("" if finding.ok else " (not checked)"))
     typer.echo(f"{recipe}: valid. Run folder: {config.run_dir}")
+
+
+@app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe to plan.")],
+    device: Annotated[
+        Optional[str], typer.Option(help="cpu, cuda, or a GPU memory size such as 24GB (default: this machine).")
+    ] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value (repeatable).")] = None,
+) -> None:
+    """Estimate peak training memory (weights, LoRA, gradients, optimizer, activations, logits) from the model's
+    config alone, say whether it fits, and suggest the cheapest change that does. Exit status 1 if it does not fit."""
+    from finetune.config import RecipeConfig
+    from finetune.planning import plan as plan_memory
+
+    result = plan_memory(RecipeConfig.from_yaml(recipe, list(set_ or [])), device)
+    for line in result.lines():
+        typer.echo(line)
+    if not result.fits:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -105,6 +177,53 @@ def eval_(
     Console().print(table)
     if out:
         out.write_text(json.dumps({"metrics": result.metrics, "samples": result.samples}, indent=2))
+
+
+data_app = typer.Typer(help="Look at training data before training on it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    target: Annotated[Path, typer.Argument(help="A YAML recipe, or a data file/folder (.jsonl .json .csv .parquet .txt).")],
+    model: Annotated[
+        Optional[str], typer.Option(help="Tokenizer and chat template to use (default: the recipe's model, or the bundled SmolLM2).")
+    ] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value (repeatable).")] = None,
+    rows: Annotated[int, typer.Option(min=0, help="Training rows to render token by token.")] = 3,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for inspect.md, inspect.json and lengths.png (default: RUN_DIR/inspect).")] = None,
+) -> None:
+    """Row counts per format and drop reason, token-length histogram, loss share, the pre-flight audit, and rows
+    coloured by which tokens are trained on. Exits 1 if the audit has serious findings."""
+    from rich.console import Console
+
+    from finetune import data, models
+    from finetune.config import RecipeConfig
+
+    overrides = list(set_ or [])
+    if target.suffix in (".yaml", ".yml"):
+        config = RecipeConfig.from_yaml(target, overrides)
+    else:
+        config = RecipeConfig.from_dict({"data": {"sources": [{"type": "file", "path": str(target)}]}}, source="finetune data inspect")
+        if overrides:
+            config = RecipeConfig.from_dict(_with_overrides(config, overrides), source="--set")
+    if model:
+        config = RecipeConfig.from_dict(_with_overrides(config, [f"model.source={model}"]), source="--model")
+    tokenizer = models.load_tokenizer(config.model)
+    inspection = data.inspect_data(config.data, tokenizer, out or config.run_dir / "inspect", show_rows=rows)
+    console = Console()
+    inspection.print(console)
+    console.print(f"Written: {', '.join(str(path) for path in inspection.files.values())}")
+    if any(finding.level == "serious" for finding in inspection.report.findings):
+        raise typer.Exit(1)
+
+
+def _with_overrides(config, overrides: list[str]) -> dict:
+    from finetune.config import apply_overrides
+
+    raw = config.model_dump(mode="json")
+    apply_overrides(raw, overrides)
+    return raw
 
 
 _TARGET_HELP = "Run folder (runs/NAME), model folder, .gguf file, bundled alias or Hub id."
@@ -180,6 +299,9 @@ def push(
 def main() -> None:
     try:
         app()
+    except Interrupted as exc:  # a checkpoint was saved; the exit code says which signal, as a shell would
+        typer.secho(f"interrupted: {exc}", fg=typer.colors.YELLOW, err=True)
+        sys.exit(exc.exit_code)
     except FinetuneError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)

@@ -7,18 +7,21 @@ and the CLI's `--set key=value` reaches any of them.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from finetune import atomic
 from finetune.errors import FinetuneError
 
 
 class _Section(BaseModel):
     # Unknown keys are errors, never silently ignored: a typo must not train with a default instead.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Infinite or NaN numbers (YAML .inf, .nan) are refused too: no setting means anything with them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -34,6 +37,11 @@ class ModelConfig(_Section):
         "auto", description="Dtype of activations and unquantized weights; auto = bfloat16 on CUDA, float32 on CPU."
     )
     double_quant: bool = Field(True, description="4-bit only: quantize the quantization constants too (saves ~0.4 bit/param).")
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="4-bit only: dtype the packed weights are stored in; auto = the compute dtype under FSDP or "
+        "DeepSpeed (they shard only float tensors of one dtype), uint8 otherwise.",
+    )
     chat_template: str | None = Field(
         None,
         description="Override the tokenizer's chat template: 'chatml', a path to a .jinja file, or a Jinja string.",
@@ -58,22 +66,75 @@ class LoraConfig(_Section):
         return self.alpha if self.alpha is not None else 2.0 * self.r
 
 
+_FIELD_NAMES = ("messages", "conversations", "role", "content", "from", "value", "instruction", "input", "output",
+                "system", "prompt", "completion", "text")
+
+
 class DataSource(_Section):
-    type: Literal["file", "chatterbot"] = Field(
-        "file", description="file: a local .jsonl/.json file; chatterbot: the chatterbot-corpus package."
+    type: Literal["file", "hub", "chatterbot"] = Field(
+        "file",
+        description="file: a local file, folder, glob or save_to_disk folder; hub: a Hub dataset id (needs internet); "
+        "chatterbot: the chatterbot-corpus package.",
     )
-    path: str | None = Field(None, description="file: path to the data file.")
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = Field(
-        "auto", description="Row format; auto detects it from the columns of the first row."
+    path: str | None = Field(
+        None, description="file: .jsonl/.json/.csv/.parquet/.txt file, a folder or glob of them, or a save_to_disk folder; hub: dataset id."
     )
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+        "auto", description="Row format; auto detects it per row from its fields. text = raw text for continued pretraining."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename the source's fields to ours, e.g. {instruction: question, output: answer} or {role: speaker}.",
+    )
+    roles: dict[str, str] = Field(
+        default_factory=dict, description="Map the source's role names to system/user/assistant, e.g. {bot: assistant}."
+    )
+    weight: float = Field(
+        1.0, gt=0, le=100, description="Mixing weight in the training split: 2 = every row twice, 0.5 = a seeded half."
+    )
+    text_unit: Literal["line", "paragraph", "document"] = Field(
+        "paragraph", description=".txt files: one row per line, per blank-line separated paragraph, or per file."
+    )
+    split: str = Field("train", description="hub and save_to_disk sources: which split to read.")
+    subset: str | None = Field(None, description="hub: dataset configuration (subset) name.")
+    revision: str | None = Field(None, description="hub: branch, tag or commit.")
     language: str = Field("english", description="chatterbot: corpus language folder.")
     categories: list[str] | None = Field(None, description="chatterbot: category files to use (default: all).")
 
     @model_validator(mode="after")
-    def _path_for_files(self) -> DataSource:
-        if self.type == "file" and not self.path:
-            raise ValueError("a source of type 'file' needs `path`")
+    def _consistent(self) -> DataSource:
+        if self.type in ("file", "hub") and not self.path:
+            raise ValueError(f"a source of type '{self.type}' needs `path`")
+        unknown = sorted(set(self.columns) - set(_FIELD_NAMES))
+        if unknown:
+            raise ValueError(f"columns: unknown field(s) {unknown}; map any of {', '.join(_FIELD_NAMES)} to your names")
+        bad_roles = sorted(v for v in self.roles.values() if v not in ("system", "user", "assistant"))
+        if bad_roles:
+            raise ValueError(f"roles: {bad_roles} must map to system, user or assistant")
         return self
+
+
+class CleaningConfig(_Section):
+    html: bool = Field(False, description="Strip HTML tags and decode entities (off: it would damage code and markup in replies).")
+    unicode: bool = Field(True, description="Normalize Unicode to NFC (one encoding per character; NFKC is avoided as it alters meaning).")
+    control_chars: bool = Field(True, description="Remove control and invisible characters (zero-width space, BOM, soft hyphen); CRLF -> LF.")
+    whitespace: bool = Field(True, description="Trim each message, strip trailing spaces, collapse 3+ blank lines; indentation is kept.")
+    lowercase: bool = Field(False, description="Lowercase all text.")
+    pii: bool = Field(False, description="Replace e-mail addresses and phone numbers with [EMAIL] and [PHONE].")
+    blocklist: list[str] | str | None = Field(
+        None, description="Drop conversations containing any of these words/phrases (a list, or a file with one per line)."
+    )
+    near_duplicates: float | None = Field(
+        None, gt=0, le=1,
+        description="Drop conversations whose word 3-grams overlap an earlier one by at least this Jaccard similarity (e.g. 0.8).",
+    )
+
+
+class AugmentConfig(_Section):
+    typos: float = Field(0.0, ge=0, le=1, description="Share of words in user turns given one character edit.")
+    word_swaps: float = Field(0.0, ge=0, le=1, description="Chance that each pair of neighbouring words in user turns is swapped.")
+    word_deletions: float = Field(0.0, ge=0, le=1, description="Share of words deleted from user turns.")
+    copies: int = Field(1, ge=1, le=20, description="Noisy copies added per training conversation (originals are kept).")
 
 
 class DataConfig(_Section):
@@ -87,9 +148,12 @@ class DataConfig(_Section):
         None, description="Separate held-out test data; when set, test_split is not taken from `sources`."
     )
     system_prompt: str | None = Field(None, description="System message prepended to every conversation without one.")
+    clean: CleaningConfig = Field(default_factory=CleaningConfig, description="Cleaning steps, each switchable.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Noisy copies of training conversations (off by default).")
     max_length: int = Field(1024, ge=16, description="Longest tokenized conversation kept, in tokens.")
+    min_length: int = Field(0, ge=0, description="Drop conversations shorter than this many tokens.")
     too_long: Literal["drop", "truncate", "error"] = Field(
-        "drop", description="What to do with a conversation longer than max_length."
+        "drop", description="A conversation longer than max_length: drop it, keep its whole turns that fit, or stop with an error."
     )
     validation_split: float = Field(0.05, ge=0, lt=1, description="Share of conversations held out for validation.")
     test_split: float = Field(0.1, ge=0, lt=1, description="Share held out for before/after evaluation.")
@@ -98,7 +162,11 @@ class DataConfig(_Section):
         0.05, ge=0, le=1, description="Fail if more than this share of rows is invalid (invalid rows are skipped and counted)."
     )
     strict: bool = Field(False, description="Fail on the first invalid row instead of skipping it.")
-    seed: int = Field(42, description="Seed for shuffling and splitting.")
+    audit: Literal["stop", "warn"] = Field(
+        "stop", description="Serious pre-flight audit findings (untrained end-of-turn, doubled BOS, no loss tokens) stop the run, or only warn."
+    )
+    num_proc: int | None = Field(None, ge=1, description="Processes for tokenizing large datasets (datasets' map num_proc).")
+    seed: int = Field(42, description="Seed for shuffling, splitting, weighting and augmentation.")
 
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> DataConfig:
@@ -122,11 +190,28 @@ class TrainingConfig(_Section):
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
         "adamw_torch", description="Optimizer (8-bit and paged variants need CUDA)."
     )
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in backward: less memory, ~1/3 more compute. Off unless memory is short."
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute activations in backward: less memory, ~1/3 more compute. auto: on only when the memory "
+        "planner estimates that the longest batch would not fit in free memory without it.",
     )
     group_by_length: bool = Field(
-        True, description="Batch conversations of similar length together: far less padding, same data per epoch."
+        False,
+        description="Without packing: batch conversations of similar length together (less padding). With packing "
+        "there is no padding to save, and grouping only puts the longest conversations in one batch (higher peak memory).",
+    )
+    packing: bool = Field(
+        True,
+        description="Padding-free batches: each batch's conversations are concatenated into one row, position ids "
+        "restart per conversation and attention is block-diagonal, so none sees another. Same loss, no work on padding.",
+    )
+    skip_untrained_logits: bool = Field(
+        True,
+        description="Run the output layer (tokens x vocabulary) only where a token carries loss, not on prompts: same "
+        "loss and gradients, less time and memory.",
+    )
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: noise on input embeddings while training (TRL), e.g. 5; often helps small instruction sets."
     )
     logging_steps: int = Field(5, ge=1, description="Log the training loss every N steps.")
     eval_steps: int | None = Field(
@@ -137,6 +222,15 @@ class TrainingConfig(_Section):
     )
     keep_best: bool = Field(
         True, description="With a validation split, end with the adapter of the lowest validation loss, not the last."
+    )
+    save_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Save a resumable checkpoint (adapter, optimizer, scheduler, RNG states, data position) every N "
+        "optimizer steps; default: at every validation (eval_steps). With keep_best it must be a multiple of eval_steps.",
+    )
+    save_total_limit: int = Field(
+        2, ge=1, description="Keep the newest N checkpoints (with keep_best, the best one too); removed when the run finishes."
     )
     seed: int = Field(42, description="Seed for LoRA initialisation, dropout and data order.")
 
@@ -168,6 +262,18 @@ class OutputConfig(_Section):
     )
     overwrite: bool = Field(False, description="Replace an existing run folder.")
 
+    @field_validator("dir")
+    @classmethod
+    def _a_folder_of_its_own(cls, value: str) -> str:
+        try:
+            folder = value.format(name="run")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("the only placeholder allowed is {name}; write other braces doubled, {{ and }}") from None
+        # --overwrite deletes the run folder: it must never be the working directory, a parent of it, or the root.
+        if os.path.normpath(folder) in (".", os.sep) or os.path.basename(os.path.normpath(folder)) == "..":
+            raise ValueError(f"{value!r} is not a folder of its own (--overwrite would delete it); use e.g. runs/{{name}}")
+        return value
+
 
 class RecipeConfig(_Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name, used in the run folder.")
@@ -187,12 +293,25 @@ class RecipeConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _checkpoints_line_up_with_validations(self) -> RecipeConfig:
+        # transformers can only keep the best adapter if every validation it compares has a checkpoint to go back to.
+        t = self.training
+        keeps_best = (t.keep_best or t.early_stopping_patience) and (self.data.validation_split or self.data.validation_sources)
+        if keeps_best and t.save_steps and t.eval_steps and t.save_steps % t.eval_steps:
+            raise ValueError(
+                f"training.save_steps ({t.save_steps}) must be a multiple of training.eval_steps ({t.eval_steps}) "
+                "while the best adapter is kept (training.keep_best / early_stopping_patience): change one of them, "
+                "or set training.keep_best: false"
+            )
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output.dir.format(name=self.name))
 
     def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+        atomic.write_text(Path(path), yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
@@ -232,7 +351,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             if not isinstance(child, dict):
                 raise FinetuneError(f"--set {item!r}: `{part}` is a value, not a section.")
             node = child
-        node[leaf] = yaml.safe_load(value) if value.strip() else None
+        node[leaf] = _parse_value(value)
+
+
+def _parse_value(value: str) -> Any:
+    """YAML scalars and lists (20, true, [a, b]); anything YAML cannot parse, e.g. a Jinja template, stays a string."""
+    if not value.strip():
+        return None
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -306,7 +435,8 @@ def reference_markdown() -> str:
     def rows(model: type[BaseModel], prefix: str) -> list[str]:
         out = ["| key | default | meaning |", "|---|---|---|"]
         for key, field in model.model_fields.items():
-            default = "see below" if field.default_factory is not None else yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix("\n...")
+            value = field.default_factory() if field.default_factory is not None else field.default
+            default = "see below" if isinstance(value, (BaseModel, list)) else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
             out.append(f"| `{prefix}{key}` | `{default}` | {field.description} |")
         return out
 
@@ -314,5 +444,7 @@ def reference_markdown() -> str:
     for section, field in RecipeConfig.model_fields.items():
         if section != "name":
             lines += ["", f"### `{section}`", "", *rows(field.annotation, f"{section}.")]
+    lines += ["", "### `data.clean`", "", *rows(CleaningConfig, "data.clean.")]
+    lines += ["", "### `data.augment`", "", *rows(AugmentConfig, "data.augment.")]
     lines += ["", "### `data.sources[]` entries", "", *rows(DataSource, "")]
     return "\n".join(lines)

@@ -6,3 +6,11 @@ class FinetuneError(Exception):
 
     The CLI prints these without a traceback; anything else escaping is a bug in `finetune`.
     """
+
+
+class Interrupted(FinetuneError):
+    """The run was stopped by a signal after saving a checkpoint; `exit_code` is the shell's 128 + signal number."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

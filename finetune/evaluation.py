@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 from rich.table import Table
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune import models
+from finetune import atomic, distributed, models
 from finetune.config import DataConfig, EvaluationConfig, ModelConfig
-from finetune.data import IGNORE_INDEX, DataReport, end_of_turn_ids, load_conversations, tokenize_splits
+from finetune.data import IGNORE_INDEX, end_of_turn_ids, prepare_data
 from finetune.errors import FinetuneError
 from finetune.metrics import score_generations
 
@@ -30,15 +30,23 @@ LOWER_IS_BETTER = {"perplexity", "perplexity_all_tokens", "loss"}
 
 
 @torch.inference_mode()
-def perplexity(model: PreTrainedModel, dataset: Dataset, *, pad_token_id: int, batch_size: int = 8, desc: str = "Scoring") -> dict[str, float]:
-    """exp(mean NLL) over assistant tokens (`perplexity`) and over all tokens (`perplexity_all_tokens`)."""
+def perplexity(
+    model: PreTrainedModel, dataset: Dataset, *, pad_token_id: int, batch_size: int = 8, desc: str = "Scoring", across_processes: bool = False
+) -> dict[str, float]:
+    """exp(mean NLL) over assistant tokens (`perplexity`) and over all tokens (`perplexity_all_tokens`).
+
+    `across_processes=True` (every process must call it then): each process scores its share of the rows and the sums are
+    added up, so every process returns the numbers one process would have computed alone.
+    """
+    if across_processes:
+        dataset = distributed.shard(dataset)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     rows = sorted(zip(dataset["input_ids"], dataset["labels"]), key=lambda row: len(row[0]))
     nll = {"assistant": 0.0, "all": 0.0}
     counts = {"assistant": 0, "all": 0}
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False, disable=not distributed.is_main()):
         batch = rows[start : start + batch_size]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
@@ -55,6 +63,10 @@ def perplexity(model: PreTrainedModel, dataset: Dataset, *, pad_token_id: int, b
             nll[name] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
             counts[name] += int((targets != IGNORE_INDEX).sum())
     model.train(was_training)
+    if across_processes:
+        shares = distributed.gather([(nll, counts)])
+        nll = {name: sum(share[0][name] for share in shares) for name in nll}
+        counts = {name: sum(share[1][name] for share in shares) for name in counts}
     return {
         "perplexity": math.exp(nll["assistant"] / max(counts["assistant"], 1)),
         "perplexity_all_tokens": math.exp(nll["all"] / max(counts["all"], 1)),
@@ -84,7 +96,7 @@ def generate(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="Generating replies", unit="batch", leave=False):
+        for start in tqdm(range(0, len(prompts), batch_size), desc="Generating replies", unit="batch", leave=False, disable=not distributed.is_main()):
             batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             decoding = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
             output = model.generate(**batch, max_new_tokens=max_new_tokens, **decoding)
@@ -106,17 +118,26 @@ class Evaluation:
 
 
 def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, heldout: Dataset, cfg: EvaluationConfig, *, label: str = "Scoring") -> Evaluation:
-    """Perplexity on held-out conversations and, if enabled, generation metrics on their last assistant turn."""
+    """Perplexity on held-out conversations and, if enabled, generation metrics on their last assistant turn.
+
+    In a multi-process run every process calls this: each scores and generates for its share of the rows, and
+    every process gets the metrics of all of them. With sharded weights (FSDP, DeepSpeed) every forward pass is a
+    collective step, so there each process runs every row instead (and generate() keeps the processes in step).
+    """
+    split = not distributed.weights_sharded()
     rows = heldout.select(range(min(cfg.max_rows or len(heldout), len(heldout))))
-    metrics = perplexity(model, rows, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, desc=label)
-    if not cfg.generation:
+    metrics = perplexity(model, rows, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, desc=label, across_processes=split)
+    chats = [i for i, messages in enumerate(heldout["messages"]) if messages]  # raw text rows have no reply to generate
+    if not cfg.generation or not chats:
         return Evaluation(metrics)
-    sample = heldout.select(range(min(cfg.generation_rows, len(heldout))))
+    sample = heldout.select(chats[: cfg.generation_rows])
     prompts = [messages[:-1] for messages in sample["messages"]]
     references = [messages[-1]["content"] for messages in sample["messages"]]
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else None
-    replies = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, sampling=sampling)
+    share = [messages[:-1] for messages in (distributed.shard(sample) if split else sample)["messages"]]
+    replies = generate(model, tokenizer, share, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, sampling=sampling)
     predictions = [tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
+    predictions = distributed.gather(predictions) if split else predictions
     metrics.update(score_generations(predictions, references))
     samples = [
         {"prompt": prompt[-1]["content"], "reference": reference, "prediction": prediction}
@@ -139,9 +160,7 @@ def evaluate_checkpoint(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: Evalu
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
     models.configure_generation(model, tokenizer, end_of_turn_ids(tokenizer))
-    report = DataReport()
-    conversations = DatasetDict({"test": load_conversations(data_cfg, report)})
-    heldout = tokenize_splits(conversations, tokenizer, data_cfg, report)["test"]
+    heldout = prepare_data(data_cfg, tokenizer, split=False).splits["test"]
     return score(model, tokenizer, heldout, cfg, label="Scoring")
 
 
@@ -178,7 +197,8 @@ def write_report(
 ) -> None:
     """metrics.json, report.md and PNG plots (loss curves, before/after bars) in the run folder."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").write_text(json.dumps({**summary, "history": history, "samples": samples or {}}, indent=2))
+    # Each file replaces its previous version in one rename: a crash mid-write leaves the last good report.
+    atomic.write_text(run_dir / "metrics.json", json.dumps({**summary, "history": history, "samples": samples or {}}, indent=2))
     before, after = summary.get("metrics_before") or {}, summary.get("metrics_after") or {}
     lines = [f"# Run report: {summary.get('name', run_dir.name)}", ""]
     if before and after:
@@ -193,7 +213,7 @@ def write_report(
         lines += ["![before and after](metrics.png)", ""]
     if samples:
         lines += _samples_markdown(samples)
-    (run_dir / "report.md").write_text("\n".join(lines))
+    atomic.write_text(run_dir / "report.md", "\n".join(lines))
     _plot(run_dir, history, before, after)
 
 
@@ -228,7 +248,8 @@ def _plot(run_dir: Path, history: dict[str, list[tuple[int, float]]], before: di
     axes.set_title("Loss curves")
     axes.legend()
     figure.tight_layout()
-    figure.savefig(run_dir / "loss_curves.png", dpi=100)
+    with atomic.replacing_file(run_dir / "loss_curves.png") as partial:
+        figure.savefig(partial, dpi=100, format="png")
     plt.close(figure)
     metrics = [row for row in comparison_rows(before, after)]
     if not metrics:
@@ -242,5 +263,6 @@ def _plot(run_dir: Path, history: dict[str, list[tuple[int, float]]], before: di
         ax.bar(["before", "after"], [old, new], color=["#999999", "#2a7ab0"])
         ax.set_title(f"{metric}\n{change}", fontsize=9)
     figure.tight_layout()
-    figure.savefig(run_dir / "metrics.png", dpi=100)
+    with atomic.replacing_file(run_dir / "metrics.png") as partial:
+        figure.savefig(partial, dpi=100, format="png")
     plt.close(figure)

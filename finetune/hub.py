@@ -16,7 +16,6 @@ import importlib.metadata
 import importlib.util
 import json
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,7 +30,7 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects, validate_repo_id
 
-from finetune import __version__
+from finetune import __version__, atomic
 from finetune.config import DataSource, RecipeConfig
 from finetune.errors import FinetuneError
 
@@ -66,7 +65,7 @@ def write_model_card(run_dir: str | Path) -> Path:
     for folder, merged in ((run_dir / "adapter", False), (run_dir / "merged", True)):
         if folder.is_dir():
             text = _card(run_dir, config, metrics, base, sources, versions, merged=merged)
-            (folder / "README.md").write_text(text, encoding="utf-8")
+            atomic.write_text(folder / "README.md", text)
     return run_dir / "adapter" / "README.md"
 
 
@@ -201,8 +200,13 @@ def _source_rows(sources: list[dict[str, Any]]) -> list[str]:
     rows = []
     for source in sources:
         if source["type"] == "file":
-            digest = f"`{source['sha256']}`" if source["sha256"] else "file not found when this card was written"
-            rows.append(f"| {source['split']} | `{source['path']}` ({source['format']}) | {digest} |")
+            weight = f", weight {source['weight']:g}" if source["weight"] != 1 else ""
+            for name, digest in source["files"].items() or [(source["path"], None)]:
+                found = f"`{digest}`" if digest else "file not found when this card was written"
+                rows.append(f"| {source['split']} | `{name}` ({source['format']}{weight}) | {found} |")
+        elif source["type"] == "hub":
+            revision = f" at `{source['revision']}`" if source["revision"] else ""
+            rows.append(f"| {source['split']} | Hub dataset `{source['id']}` ({source['source_split']}){revision} | |")
         else:
             package = f"{source['package']} {source['version'] or '(not installed)'}, {source['language']}"
             for name, digest in source["files"].items() or [("(no files found)", None)]:
@@ -353,11 +357,11 @@ def write_manifest(run_dir: str | Path) -> Path:
     }
     text = json.dumps(manifest, indent=2) + "\n"
     path = run_dir / MANIFEST
-    path.write_text(text, encoding="utf-8")
+    atomic.write_text(path, text)
     for folder in (run_dir / "adapter", run_dir / "merged"):
         if folder.is_dir():
-            (folder / MANIFEST).write_text(text, encoding="utf-8")
-            shutil.copyfile(run_dir / RECIPE, folder / RECIPE)
+            atomic.write_text(folder / MANIFEST, text)
+            atomic.copy_file(run_dir / RECIPE, folder / RECIPE)
     return path
 
 
@@ -437,31 +441,36 @@ def _data_sources(config: RecipeConfig) -> list[dict[str, Any]]:
 
 
 def _describe_source(source: DataSource, split: str) -> dict[str, Any]:
-    if source.type == "file":
-        path = Path(source.path or "").expanduser()
-        found = path.is_file()
+    from finetune.data import source_files  # lazy: finetune.data imports datasets and transformers
+
+    if source.type == "chatterbot":
+        # The package version and these hashes pin the exact conversations.
+        try:
+            files = {f"{source.language}/{file.name}": _sha256(file) for file in source_files(source)}
+        except FinetuneError:  # the card still describes a run whose corpus has since been uninstalled
+            files = {}
         return {
             "split": split,
-            "type": "file",
-            "path": source.path,
-            "format": source.format,
-            "sha256": _sha256(path) if found else None,
-            "bytes": path.stat().st_size if found else None,
+            "type": "chatterbot",
+            "package": "chatterbot-corpus",
+            "version": _version("chatterbot-corpus"),
+            "language": source.language,
+            "files": files,
         }
-    from finetune.data import chatterbot_files  # lazy: finetune.data imports datasets and transformers
-
-    # The package version and these hashes pin the exact conversations.
+    if source.type == "hub":
+        return {"split": split, "type": "hub", "id": source.path, "subset": source.subset, "revision": source.revision, "source_split": source.split}
     try:
-        files = {f"{source.language}/{file.name}": _sha256(file) for file in chatterbot_files(source)}
-    except FinetuneError:  # the card still describes a run whose corpus has since been uninstalled
-        files = {}
+        files = source_files(source)
+    except FinetuneError:  # the data has moved since the run; the card still names the path
+        files = []
     return {
         "split": split,
-        "type": "chatterbot",
-        "package": "chatterbot-corpus",
-        "version": _version("chatterbot-corpus"),
-        "language": source.language,
-        "files": files,
+        "type": "file",
+        "path": source.path,
+        "format": source.format,
+        "weight": source.weight,
+        "files": {str(file): _sha256(file) for file in files},
+        "bytes": sum(file.stat().st_size for file in files) or None,
     }
 
 

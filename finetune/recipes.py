@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import gc
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from rich.console import Console
 
-from finetune import adapters, data, evaluation, hub, merging, models, training
+from transformers import TrainerCallback, set_seed
+
+from finetune import adapters, atomic, data, distributed, evaluation, hub, merging, models, planning, preflight, training
 from finetune.config import RecipeConfig
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, Interrupted
+
+if TYPE_CHECKING:
+    from finetune import sweeps
+
+# Settings that may change between an interrupted run and its resume: they do not touch what training computes.
+_RESUME_MAY_CHANGE = ("name", "output.", "evaluation.", "data.num_proc", "training.save_total_limit")
 
 
 @dataclass
@@ -62,18 +71,38 @@ class ChatSFTRecipe:
 
     # ------------------------------------------------------------------ stages
 
-    def setup(self) -> None:
+    def setup(self, resume: bool = False) -> None:
+        """Pre-flight checks, run folder, tokenizer, data, model and LoRA. `resume=True` continues the run in the
+        run folder from its newest complete checkpoint instead of starting one (see `run`)."""
         cfg = self.config
-        self._claim_run_dir()
+        distributed.init()  # joins the process group of `accelerate launch` / `torchrun`, if any
+        for finding in preflight.preflight(cfg):  # blocking problems raise here, before anything is loaded or written
+            self._say(f"  pre-flight {finding.message}" + ("" if finding.ok else " [yellow](not checked)[/yellow]"))
+        self.resume_from: Path | None = None
+        if resume:
+            self.resume_from = distributed.on_main(self._resume_point)
+        else:
+            distributed.on_main(lambda: self._claim_run_dir(replace=False))  # refuse early; an old run is replaced only once the data has proved usable
         self._say(f"Loading tokenizer and data for [bold]{cfg.model.source}[/bold]")
         self.tokenizer = models.load_tokenizer(cfg.model)
         self.stop_ids = data.end_of_turn_ids(self.tokenizer)
         self.data = data.prepare_data(cfg.data, self.tokenizer)
+        if not resume:
+            distributed.on_main(self._claim_run_dir)
+        self._open_log(resume)
         for line in self.data.report.lines():
             self._say(f"  {line}")
+        for finding in self.data.report.findings:  # serious ones already stopped the run unless data.audit is 'warn'
+            if finding.level in ("warning", "serious"):
+                self._say(f"  [yellow]audit {finding.level}[/yellow] {finding.check}: {finding.message}")
         self._say(f"Loading model (quantization: {cfg.model.quantization})")
         base = models.load_model(cfg.model)
         models.configure_generation(base, self.tokenizer, self.stop_ids)
+        set_seed(cfg.training.seed)  # LoRA's initial weights: same seed, same run
+        if cfg.training.gradient_checkpointing == "auto":
+            needed, memory = planning.needs_checkpointing(cfg, train=self.data.splits["train"])
+            cfg.training.gradient_checkpointing = needed  # recipe.yaml records what ran
+            self._say(f"  memory plan: {memory.summary()}; gradient checkpointing {'on' if needed else 'off'}")
         self.model, trainable = adapters.attach_lora(base, cfg.lora, gradient_checkpointing=cfg.training.gradient_checkpointing)
         self._say(f"  LoRA r={cfg.lora.r} alpha={cfg.lora.lora_alpha:g}: {trainable}")
         self.history: dict[str, list[tuple[int, float]]] = {"train_loss": [], "eval_loss": []}
@@ -87,9 +116,14 @@ class ChatSFTRecipe:
         heldout = self.data.splits[self.heldout_split]
         return evaluation.score(self.model, self.tokenizer, heldout, self.config.evaluation, label=label)
 
-    def train(self) -> None:
-        self._say("Training")
+    def train(self, callbacks: Sequence[TrainerCallback] = ()) -> None:
+        """Train, saving a checkpoint every `training.save_steps`. SIGINT/SIGTERM saves one more and raises
+        `Interrupted`; a NaN/inf loss raises `NonFiniteLoss` before the bad step reaches the weights.
+        `callbacks` are extra transformers TrainerCallbacks (a sweep's pruning hook)."""
+        resume_from = getattr(self, "resume_from", None)
+        self._say(f"Training (resuming from {resume_from})" if resume_from else "Training")
         started = time.perf_counter()
+        stop = training.StopOnSignal()
         self.trainer = training.build_trainer(
             self.model,
             self.tokenizer,
@@ -97,17 +131,34 @@ class ChatSFTRecipe:
             self.config.training,
             self.run_dir / "checkpoints",
             dtype=models.compute_dtype(self.config.model),
+            callbacks=[stop, self.log, *callbacks],
         )
-        output = self.trainer.train()
-        self.train_loss = float(output.training_loss)
+        try:
+            with stop:
+                output = self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except training.NonFiniteLoss as exc:
+            self.log.event("stopped", reason="non-finite loss", step=self.trainer.state.global_step)
+            raise exc from None
+        if stop.signal is not None:
+            self._interrupted(stop.signal)
+        # After a resume, the trainer's own mean covers only the steps run in this process.
+        self.train_loss = training.logged_train_loss(self.trainer) if resume_from else float(output.training_loss)
         self.train_seconds = time.perf_counter() - started
         self.history = training.loss_history(self.trainer)
 
     def save(self) -> Path:
-        """Adapter weights plus tokenizer (with the exact chat template) and the recipe that made them."""
-        self.model.save_pretrained(self.adapter_dir)
-        self.tokenizer.save_pretrained(self.adapter_dir)
-        self.config.to_yaml(self.run_dir / "recipe.yaml")
+        """Adapter weights plus tokenizer (with the exact chat template), replacing any previous adapter/ at once.
+        Only the main process writes; in a multi-process run the others wait until it has."""
+        state_dict = None
+        if distributed.weights_sharded() and hasattr(self, "trainer"):
+            # FSDP / DeepSpeed ZeRO-3 slices are put back together first, by every process at once.
+            state_dict = self.trainer.accelerator.get_state_dict(self.trainer.model_wrapped)
+        return distributed.on_main(lambda: self._write_adapter(state_dict))
+
+    def _write_adapter(self, state_dict: dict[str, Any] | None) -> Path:
+        with atomic.replacing_dir(self.adapter_dir) as partial:
+            self.model.save_pretrained(partial, state_dict=state_dict)
+            self.tokenizer.save_pretrained(partial)
         return self.adapter_dir
 
     def merge(self, strategy: str | None = None, dtype: str | None = None, out_dir: Path | None = None) -> merging.MergeReport:
@@ -116,7 +167,7 @@ class ChatSFTRecipe:
         self._say("Merging the adapter into a full-precision base")
         heldout = self.data.splits[self.heldout_split]
         heldout = heldout.select(range(min(len(heldout), self.config.evaluation.max_rows or len(heldout))))
-        report = merging.merge_adapter(
+        report = distributed.on_main(lambda: merging.merge_adapter(
             self.config.model,
             self.adapter_dir,
             out_dir or self.merged_dir,
@@ -127,7 +178,7 @@ class ChatSFTRecipe:
             reference_perplexity=self.metrics_after["perplexity"] if self.metrics_after else None,
             strategy=strategy or self.config.output.merge_strategy,
             dtype=dtype or self.config.output.merge_dtype,
-        )
+        ))  # one merged copy, written by the main process
         self.merge_report = report
         for candidate, value in report.fidelity.items():
             self._say(f"  held-out perplexity, {candidate.replace('_', ' ')}: {value:.4f}")
@@ -136,7 +187,15 @@ class ChatSFTRecipe:
 
     def push(self, repo_id: str, **options: Any) -> hub.PushReport:
         """Publish this run's adapter (or merged model, `merged=True`) to the Hub; see `finetune.hub.push`."""
-        return hub.push(self.run_dir, repo_id, **options)
+        return distributed.on_main(lambda: hub.push(self.run_dir, repo_id, **options))
+
+    def sweep(
+        self, trials: int, space: sweeps.SearchSpace | str | Path | None = None, metric: str = "eval_loss", out: str | Path | None = None
+    ) -> sweeps.SweepResult:
+        """Search hyperparameters around this recipe with Optuna; see `finetune.sweeps.sweep`."""
+        from finetune import sweeps  # sweeps builds recipes: imported here, not at the top, to avoid a cycle
+
+        return sweeps.sweep(self.config, trials=trials, space=space, metric=metric, out=out)
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path) -> ChatSFTRecipe:
@@ -152,12 +211,15 @@ class ChatSFTRecipe:
 
     def cleanup(self) -> None:
         self._release_training_model()
-        shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+        distributed.on_main(lambda: shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True))
 
     # ------------------------------------------------------------------ pipeline
 
-    def run(self) -> RunResult:
-        self.setup()
+    def run(self, resume: bool = False) -> RunResult:
+        """The whole pipeline. `resume=True` continues an interrupted run of this recipe in its run folder from
+        the newest complete checkpoint, with the same data order and the same final weights as an uninterrupted
+        run; it refuses a recipe that differs from the run's in anything that changes training."""
+        self.setup(resume=resume)
         before = self.evaluate("Scoring base model") if self.config.evaluation.before_and_after else None
         self.train()
         after = self.evaluate("Scoring fine-tuned model")
@@ -165,7 +227,7 @@ class ChatSFTRecipe:
         self.save()
         merge_report = self.merge() if self.config.output.merge else None
         if before:
-            self.console.print(evaluation.comparison_table(before.metrics, after.metrics))
+            self._say(evaluation.comparison_table(before.metrics, after.metrics))
         result = RunResult(
             run_dir=self.run_dir,
             adapter_dir=self.adapter_dir,
@@ -176,14 +238,18 @@ class ChatSFTRecipe:
             merge_max_logit_diff=merge_report.max_logit_diff if merge_report else None,
         )
         samples = {"before": before.samples if before else [], "after": after.samples}
-        evaluation.write_report(self.run_dir, summary=self._summary(result), history=self.history, samples=samples)
-        hub.write_model_card(self.run_dir)
-        hub.write_manifest(self.run_dir)
+        distributed.on_main(lambda: self._write_report(result, samples))
+        self.log.event("finished")
         self.cleanup()
         self._say(f"Done: {self.run_dir} (adapter/ with model card, {'merged/, ' if merge_report else ''}metrics.json, report.md, run.json)")
         return result
 
     # ------------------------------------------------------------------ helpers
+
+    def _write_report(self, result: RunResult, samples: dict[str, list[dict[str, str]]]) -> None:
+        evaluation.write_report(self.run_dir, summary=self._summary(result), history=self.history, samples=samples)
+        hub.write_model_card(self.run_dir)
+        hub.write_manifest(self.run_dir)
 
     def _summary(self, result: RunResult) -> dict[str, Any]:
         return {
@@ -200,17 +266,83 @@ class ChatSFTRecipe:
             "metrics_before": result.metrics_before,
             "metrics_after": result.metrics_after,
             "data": self.data.report.lines(),
+            "data_audit": [finding.__dict__ for finding in self.data.report.findings],
         }
 
-    def _claim_run_dir(self) -> None:
+    def _claim_run_dir(self, replace: bool = True) -> None:
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             if not self.config.output.overwrite:
                 raise FinetuneError(
                     f"run folder {self.run_dir} already exists. Choose another `name`, or pass --overwrite "
                     "(output.overwrite: true) to replace it."
                 )
+            if not replace:
+                return
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _resume_point(self) -> Path | None:
+        """Check that this recipe may continue the run in its folder; the newest complete checkpoint, if any."""
+        saved_path = self.run_dir / "recipe.yaml"
+        if not saved_path.is_file():
+            raise FinetuneError(
+                f"--resume: {self.run_dir} holds no run to resume (no recipe.yaml there). Start it without --resume."
+            )
+        saved = RecipeConfig.from_yaml(saved_path)
+        changed = _training_differences(saved, self.config)
+        if changed:
+            raise FinetuneError(
+                f"--resume: this recipe differs from the one that started {self.run_dir}, in settings that change "
+                "what training computes (a resumed run must end exactly where the uninterrupted one would):\n  "
+                + "\n  ".join(changed)
+                + f"\nResume with the run's own recipe (finetune run {saved_path} --resume), or start a new run: "
+                "another `name`, or --overwrite."
+            )
+        found = training.find_checkpoints(self.run_dir / "checkpoints")
+        for folder in found.incomplete:  # cut short by a crash: never loaded, and in the way of the resumed saves
+            self._say(f"  ignoring incomplete checkpoint {folder.name} (the process died while writing it); removed")
+            shutil.rmtree(folder)
+        if found.latest is not None:
+            self._say(f"  resuming from {found.latest} (step {found.step})")
+        elif (self.run_dir / "metrics.json").is_file():
+            raise FinetuneError(
+                f"--resume: the run in {self.run_dir} already finished (metrics.json written, checkpoints removed); "
+                "there is nothing to resume. To train it again, pass --overwrite."
+            )
+        else:
+            self._say("  no complete checkpoint yet (the run stopped before its first one): training starts at step 0")
+        return found.latest
+
+    def _open_log(self, resume: bool) -> None:
+        """recipe.yaml (so a killed run can be resumed) and train_log.jsonl, which a resumed run appends to."""
+        distributed.on_main(lambda: self.config.to_yaml(self.run_dir / "recipe.yaml"))
+        self.log = training.RunLog(self.run_dir / "train_log.jsonl")
+        fingerprint = training.data_fingerprint(self.data.splits["train"])
+        if resume:
+            started = next((e for e in self.log.events() if e["event"] == "start"), None)
+            if started is not None and started.get("train_sha256") != fingerprint:
+                raise FinetuneError(
+                    f"--resume: the training data differ from those the run in {self.run_dir} started with (the data "
+                    "files changed since), so resuming would not continue the same run. Restore the data, or start "
+                    "again with --overwrite."
+                )
+        self.log.event(
+            "resume" if resume else "start",
+            checkpoint=str(self.resume_from) if self.resume_from else None,
+            train_rows=len(self.data.splits["train"]),
+            train_sha256=fingerprint,
+        )
+
+    def _interrupted(self, received: signal.Signals) -> None:
+        step = self.trainer.state.global_step
+        saved = training.find_checkpoints(self.run_dir / "checkpoints").latest
+        self.log.event("interrupted", signal=received.name, step=step, checkpoint=str(saved))
+        raise Interrupted(
+            f"{received.name} received: training stopped after step {step} of {self.trainer.state.max_steps} and saved "
+            f"{saved}. Resume with:\n  finetune run {self.run_dir / 'recipe.yaml'} --resume\n"
+            "(in Python: recipe.run(resume=True)).",
+            exit_code=128 + received.value,
+        )
 
     def _release_training_model(self) -> None:
         for attribute in ("trainer", "model"):
@@ -218,5 +350,23 @@ class ChatSFTRecipe:
                 delattr(self, attribute)
         gc.collect()
 
-    def _say(self, message: str) -> None:
-        self.console.print(message)
+    def _say(self, message: Any) -> None:
+        if distributed.is_main():  # one console log, however many processes run
+            self.console.print(message)
+
+
+def _training_differences(saved: RecipeConfig, current: RecipeConfig) -> list[str]:
+    """`key: run value -> this value` for each setting that differs and changes what training computes."""
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): node}
+
+    before, after = flat(saved.model_dump(mode="json")), flat(current.model_dump(mode="json"))
+    keys = sorted(set(before) | set(after))
+    return [
+        f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        for key in keys
+        if before.get(key) != after.get(key) and not key.startswith(_RESUME_MAY_CHANGE)
+    ]

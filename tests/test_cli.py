@@ -57,3 +57,54 @@ def test_run_through_the_cli_with_overrides(tiny_llama_dir, facts_jsonl, tmp_pat
 def test_eval_names_a_missing_adapter(tiny_llama_dir, facts_jsonl, tmp_path):
     result = finetune("eval", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path), "--data", str(facts_jsonl))
     assert result.returncode == 2 and "no adapter_config.json there" in result.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes_the_run(tiny_llama_dir, facts_jsonl, tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "interrupted"
+    path = tmp_path / "tiny.yaml"
+    config = tiny_recipe(tiny_llama_dir, facts_jsonl, run_dir, training__max_steps=12, training__save_steps=6, data__validation_split=0.0)
+    config["output"]["merge"] = False
+    config["evaluation"].update(before_and_after=False, generation=False)
+    RecipeConfig.from_dict(config).to_yaml(path)
+    child = subprocess.Popen([sys.executable, "-m", "finetune", "run", str(path)], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = run_dir / "train_log.jsonl"
+    deadline = time.monotonic() + 300
+    while child.poll() is None and time.monotonic() < deadline and '"loss"' not in (log.read_text() if log.is_file() else ""):
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)  # what Ctrl-C sends, at the first logged training step
+    stderr = child.communicate(timeout=300)[1]
+    assert child.returncode == 130, stderr[-3000:]
+    assert "interrupted: SIGINT received: training stopped after step" in stderr and "Traceback" not in stderr
+    assert f"finetune run {run_dir / 'recipe.yaml'} --resume" in stderr
+
+    resumed = finetune("run", str(run_dir / "recipe.yaml"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (run_dir / "checkpoints").exists()
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]["train_loss"]
+    assert [step for step, _ in history] == list(range(1, 13))  # every step once: none repeated, none skipped
+    events = [json.loads(line).get("event") for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [e for e in events if e] == ["start", "interrupted", "resume", "finished"]
+
+
+def test_resume_needs_a_run_and_excludes_overwrite(tiny_llama_dir, facts_jsonl, tmp_path):
+    path = tmp_path / "tiny.yaml"
+    RecipeConfig.from_dict(tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path / "never-run")).to_yaml(path)
+    both = CliRunner().invoke(app, ["run", str(path), "--resume", "--overwrite"])
+    assert "pass one of them" in str(both.exception)
+    missing = CliRunner().invoke(app, ["run", str(path), "--resume"])
+    assert "holds no run to resume" in str(missing.exception) and not (tmp_path / "never-run").exists()
+
+
+def test_validate_with_preflight_reports_each_check(tiny_llama_dir, facts_jsonl, tmp_path):
+    path = tmp_path / "tiny.yaml"
+    RecipeConfig.from_dict(tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path / "run")).to_yaml(path)
+    result = CliRunner().invoke(app, ["validate", str(path), "--preflight"])
+    assert result.exit_code == 0, result.output
+    assert all(word in result.output for word in ("disk:", "quantization:", "context:", "file(s) found", "valid"))
+    too_long = CliRunner().invoke(app, ["validate", str(path), "--preflight", "--set", "data.max_length=4096"])
+    assert "data.max_length (4096) is longer than the context" in str(too_long.exception)

@@ -205,7 +205,8 @@ def test_manifest_hashes_data_weights_and_recipe(published, facts_jsonl):
     assert manifest["files"]["merged/model.safetensors"]["sha256"] == sha256(run_dir / "merged" / "model.safetensors")
     assert not any(name.endswith(("README.md", "run.json")) for name in manifest["files"])
     assert manifest["data"] == [
-        {"split": "train", "type": "file", "path": str(facts_jsonl), "format": "auto", "sha256": sha256(facts_jsonl), "bytes": facts_jsonl.stat().st_size}
+        {"split": "train", "type": "file", "path": str(facts_jsonl), "format": "auto", "weight": 1.0,
+         "files": {str(facts_jsonl): sha256(facts_jsonl)}, "bytes": facts_jsonl.stat().st_size}
     ]
     assert manifest["recipe"] == yaml.safe_load((run_dir / "recipe.yaml").read_text())
     assert manifest["libraries"]["peft"] and manifest["python"] and manifest["written_at"] and manifest["finished_at"]

@@ -112,3 +112,83 @@ def test_early_stopping_stops_a_run_whose_validation_loss_rises_and_keeps_the_be
 def test_early_stopping_without_validation_is_a_config_error():
     with pytest.raises(FinetuneError, match="early_stopping_patience needs validation data"):
         RecipeConfig.from_dict({"training": {"early_stopping_patience": 2}, "data": {"validation_split": 0}})
+
+
+def _tree(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_crash_while_saving_leaves_the_previous_outputs_intact(llama_run, tiny_llama_dir, tmp_path, monkeypatch):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(llama_run[1].run_dir, run_dir)
+    merged_before, adapter_before = _tree(run_dir / "merged"), _tree(run_dir / "adapter")
+
+    # `finetune merge` again, SIGKILLed after the new weights are written but before the folder is complete.
+    child = (
+        "import os, signal, sys\n"
+        "from transformers import PreTrainedTokenizerBase\n"
+        "PreTrainedTokenizerBase.save_pretrained = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "from finetune.cli import main\n"
+        "sys.argv = ['finetune', 'merge', sys.argv[1]]\n"
+        "main()\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", child, str(run_dir)], cwd=Path(__file__).parent.parent,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (run_dir / "merged.partial" / "model.safetensors").is_file()  # it died mid-save ...
+    assert _tree(run_dir / "merged") == merged_before  # ... and the previous merged model is untouched
+
+    # The adapter: a save that fails half-way (here: the disk fills while writing the tokenizer) changes nothing.
+    recipe = ChatSFTRecipe.from_run_dir(run_dir)
+    recipe.model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), run_dir / "adapter")
+    with torch.no_grad():
+        for name, weight in recipe.model.named_parameters():
+            if "lora_B" in name:
+                weight.add_(1.0)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(recipe.tokenizer, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        recipe.save()
+    assert _tree(run_dir / "adapter") == adapter_before and not (run_dir / "adapter.partial").exists()
+    monkeypatch.undo()
+    recipe.save()
+    assert _tree(run_dir / "adapter")["adapter_model.safetensors"] != adapter_before["adapter_model.safetensors"]
+
+
+def test_resume_refuses_a_changed_recipe_and_a_finished_run(llama_run, tiny_llama_dir, facts_jsonl, tmp_path):
+    _, result = llama_run
+    finished = ChatSFTRecipe(RecipeConfig.from_yaml(result.run_dir / "recipe.yaml"))
+    with pytest.raises(FinetuneError, match="already finished .* nothing to resume. To train it again, pass --overwrite"):
+        finished.run(resume=True)
+
+    run_dir = tmp_path / "started"
+    run_dir.mkdir()
+    RecipeConfig.from_dict(tiny_recipe(tiny_llama_dir, facts_jsonl, run_dir)).to_yaml(run_dir / "recipe.yaml")
+    changed = tiny_recipe(tiny_llama_dir, facts_jsonl, run_dir, training__learning_rate=5e-4, lora__r=4)
+    changed["evaluation"]["max_rows"] = 3  # scoring does not change training: allowed to differ
+    with pytest.raises(FinetuneError) as err:
+        ChatSFTRecipe(**changed).run(resume=True)
+    message = str(err.value)
+    assert "lora.r: 8 -> 4" in message and "training.learning_rate: 0.001 -> 0.0005" in message
+    assert "evaluation" not in message and f"finetune run {run_dir / 'recipe.yaml'} --resume" in message
+
+
+def test_resume_refuses_training_data_that_changed_since_the_run_started(tiny_llama_dir, facts_jsonl, tmp_path):
+    import shutil
+
+    data = tmp_path / "facts.jsonl"
+    shutil.copyfile(facts_jsonl, data)
+    config = tiny_recipe(tiny_llama_dir, data, tmp_path / "run")
+    ChatSFTRecipe(**config).setup()  # the run starts (and, say, dies before its first checkpoint)
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[1:]))  # then a row disappears
+    with pytest.raises(FinetuneError, match="the training data differ from those the run in .* started with"):
+        ChatSFTRecipe(**config).setup(resume=True)

@@ -109,7 +109,7 @@ def test_unknown_role_and_format_are_named():
     with pytest.raises(RowError, match="unknown role 'bot'"):
         to_messages({"messages": [{"role": "bot", "content": "x"}]}, "messages")
     with pytest.raises(RowError, match="unknown row format"):
-        to_messages({"text": "x"}, "auto")
+        to_messages({"body": "x"}, "auto")
 
 
 def _write_jsonl(path, rows):
@@ -125,7 +125,7 @@ def test_bad_rows_are_skipped_counted_and_located(tmp_path):
     report = DataReport()
     cfg = DataConfig(sources=[DataSource(path=str(path))], max_bad_fraction=0.1)
     dataset = load_conversations(cfg, report)
-    assert len(dataset) == 31 and report.duplicates == 1 and report.rows_read == 33
+    assert len(dataset) == 31 and report.dropped["exact duplicate"] == 1 and report.rows_read == 33
     assert report.invalid["no assistant reply to train on (the last turn must be the assistant's)"] == 1
     assert report.invalid_examples[0].startswith(f"{path}:2:")
     with pytest.raises(FinetuneError, match=rf"{path}:2: no assistant reply"):
@@ -160,11 +160,25 @@ def test_splits_are_disjoint_and_seeded(tmp_path):
 def test_chatterbot_source_and_too_long_policy(chatml_tokenizer):
     cfg = DataConfig(sources=[DataSource(type="chatterbot", categories=["greetings", "food"])], max_length=24, too_long="drop")
     prepared = prepare_data(cfg, chatml_tokenizer)
-    assert prepared.report.too_long_dropped > 0
+    assert prepared.report.dropped["longer than data.max_length"] > 0
     assert all(len(ids) <= 24 for split in prepared.splits.values() for ids in split["input_ids"])
     truncated = prepare_data(cfg.model_copy(update={"too_long": "truncate"}), chatml_tokenizer)
-    assert truncated.report.truncated > 0 and truncated.report.too_long_dropped == 0
+    assert truncated.report.truncated > 0 and "longer than data.max_length" not in truncated.report.dropped
+    assert all(len(ids) <= 24 for split in truncated.splits.values() for ids in split["input_ids"])
     with pytest.raises(FinetuneError, match="longer than data.max_length=24"):
         prepare_data(cfg.model_copy(update={"too_long": "error"}), chatml_tokenizer)
     with pytest.raises(FinetuneError, match="unknown chatterbot categories"):
         prepare_data(DataConfig(sources=[DataSource(type="chatterbot", categories=["nope"])]), chatml_tokenizer)
+
+
+def test_truncate_keeps_whole_turns(chatml_tokenizer):
+    from finetune.data import truncate_at_turn
+
+    tokens = tokenize_conversation(chatml_tokenizer, CONVERSATION)
+    first_reply_end = tokens["turn_ends"][0]
+    cut = truncate_at_turn(tokens, CONVERSATION, first_reply_end + 3)
+    assert cut is not None
+    kept, messages = cut
+    assert messages == CONVERSATION[:3] and len(kept["input_ids"]) == first_reply_end
+    assert chatml_tokenizer.decode(trained_segments(kept)[-1]) == "Hello! How can I help?<|im_end|>"
+    assert truncate_at_turn(tokens, CONVERSATION, first_reply_end - 1) is None

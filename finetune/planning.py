@@ -1,0 +1,401 @@
+"""Memory planner: estimate a recipe's peak training memory from the model's config.json, before loading weights.
+
+Entry point: `plan(config, device)`. The estimate is split into what holds memory during a training step:
+framework overhead, base weights (by precision), LoRA weights, their gradients, optimizer state, activations
+kept for backward (with or without gradient checkpointing) and the output-layer logits, for the worst case a
+recipe allows (every batch full of `data.max_length`-token conversations). It says whether that fits the device
+and, when not, the cheapest change that does. `docs/performance.md` compares estimates with measured peaks.
+
+Why by hand: no library estimates LoRA training memory from a config. accelerate's `estimate-memory` counts
+weights only, while for small models with large vocabularies activations and logits dominate.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune.config import RecipeConfig
+from finetune.errors import FinetuneError
+
+GiB = 1024**3
+
+# Activations kept for backward, in values per token and layer, for Llama-type blocks (RMSNorm, rotary attention
+# through sdpa, gated MLP), measured with saved-tensor hooks on three Llama configurations (hidden 64, 256, 576,
+# LoRA on all linear layers): `_activation_bytes_per_token` matches them within 2%. LoRA dropout keeps a float
+# mask and a dropped copy of each adapted input; this factor, fitted on the same three, scales that term.
+_DROPOUT_COPIES = 1.25
+# GPT-2-type blocks (LayerNorm, fused qkv, 4x MLP, dropout after attention and MLP), measured the same way.
+_GPT2_VALUES_PER_HIDDEN = 33
+_GPT2_DROPOUT_VALUES_PER_HIDDEN = 6.6
+# With attention dropout, sdpa takes its math path and keeps probabilities, dropout mask and dropped
+# probabilities: 12 bytes per head and (query, key) pair (measured on GPT-2).
+_ATTENTION_PROBABILITY_BYTES = 12
+# Resident memory of a process that imported torch, transformers, TRL, peft and datasets and holds a tokenizer
+# and a tokenized dataset (measured on CPU), and the CUDA context plus allocator slack on a GPU.
+_OVERHEAD = {"cpu": 0.6 * GiB, "cuda": 0.8 * GiB}
+# Families whose MLP has two matrices (fc, proj) instead of Llama's three (gate, up, down).
+_TWO_MATRIX_MLP = {"gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "phi", "falcon", "bloom", "starcoder2"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a decoder-only transformer that memory depends on, read from its config."""
+
+    model_type: str
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+    attention_dropout: float
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        try:
+            hidden = int(text.hidden_size)
+            heads = int(text.num_attention_heads)
+            layers = int(text.num_hidden_layers)
+            vocab = int(text.vocab_size)
+        except AttributeError as exc:
+            raise FinetuneError(f"model config ({getattr(text, 'model_type', '?')}): cannot plan memory, {exc}.") from None
+        intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
+        return cls(
+            model_type=str(getattr(text, "model_type", "")),
+            layers=layers,
+            hidden=hidden,
+            intermediate=int(intermediate),
+            heads=heads,
+            kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(text, "head_dim", None) or hidden // heads),
+            vocab=vocab,
+            tied_embeddings=bool(getattr(config, "tie_word_embeddings", getattr(text, "tie_word_embeddings", True))),
+            attention_dropout=float(getattr(text, "attention_dropout", None) or getattr(text, "attn_pdrop", None) or 0.0),
+        )
+
+    @property
+    def gpt2_like(self) -> bool:
+        return self.model_type in _TWO_MATRIX_MLP
+
+    def block_linears(self) -> list[tuple[str, int, int]]:
+        """(module name, in features, out features) of each linear layer in one block."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if self.gpt2_like:
+            return [("c_attn", h, q + 2 * kv), ("c_proj", q, h), ("c_fc", h, i), ("c_proj", i, h)]
+        return [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h),
+                ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of the blocks' linear layers (what 4-bit and 8-bit quantize)."""
+        return self.layers * sum(n_in * n_out for _, n_in, n_out in self.block_linears())
+
+    @property
+    def other_params(self) -> int:
+        """Embeddings, an untied output layer and norms: kept in 16/32 bits even in quantized runs."""
+        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        return embeddings + self.layers * 2 * self.hidden + self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.other_params
+
+    @property
+    def matmul_params(self) -> int:
+        """Parameters that take part in a matmul per token: block linears and the output layer (not the embedding lookup)."""
+        return self.linear_params + self.vocab * self.hidden
+
+
+@dataclass
+class MemoryPlan:
+    """A peak-memory estimate in bytes by part, against what the device has."""
+
+    device: str
+    budget: int | None  # bytes available; None when unknown
+    parts: dict[str, int]
+    details: dict[str, str]
+    settings: dict[str, Any]
+    suggestion: list[str] = field(default_factory=list)  # --set overrides that make it fit
+    suggestion_total: int | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.total <= self.budget
+
+    def summary(self) -> str:
+        available = f" of {gib(self.budget)} available on {self.device}" if self.budget is not None else ""
+        return f"peak ~{gib(self.total)}{available}"
+
+    def lines(self) -> list[str]:
+        width = max(len(name) for name in self.parts)
+        out = [f"{name:<{width}}  {gib(value):>9}  {self.details.get(name, '')}" for name, value in self.parts.items()]
+        out.append(f"{'peak':<{width}}  {gib(self.total):>9}  estimated, batches of {self.settings['tokens']} tokens")
+        if self.budget is None:
+            out.append(f"{self.device}: available memory unknown")
+            return out
+        verdict = "fits" if self.fits else "does NOT fit"
+        out.append(f"{self.device}: {gib(self.budget)} available: {verdict}")
+        if self.suggestion:
+            out.append(f"cheapest change that fits ({gib(self.suggestion_total or 0)}): " + " ".join(f"--set {s}" for s in self.suggestion))
+        elif not self.fits:
+            out.append("no combination of smaller batches, checkpointing, 4-bit and shorter conversations fits this device")
+        return out
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The largest micro-batch: tokens in it, the sum of its conversations' squared lengths, the share carrying loss."""
+
+    tokens: int
+    squared_lengths: int
+    trained_share: float = 1.0
+
+    @classmethod
+    def worst_case(cls, config: RecipeConfig) -> Batch:
+        size, length = config.training.batch_size, config.data.max_length
+        return cls(tokens=size * length, squared_lengths=size * length**2)
+
+    @classmethod
+    def from_data(cls, split: Any, config: RecipeConfig) -> Batch:
+        """The batch of this split's longest conversations (packed: their sum; padded: all as long as the longest)."""
+        size = config.training.batch_size
+        rows = sorted(zip(split["input_ids"], split["labels"]), key=lambda row: len(row[0]), reverse=True)[:size]
+        if not rows:
+            return cls.worst_case(config)
+        lengths = [len(ids) for ids, _ in rows]
+        trained = sum(sum(1 for label in labels if label != -100) for _, labels in rows)
+        tokens = sum(lengths) if config.training.packing else size * lengths[0]
+        return cls(tokens=tokens, squared_lengths=sum(n * n for n in lengths), trained_share=min(1.0, trained / sum(lengths)))
+
+
+def gib(value: float) -> str:
+    return f"{value / GiB:.2f} GiB"
+
+
+def parse_device(device: str | None) -> tuple[str, int | None]:
+    """'cpu', 'cuda' or a size such as '24GB' (a GPU of that size) -> (kind, budget in bytes or None if unknown)."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(GB|GiB|G)\s*", device, flags=re.IGNORECASE)
+    if size:
+        return "cuda", int(float(size.group(1)) * GiB)
+    if device == "cpu":
+        import psutil
+
+        return "cpu", int(psutil.virtual_memory().available)
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            return "cuda", None
+        free, _ = torch.cuda.mem_get_info()
+        return "cuda", int(free)
+    raise FinetuneError(f"--device {device!r}: use cpu, cuda, or a GPU memory size such as 24GB.")
+
+
+def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Batch | None = None) -> tuple[dict[str, int], dict[str, str], dict[str, Any]]:
+    """Peak training memory by part for `config` on a device of kind `device` ('cpu' or 'cuda').
+
+    `batch` is the largest micro-batch; by default the worst case the config allows: `batch_size` conversations
+    of `data.max_length` tokens, every token carrying loss.
+    """
+    model, lora, training = config.model, config.lora, config.training
+    batch = batch or Batch.worst_case(config)
+    compute_bytes = _compute_bytes(model.compute_dtype, device)
+    quantized = model.quantization != "none"
+    tokens, trained_share = batch.tokens, batch.trained_share
+    checkpointing = training.gradient_checkpointing is True
+
+    # Weights. Quantized runs keep embeddings and norms in fp32 (peft's prepare_model_for_kbit_training casts them).
+    if model.quantization == "4bit":
+        linear_bytes = 0.5 + (1 / 64 + 4 / (64 * 256) if model.double_quant else 4 / 64)  # NF4 + blockwise scales
+        weights = shape.linear_params * linear_bytes + shape.other_params * 4
+        weights_detail = f"{shape.linear_params / 1e6:.0f}M NF4 + {shape.other_params / 1e6:.0f}M fp32"
+    elif model.quantization == "8bit":
+        weights = shape.linear_params * 1.0 + shape.other_params * 4
+        weights_detail = f"{shape.linear_params / 1e6:.0f}M int8 + {shape.other_params / 1e6:.0f}M fp32"
+    else:
+        weights = shape.params * compute_bytes
+        weights_detail = f"{shape.params / 1e6:.0f}M x {compute_bytes} bytes"
+
+    # LoRA: r x (in + out) per adapted linear. TRL casts adapters of quantized models to bf16 (QLoRA paper).
+    adapted = [(name, n_in, n_out) for name, n_in, n_out in shape.block_linears() if _adapted(name, lora.target_modules)]
+    lora_params = shape.layers * sum(lora.r * (n_in + n_out) for _, n_in, n_out in adapted)
+    lora_bytes = 2 if quantized else 4
+    optimizer_bytes = {"adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8}.get(training.optimizer, 2 * lora_bytes)
+
+    # Activations kept for backward.
+    per_layer = _activation_bytes_per_token(shape, adapted, lora.r, lora.dropout, compute_bytes)
+    quadratic = 0
+    if shape.attention_dropout > 0:  # sdpa's math path keeps the attention probabilities of each conversation
+        quadratic = batch.squared_lengths * shape.heads * _ATTENTION_PROBABILITY_BYTES
+    if checkpointing:  # each block's input, plus one block recomputed during backward
+        activations = tokens * shape.hidden * compute_bytes * shape.layers + tokens * per_layer + quadratic
+        activations_detail = f"{tokens} tokens, checkpointed: {shape.layers} block inputs + 1 block"
+    else:
+        activations = (tokens * per_layer + quadratic) * shape.layers
+        activations_detail = f"{tokens} tokens x {shape.layers} layers x {per_layer / 1024:.0f} KiB"
+    activations += 3 * tokens * shape.hidden * compute_bytes  # embedding output and final norm
+
+    # Logits: the (positions x vocabulary) output-layer product.
+    if training.skip_untrained_logits:
+        positions = int(tokens * trained_share)
+        # fp32 logits, log-softmax kept for backward, and their gradient (plus the 16-bit head output on GPU)
+        logits = positions * shape.vocab * (12 + (compute_bytes if compute_bytes < 4 else 0))
+        logits_detail = f"{positions} labelled positions x {shape.vocab} vocabulary"
+    elif device == "cuda":  # TRL's tiled log-probabilities: one (4096 x 32768) tile at a time
+        logits = min(int(tokens * trained_share), 4096) * min(shape.vocab, 32768) * max(compute_bytes, 4) * 2
+        logits_detail = "TRL's tiled log-probabilities"
+    else:  # off CUDA TRL tiles every position and keeps ~5 tile-sized temporaries
+        logits = min(tokens, 4096) * min(shape.vocab, 32768) * 4 * 5
+        logits_detail = "TRL's tiled log-probabilities over every position"
+
+    parts = {
+        "overhead": int(_OVERHEAD[device]),
+        "weights": int(weights),
+        "lora": lora_params * lora_bytes,
+        "gradients": lora_params * lora_bytes,
+        "optimizer": lora_params * optimizer_bytes,
+        "activations": int(activations),
+        "logits": int(logits),
+    }
+    details = {
+        "overhead": "framework, tokenizer, data" if device == "cpu" else "CUDA context, allocator slack",
+        "weights": weights_detail,
+        "lora": f"{lora_params / 1e6:.2f}M parameters, r={lora.r}",
+        "gradients": "one per LoRA parameter",
+        "optimizer": f"{training.optimizer}",
+        "activations": activations_detail,
+        "logits": logits_detail,
+    }
+    settings = {"tokens": tokens, "checkpointing": checkpointing, "compute_bytes": compute_bytes}
+    return parts, details, settings
+
+
+def plan(config: RecipeConfig, device: str | None = None, *, shape: ModelShape | None = None, batch: Batch | None = None) -> MemoryPlan:
+    """Estimate `config`'s peak training memory on `device` ('cpu', 'cuda', '24GB'; default: this machine).
+
+    With `gradient_checkpointing: auto` the plan is the one auto picks: without checkpointing if that fits.
+    """
+    kind, budget = parse_device(device)
+    shape = shape or model_shape(config)
+    auto = config.training.gradient_checkpointing == "auto"
+    config = _resolved(config, checkpointing=config.training.gradient_checkpointing is True)
+
+    def total(candidate: RecipeConfig) -> int:
+        same_batches = (candidate.training.batch_size, candidate.data.max_length) == (config.training.batch_size, config.data.max_length)
+        return sum(estimate(shape, candidate, kind, batch=batch if same_batches else None)[0].values())
+
+    if auto and budget is not None and total(config) > budget:
+        config = _resolved(config, checkpointing=True)
+    parts, details, settings = estimate(shape, config, kind, batch=batch)
+    if auto:
+        details["activations"] += " (auto)"
+    result = MemoryPlan(device=device or kind, budget=budget, parts=parts, details=details, settings=settings)
+    if not result.fits:
+        for overrides in _cheaper_configs(config):
+            candidate = _with(config, overrides)
+            if total(candidate) <= budget:
+                result.suggestion, result.suggestion_total = overrides, total(candidate)
+                break
+    return result
+
+
+def needs_checkpointing(config: RecipeConfig, device: str | None = None, *, train: Any = None) -> tuple[bool, MemoryPlan]:
+    """What `gradient_checkpointing: auto` resolves to: True when training only fits with it.
+
+    `train` (a tokenized split with input_ids and labels) replaces the worst case by this data's largest batch.
+    Returns the plan without checkpointing too, for the record.
+    """
+    batch = Batch.from_data(train, config) if train is not None else None
+    without = plan(_resolved(config, checkpointing=False), device, batch=batch)
+    return not without.fits, without
+
+
+def model_shape(config: RecipeConfig) -> ModelShape:
+    """The model's shape from its config.json alone (no weights are loaded)."""
+    from transformers import AutoConfig
+
+    from finetune.models import resolve_source
+
+    source = resolve_source(config.model)
+    try:
+        hf_config = AutoConfig.from_pretrained(source.path, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise FinetuneError(f"model.source `{config.model.source}`: could not read its config ({exc}).") from None
+    return ModelShape.from_config(hf_config)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _compute_bytes(dtype: str, device: str) -> int:
+    if dtype == "auto":
+        return 2 if device == "cuda" else 4
+    return 4 if dtype == "float32" else 2
+
+
+def _adapted(name: str, targets: list[str] | str) -> bool:
+    return targets == "all-linear" or name in targets
+
+
+def _activation_bytes_per_token(shape: ModelShape, adapted: list[tuple[str, int, int]], r: int, dropout: float, value_bytes: int) -> float:
+    """Bytes kept for backward per token in one block (see the constants at the top for how they were measured)."""
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
+    adapted_inputs = sum(n_in for _, n_in, _ in adapted)
+    if shape.gpt2_like:
+        values = _GPT2_VALUES_PER_HIDDEN * h + len(adapted) * r
+        if dropout > 0:
+            values += _GPT2_DROPOUT_VALUES_PER_HIDDEN * h * adapted_inputs / (7 * h)
+        return values * value_bytes
+    # norm inputs and outputs, q/k/v and attention output, gate/up outputs, activation and product, LoRA A outputs
+    values = 4 * i + 6 * h + 2 * kv + len(adapted) * r
+    if dropout > 0:
+        values += _DROPOUT_COPIES * (adapted_inputs + h)
+    return values * value_bytes
+
+
+def _resolved(config: RecipeConfig, *, checkpointing: bool) -> RecipeConfig:
+    return _with(config, [f"training.gradient_checkpointing={str(checkpointing).lower()}"])
+
+
+def _with(config: RecipeConfig, overrides: list[str]) -> RecipeConfig:
+    from finetune.config import apply_overrides
+
+    raw = config.model_dump(mode="json")
+    apply_overrides(raw, overrides)
+    return RecipeConfig.from_dict(raw, source="memory plan")
+
+
+def _cheaper_configs(config: RecipeConfig) -> list[list[str]]:
+    """Changes in order of cost: the same training with smaller micro-batches, then recomputation (~1/3 more
+    compute), then 4-bit base weights (slightly different numerics), then shorter conversations (less data)."""
+    training = config.training
+    options: list[list[str]] = []
+    batch, accumulation = training.batch_size, training.gradient_accumulation_steps
+    smaller_batches = []
+    while batch > 1:
+        batch, accumulation = max(1, batch // 2), accumulation * 2
+        smaller_batches.append([f"training.batch_size={batch}", f"training.gradient_accumulation_steps={accumulation}"])
+    options += smaller_batches
+    checkpoint = [] if training.gradient_checkpointing is True else ["training.gradient_checkpointing=true"]
+    if checkpoint:
+        options += [checkpoint] + [checkpoint + b for b in smaller_batches]
+    quantize = [] if config.model.quantization == "4bit" else ["model.quantization=4bit"]
+    if quantize:
+        options += [checkpoint + quantize] + [checkpoint + quantize + b for b in smaller_batches]
+    length = config.data.max_length
+    while length > 256:
+        length //= 2
+        shorter = checkpoint + quantize + [f"data.max_length={length}"]
+        options += [shorter] + [shorter + b for b in smaller_batches]
+    return options
