@@ -26,7 +26,8 @@ from _harness import OFFLINE, PeakMemory, machine, machine_markdown, write  # no
 os.environ.update({k: os.environ.get(k, v) for k, v in OFFLINE.items()})
 ROOT = Path(__file__).resolve().parents[1]
 
-# (label, overrides): SmolLM2-135M-Instruct at 32 and 4 bits, with and without checkpointing and the levers.
+# (label, overrides): SmolLM2-135M-Instruct at 32 and 4 bits, with and without checkpointing and the levers, 1024
+# to 4096 tokens per batch.
 CONFIGS = [
     ("fp32, batch 8 x 256", ["model.quantization=none"]),
     ("4-bit, batch 8 x 256", ["model.quantization=4bit"]),
@@ -34,6 +35,8 @@ CONFIGS = [
     ("fp32, batch 4 x 512, checkpointing", ["model.quantization=none", "training.batch_size=4", "data.max_length=512", "training.gradient_checkpointing=true"]),
     ("4-bit, batch 16 x 128, no LoRA dropout", ["model.quantization=4bit", "training.batch_size=16", "data.max_length=128", "lora.dropout=0"]),
     ("fp32, batch 8 x 256, TRL's loss (levers off)", ["model.quantization=none", "training.skip_untrained_logits=false", "training.packing=false"]),
+    ("4-bit, batch 4 x 256", ["model.quantization=4bit", "training.batch_size=4"]),
+    ("fp32, batch 8 x 512", ["model.quantization=none", "data.max_length=512"]),
 ]
 WORDS = ("river stone light garden winter music paper window bridge forest morning silver market harbour "
          "letter candle mountain village orchard lantern meadow thunder pebble willow compass").split()
@@ -146,14 +149,14 @@ def markdown(payload: dict[str, Any]) -> str:
         "`data.max_length`. Measured: peak resident memory of the training phase (the process's high-water mark, reset",
         "after loading). Command: `python benchmarks/memory_plan.py`.",
         "",
-        "| configuration | tokens per batch | estimate (GiB) | measured (GiB) | error | activations | logits |",
-        "|---|---|---|---|---|---|---|",
+        "| configuration | tokens per batch | estimate (GiB) | measured (GiB) | error | activations | logits | allocator |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in payload["rows"]:
         parts = row["estimate"]
         lines.append(
             f"| {row['label']} | {row['tokens']} | {row['estimate_gib']:.2f} | {row['measured_gib']:.2f} | {row['error']:+.0%} "
-            f"| {parts['activations'] / 1024**3:.2f} | {parts['logits'] / 1024**3:.2f} |"
+            f"| {parts['activations'] / 1024**3:.2f} | {parts['logits'] / 1024**3:.2f} | {parts['allocator'] / 1024**3:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -21,17 +21,23 @@ from finetune.errors import FinetuneError
 
 GiB = 1024**3
 
-# Activations kept for backward, in values per token and layer, for Llama-type blocks (RMSNorm, rotary attention
-# through sdpa, gated MLP), measured with saved-tensor hooks on three Llama configurations (hidden 64, 256, 576,
-# LoRA on all linear layers): `_activation_bytes_per_token` matches them within 2%. LoRA dropout keeps a float
-# mask and a dropped copy of each adapted input; this factor, fitted on the same three, scales that term.
-_DROPOUT_COPIES = 1.25
+# Activations kept for backward, per token and layer, for Llama-type blocks (RMSNorm, rotary attention through
+# sdpa, gated MLP), measured with saved-tensor hooks on three Llama configurations (hidden 64, 256, 576, LoRA on
+# all linear layers): `_activation_bytes_per_token` matches them within 2%. LoRA dropout keeps a mask and a dropped
+# copy of each adapted input: bytes per adapted input value, fitted on the same three, for fp32 adapters and for
+# the bf16 adapters TRL gives quantized models (the input is cast to bf16 before the dropout).
+_DROPOUT_BYTES = {4: 5.0, 2: 1.8}
 # GPT-2-type blocks (LayerNorm, fused qkv, 4x MLP, dropout after attention and MLP), measured the same way.
 _GPT2_VALUES_PER_HIDDEN = 33
 _GPT2_DROPOUT_VALUES_PER_HIDDEN = 6.6
 # With attention dropout, sdpa takes its math path and keeps probabilities, dropout mask and dropped
 # probabilities: 12 bytes per head and (query, key) pair (measured on GPT-2).
 _ATTENTION_PROBABILITY_BYTES = 12
+# On CPU, glibc keeps freed blocks for reuse: the gradients flowing back through each block interleave with the
+# activations still kept, and the heap ends up larger than the live tensors by about half the activations a step
+# would keep without checkpointing (fitted on six SmolLM2 configurations; with MALLOC_MMAP_THRESHOLD_=1048576,
+# which returns big blocks at once but costs ~30% time, the measured peak is the live estimate within 5%).
+_CPU_HEAP_RETENTION = 0.5
 # Resident memory of a process that imported torch, transformers, TRL, peft and datasets and holds a tokenizer
 # and a tokenized dataset (measured on CPU), and the CUDA context plus allocator slack on a GPU.
 _OVERHEAD = {"cpu": 0.6 * GiB, "cuda": 0.8 * GiB}
@@ -234,7 +240,7 @@ def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Bat
     optimizer_bytes = {"adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8}.get(training.optimizer, 2 * lora_bytes)
 
     # Activations kept for backward.
-    per_layer = _activation_bytes_per_token(shape, adapted, lora.r, lora.dropout, compute_bytes)
+    per_layer = _activation_bytes_per_token(shape, adapted, lora.r, lora.dropout, compute_bytes, lora_bytes)
     quadratic = 0
     if shape.attention_dropout > 0:  # sdpa's math path keeps the attention probabilities of each conversation
         quadratic = batch.squared_lengths * shape.heads * _ATTENTION_PROBABILITY_BYTES
@@ -259,6 +265,7 @@ def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Bat
         logits = min(tokens, 4096) * min(shape.vocab, 32768) * 4 * 5
         logits_detail = "TRL's tiled log-probabilities over every position"
 
+    retained = _CPU_HEAP_RETENTION * tokens * per_layer * shape.layers if device == "cpu" else 0
     parts = {
         "overhead": int(_OVERHEAD[device]),
         "weights": int(weights),
@@ -267,6 +274,7 @@ def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Bat
         "optimizer": lora_params * optimizer_bytes,
         "activations": int(activations),
         "logits": int(logits),
+        "allocator": int(retained),
     }
     details = {
         "overhead": "framework, tokenizer, data" if device == "cpu" else "CUDA context, allocator slack",
@@ -276,6 +284,7 @@ def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Bat
         "optimizer": f"{training.optimizer}",
         "activations": activations_detail,
         "logits": logits_detail,
+        "allocator": "freed blocks glibc keeps for reuse" if device == "cpu" else "in overhead",
     }
     settings = {"tokens": tokens, "checkpointing": checkpointing, "compute_bytes": compute_bytes}
     return parts, details, settings
@@ -348,7 +357,9 @@ def _adapted(name: str, targets: list[str] | str) -> bool:
     return targets == "all-linear" or name in targets
 
 
-def _activation_bytes_per_token(shape: ModelShape, adapted: list[tuple[str, int, int]], r: int, dropout: float, value_bytes: int) -> float:
+def _activation_bytes_per_token(
+    shape: ModelShape, adapted: list[tuple[str, int, int]], r: int, dropout: float, value_bytes: int, lora_bytes: int
+) -> float:
     """Bytes kept for backward per token in one block (see the constants at the top for how they were measured)."""
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
     adapted_inputs = sum(n_in for _, n_in, _ in adapted)
@@ -359,9 +370,8 @@ def _activation_bytes_per_token(shape: ModelShape, adapted: list[tuple[str, int,
         return values * value_bytes
     # norm inputs and outputs, q/k/v and attention output, gate/up outputs, activation and product, LoRA A outputs
     values = 4 * i + 6 * h + 2 * kv + len(adapted) * r
-    if dropout > 0:
-        values += _DROPOUT_COPIES * (adapted_inputs + h)
-    return values * value_bytes
+    dropped = _DROPOUT_BYTES[lora_bytes] * (adapted_inputs + h) if dropout > 0 else 0
+    return values * value_bytes + dropped
 
 
 def _resolved(config: RecipeConfig, *, checkpointing: bool) -> RecipeConfig:
