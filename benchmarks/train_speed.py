@@ -129,6 +129,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         splits = data.prepare_data(config.data, tokenizer).splits
         trainer = baseline_trainer(config, splits["train"], run_dir, on_cuda)
         model = trainer.model
+        # The harness scores (a) before training, in eval mode; without this, bitsandbytes would repack its 4-bit
+        # weights for an inference kernel with no backward (see finetune.models.disable_4bit_cpu_repacking) and the
+        # baseline would train broken. A script that never evaluates before training does not need it.
+        models.disable_4bit_cpu_repacking(model)
         checkpointing = bool(trainer.args.gradient_checkpointing)
     validation = splits["validation"]
     counter = CountingCollator(trainer.data_collator, splits["train"])

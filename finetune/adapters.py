@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
 from finetune.config import LoraConfig
@@ -45,5 +47,58 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointi
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, peft_config(cfg))
+    if cfg.fast_dropout:
+        use_fast_cpu_dropout(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()
     return peft_model, TrainableParameters(trainable=trainable, total=total)
+
+
+# ---------------------------------------------------------------- speed: cheaper dropout masks on CPU
+
+
+class FastCPUDropout(torch.nn.Dropout):
+    """LoRA's input dropout, with masks drawn 16 random bits per element from 64-bit random words on CPU.
+
+    On CPU, torch's dropout draws one Bernoulli sample per element, which made LoRA dropout 14-16% of a SmolLM2-135M
+    training step (profiled, 2 cores): 210 masks per step over every adapted layer's input. Four 16-bit draws per
+    random word make a mask ~3x cheaper. Each element is dropped with probability round(p * 32768) / 32768 (p to
+    within 1.6e-5), independently, from torch's seeded generator, so runs stay reproducible and resumable. GPUs,
+    evaluation and p = 0 use torch's dropout unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        return _MaskedScale.apply(x, _cpu_keep_mask(x, self.p), 1.0 / (1.0 - self.p))
+
+
+def _cpu_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    count = x.numel()
+    words = torch.empty((count + 3) // 4, dtype=torch.int64).random_()
+    # random_() fills an int64 with [0, 2**63): every 16-bit quarter has 15 uniform low bits.
+    draws = words.view(torch.int16)[:count].view(x.shape) & 0x7FFF
+    return draws >= round(p * 32768)
+
+
+class _MaskedScale(torch.autograd.Function):
+    """x * keep * scale, saving only the boolean mask for backward (as torch's dropout does)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * keep * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad * keep * ctx.scale, None, None
+
+
+def use_fast_cpu_dropout(model: PeftModel) -> None:
+    """Replace peft's LoRA dropout modules by FastCPUDropout of the same probability."""
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, dropout in module.lora_dropout.items():
+                if type(dropout) is torch.nn.Dropout:
+                    module.lora_dropout[name] = FastCPUDropout(dropout.p)

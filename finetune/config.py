@@ -55,6 +55,11 @@ class LoraConfig(_Section):
         None, gt=0, description="LoRA alpha; default 2 x r, so changing r keeps the update scale (alpha/r) at 2."
     )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    fast_dropout: bool = Field(
+        True,
+        description="On CPU, draw LoRA dropout masks 16 random bits per element from 64-bit random words: ~3x cheaper "
+        "than torch's per-element Bernoulli draws, same probability to within 1.6e-5. GPUs always use torch's dropout.",
+    )
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt, or 'all-linear' (every linear layer except the output head)."
     )

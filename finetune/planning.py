@@ -24,9 +24,9 @@ GiB = 1024**3
 # Activations kept for backward, per token and layer, for Llama-type blocks (RMSNorm, rotary attention through
 # sdpa, gated MLP), measured with saved-tensor hooks on three Llama configurations (hidden 64, 256, 576, LoRA on
 # all linear layers): `_activation_bytes_per_token` matches them within 2%. LoRA dropout keeps a mask and a dropped
-# copy of each adapted input: bytes per adapted input value, fitted on the same three, for fp32 adapters and for
-# the bf16 adapters TRL gives quantized models (the input is cast to bf16 before the dropout).
-_DROPOUT_BYTES = {4: 5.0, 2: 1.8}
+# copy of each adapted input: bytes per adapted input value, fitted on the same three (adapters are float32, see
+# finetune.training._SFTTrainer, so the input is cast to float32 before the dropout).
+_DROPOUT_BYTES = 5.0
 # GPT-2-type blocks (LayerNorm, fused qkv, 4x MLP, dropout after attention and MLP), measured the same way.
 _GPT2_VALUES_PER_HIDDEN = 33
 _GPT2_DROPOUT_VALUES_PER_HIDDEN = 6.6
@@ -217,7 +217,6 @@ def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Bat
     model, lora, training = config.model, config.lora, config.training
     batch = batch or Batch.worst_case(config)
     compute_bytes = _compute_bytes(model.compute_dtype, device)
-    quantized = model.quantization != "none"
     tokens, trained_share = batch.tokens, batch.trained_share
     checkpointing = training.gradient_checkpointing is True
 
@@ -233,14 +232,14 @@ def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Bat
         weights = shape.params * compute_bytes
         weights_detail = f"{shape.params / 1e6:.0f}M x {compute_bytes} bytes"
 
-    # LoRA: r x (in + out) per adapted linear. TRL casts adapters of quantized models to bf16 (QLoRA paper).
+    # LoRA: r x (in + out) per adapted linear, in float32 whatever the base (peft's default, kept by our trainer).
     adapted = [(name, n_in, n_out) for name, n_in, n_out in shape.block_linears() if _adapted(name, lora.target_modules)]
     lora_params = shape.layers * sum(lora.r * (n_in + n_out) for _, n_in, n_out in adapted)
-    lora_bytes = 2 if quantized else 4
+    lora_bytes = 4
     optimizer_bytes = {"adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8}.get(training.optimizer, 2 * lora_bytes)
 
     # Activations kept for backward.
-    per_layer = _activation_bytes_per_token(shape, adapted, lora.r, lora.dropout, compute_bytes, lora_bytes)
+    per_layer = _activation_bytes_per_token(shape, adapted, lora.r, lora.dropout, compute_bytes)
     quadratic = 0
     if shape.attention_dropout > 0:  # sdpa's math path keeps the attention probabilities of each conversation
         quadratic = batch.squared_lengths * shape.heads * _ATTENTION_PROBABILITY_BYTES
@@ -358,7 +357,7 @@ def _adapted(name: str, targets: list[str] | str) -> bool:
 
 
 def _activation_bytes_per_token(
-    shape: ModelShape, adapted: list[tuple[str, int, int]], r: int, dropout: float, value_bytes: int, lora_bytes: int
+    shape: ModelShape, adapted: list[tuple[str, int, int]], r: int, dropout: float, value_bytes: int
 ) -> float:
     """Bytes kept for backward per token in one block (see the constants at the top for how they were measured)."""
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
@@ -370,7 +369,7 @@ def _activation_bytes_per_token(
         return values * value_bytes
     # norm inputs and outputs, q/k/v and attention output, gate/up outputs, activation and product, LoRA A outputs
     values = 4 * i + 6 * h + 2 * kv + len(adapted) * r
-    dropped = _DROPOUT_BYTES[lora_bytes] * (adapted_inputs + h) if dropout > 0 else 0
+    dropped = _DROPOUT_BYTES * (adapted_inputs + h) if dropout > 0 else 0
     return values * value_bytes + dropped
 
 

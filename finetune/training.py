@@ -129,7 +129,7 @@ def build_trainer(
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     if cfg.packing:
         use_packed_attention(model)
-    trainer_class = _TrainedLogitsSFTTrainer if cfg.skip_untrained_logits else _ResumableSFTTrainer
+    trainer_class = _TrainedLogitsSFTTrainer if cfg.skip_untrained_logits else _SFTTrainer
     return trainer_class(
         model=model,
         args=args,
@@ -183,7 +183,23 @@ class _EpochSeededLengthSampler(LengthGroupedSampler):
         self.generator.manual_seed(self.seed + epoch)
 
 
-class _ResumableSFTTrainer(SFTTrainer):
+class _SFTTrainer(SFTTrainer):
+    """SFTTrainer with float32 adapter weights and a data order a resumed run can reproduce."""
+
+    def __init__(self, model: PeftModel, *args: Any, **kwargs: Any) -> None:
+        # TRL casts the adapters of a quantized model to bf16 (after the QLoRA paper), so AdamW then updates bf16
+        # weights: a step smaller than half a bf16 spacing (2^-9 relative) rounds away, which late in a decaying
+        # schedule is most of them (TRL already exempts DoRA magnitudes for this reason, trl#7268). peft's own default
+        # keeps adapters in float32 and casts their inputs; we put that back, at the same initial values. It costs
+        # 8 bytes per adapter weight (weight and optimizer state), and on CPU it also saves the casts to and from
+        # bf16 in every adapted layer. Measured on SmolLM2-135M in 4-bit: held-out loss after 4 steps 3.820 with
+        # float32 adapters, 3.823 with bf16 ones.
+        adapter_weights = {name: param.data for name, param in model.named_parameters() if param.requires_grad}
+        super().__init__(model, *args, **kwargs)
+        for name, param in self.model.named_parameters():
+            if name in adapter_weights and param.dtype != adapter_weights[name].dtype:
+                param.data = adapter_weights[name]
+
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:
@@ -423,7 +439,7 @@ def trained_logits_loss(model: torch.nn.Module, inputs: dict[str, Any], num_item
     return total / torch.as_tensor(denominator, device=total.device).clamp(min=1), logits, targets
 
 
-class _TrainedLogitsSFTTrainer(_ResumableSFTTrainer):
+class _TrainedLogitsSFTTrainer(_SFTTrainer):
     """SFTTrainer whose loss projects through the output layer only at positions that carry loss.
 
     TRL's loss projects every position onto the vocabulary (in tiles; off CUDA it also recomputes them in

@@ -30,3 +30,41 @@ def test_gpt2_conv1d_and_quantized_bases(tiny_gpt2_dir, tiny_llama_dir):
     quantized = load_model(ModelConfig(source=str(tiny_llama_dir), quantization="4bit"))
     peft_q, params = attach_lora(quantized, LoraConfig(r=4), gradient_checkpointing=False)
     assert params.trainable > 0
+
+
+def test_fast_cpu_dropout_drops_at_the_rate_and_masks_the_gradient():
+    import torch
+
+    from finetune.adapters import FastCPUDropout
+
+    torch.manual_seed(0)
+    dropout = FastCPUDropout(0.1)
+    x = torch.randn(2000, 500, requires_grad=True)
+    y = dropout(x)
+    dropped = y == 0
+    # 1e6 draws: the standard error of the rate is 3e-4
+    assert dropped.float().mean().item() == pytest.approx(0.1, abs=2e-3)
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.9)
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, dropped) and torch.allclose(x.grad[~dropped], torch.tensor(1 / 0.9))
+    # neighbouring elements (quarters of one random word) are independent
+    flat = dropped.flatten().float()
+    assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1].item()) < 5e-3
+    torch.manual_seed(1)
+    first = FastCPUDropout(0.1)(x)
+    torch.manual_seed(1)
+    assert torch.equal(first, FastCPUDropout(0.1)(x))  # seeded by torch's generator
+    assert torch.equal(FastCPUDropout(0.1).eval()(x), x)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_fast_dropout_switch(tiny_llama_dir, fast):
+    import torch
+
+    from finetune.adapters import FastCPUDropout
+
+    model = load_model(ModelConfig(source=str(tiny_llama_dir), quantization="none"))
+    peft_model, _ = attach_lora(model, LoraConfig(r=4, dropout=0.05, fast_dropout=fast), gradient_checkpointing=False)
+    dropouts = [m for m in peft_model.modules() if isinstance(m, torch.nn.Dropout) and m.p == 0.05]
+    assert len(dropouts) == 2 * 7
+    assert all(isinstance(m, FastCPUDropout) == fast for m in dropouts)

@@ -67,3 +67,35 @@ def test_quantization_modes(tiny_llama_dir, quantization, layer_type):
     assert torch.isfinite(logits).all()
     full = load_model(ModelConfig(source=str(tiny_llama_dir), quantization=quantization), quantized=False)
     assert type(full.model.layers[0].self_attn.q_proj).__name__ == "Linear" and full.dtype == torch.float32
+
+
+def test_4bit_weights_still_pass_gradients_after_an_evaluation(tiny_llama_dir):
+    """bitsandbytes repacks 4-bit weights for a CPU inference kernel without backward on their first no-grad eval
+    forward (on AVX512-BF16 CPUs); load_model turns that off, so a model scored before training trains the same."""
+    from bitsandbytes.nn import Linear4bit
+
+    from finetune.adapters import attach_lora
+    from finetune.config import LoraConfig
+
+    ids = torch.tensor([[5, 17, 300, 42, 9, 1000, 7, 64]])
+
+    def first_layer_lora_gradients(evaluate_first: bool) -> list[torch.Tensor]:
+        model = load_model(ModelConfig(source=str(tiny_llama_dir), quantization="4bit"))
+        assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, Linear4bit))
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        torch.manual_seed(0)
+        model, _ = attach_lora(model, LoraConfig(r=4, dropout=0.0), gradient_checkpointing=False)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero, which would leave every gradient but B's at zero
+                torch.nn.init.normal_(param, std=0.1)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad for n, p in model.named_parameters() if "layers.0." in n and "lora_A" in n]
+
+    fresh, evaluated = first_layer_lora_gradients(False), first_layer_lora_gradients(True)
+    assert fresh and all(g.abs().sum() > 0 for g in fresh)
+    for a, b in zip(fresh, evaluated):
+        torch.testing.assert_close(a, b)

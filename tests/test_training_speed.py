@@ -122,3 +122,21 @@ def test_trainer_levers_leave_the_training_loss_unchanged(tiny_llama_dir, rows, 
         losses[levers] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses[True]) == 2
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)
+
+
+def test_adapters_of_a_quantized_model_train_in_float32(tiny_llama_dir, rows, tmp_path):
+    """TRL casts a quantized model's adapters to bf16, where small AdamW updates round away; ours stay float32,
+    at their initial values, and change in training."""
+    from finetune.config import ModelConfig
+    from finetune.models import load_model
+
+    model = load_model(ModelConfig(source=str(tiny_llama_dir), quantization="4bit"))
+    model, _ = adapters.attach_lora(model, LoraConfig(r=4), gradient_checkpointing=False)
+    initial = {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
+    cfg = TrainingConfig(max_steps=2, batch_size=2, learning_rate=1e-3, logging_steps=1, warmup_ratio=0)
+    trainer = training.build_trainer(model, None, DatasetDict({"train": Dataset.from_list(rows)}), cfg, tmp_path, dtype=torch.float32)
+    trained = {name: param for name, param in trainer.model.named_parameters() if param.requires_grad}
+    assert trained.keys() == initial.keys() and all(p.dtype == torch.float32 for p in trained.values())
+    assert all(torch.equal(trained[name], initial[name]) for name in initial)
+    trainer.train()
+    assert all(not torch.equal(trained[name], initial[name]) for name in initial)  # B first, then A
