@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browsers quickstart test clean
+.PHONY: install browsers quickstart test benchmark clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ browsers:
 
 test: $(STAMP) browsers
 	$(BIN)/python -m pytest -q --durations=10
+
+# Speed and memory against a plain TRL script, batched evaluation, planner vs measured (~30 min on 2 cores; run on a
+# quiet machine). Tables land in benchmarks/results/.
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/train_speed.py
+	$(BIN)/python benchmarks/eval_speed.py
+	$(BIN)/python benchmarks/memory_plan.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -26,11 +26,12 @@ from _harness import OFFLINE, PeakMemory, machine, machine_markdown, write  # no
 os.environ.update({k: os.environ.get(k, v) for k, v in OFFLINE.items()})
 ROOT = Path(__file__).resolve().parents[1]
 
-# (label, overrides): SmolLM2-135M-Instruct at 32 and 4 bits, with and without checkpointing and the levers, 1024
-# to 4096 tokens per batch.
+# (label, overrides): SmolLM2-135M-Instruct at 32 and 4 bits, with and without checkpointing, LoRA dropout and the
+# levers, 1024 to 4096 tokens per batch.
 CONFIGS = [
     ("fp32, batch 8 x 256", ["model.quantization=none"]),
     ("4-bit, batch 8 x 256", ["model.quantization=4bit"]),
+    ("4-bit, batch 8 x 256, no LoRA dropout", ["model.quantization=4bit", "lora.dropout=0"]),
     ("4-bit, batch 4 x 512", ["model.quantization=4bit", "training.batch_size=4", "data.max_length=512"]),
     ("fp32, batch 4 x 512, checkpointing", ["model.quantization=none", "training.batch_size=4", "data.max_length=512", "training.gradient_checkpointing=true"]),
     ("4-bit, batch 16 x 128, no LoRA dropout", ["model.quantization=4bit", "training.batch_size=16", "data.max_length=128", "lora.dropout=0"]),

@@ -23,10 +23,10 @@ GiB = 1024**3
 
 # Activations kept for backward, per token and layer, for Llama-type blocks (RMSNorm, rotary attention through
 # sdpa, gated MLP), measured with saved-tensor hooks on three Llama configurations (hidden 64, 256, 576, LoRA on
-# all linear layers): `_activation_bytes_per_token` matches them within 2%. LoRA dropout keeps a mask and a dropped
-# copy of each adapted input: bytes per adapted input value, fitted on the same three (adapters are float32, see
-# finetune.training._SFTTrainer, so the input is cast to float32 before the dropout).
-_DROPOUT_BYTES = 5.0
+# all linear layers): `_activation_bytes_per_token` matches them within 2%. LoRA dropout keeps a 1-byte mask and a
+# dropped float32 copy of each adapted input (adapters are float32, see finetune.training._SFTTrainer): 5 bytes per
+# adapted input value while they live (CUDA).
+_DROPOUT_BYTES = {"cuda": 5.0, "cpu": 2.9}
 # GPT-2-type blocks (LayerNorm, fused qkv, 4x MLP, dropout after attention and MLP), measured the same way.
 _GPT2_VALUES_PER_HIDDEN = 33
 _GPT2_DROPOUT_VALUES_PER_HIDDEN = 6.6
@@ -34,10 +34,12 @@ _GPT2_DROPOUT_VALUES_PER_HIDDEN = 6.6
 # probabilities: 12 bytes per head and (query, key) pair (measured on GPT-2).
 _ATTENTION_PROBABILITY_BYTES = 12
 # On CPU, glibc keeps freed blocks for reuse: the gradients flowing back through each block interleave with the
-# activations still kept, and the heap ends up larger than the live tensors by about half the activations a step
-# would keep without checkpointing (fitted on six SmolLM2 configurations; with MALLOC_MMAP_THRESHOLD_=1048576,
-# which returns big blocks at once but costs ~30% time, the measured peak is the live estimate within 5%).
-_CPU_HEAP_RETENTION = 0.5
+# activations still kept, so the resident peak exceeds the live tensors by about 1.17x the dropout-free activations
+# a step would keep without checkpointing, while the dropout masks and copies, which reuse such blocks, add only
+# ~2.9 bytes per value instead of 5 (both fitted on nine SmolLM2 configurations with and without dropout and
+# checkpointing, benchmarks/results/memory_plan.md; MALLOC_MMAP_THRESHOLD_=1048576 returns big blocks at once and
+# brings the peak close to the live estimate, but costs ~30% time).
+_CPU_HEAP_RETENTION = 1.17
 # Resident memory of a process that imported torch, transformers, TRL, peft and datasets and holds a tokenizer
 # and a tokenized dataset (measured on CPU), and the CUDA context plus allocator slack on a GPU.
 _OVERHEAD = {"cpu": 0.6 * GiB, "cuda": 0.8 * GiB}
@@ -239,7 +241,7 @@ def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Bat
     optimizer_bytes = {"adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8}.get(training.optimizer, 2 * lora_bytes)
 
     # Activations kept for backward.
-    per_layer = _activation_bytes_per_token(shape, adapted, lora.r, lora.dropout, compute_bytes)
+    per_layer = _activation_bytes_per_token(shape, adapted, lora.r, lora.dropout, compute_bytes, _DROPOUT_BYTES[device])
     quadratic = 0
     if shape.attention_dropout > 0:  # sdpa's math path keeps the attention probabilities of each conversation
         quadratic = batch.squared_lengths * shape.heads * _ATTENTION_PROBABILITY_BYTES
@@ -264,7 +266,11 @@ def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Bat
         logits = min(tokens, 4096) * min(shape.vocab, 32768) * 4 * 5
         logits_detail = "TRL's tiled log-probabilities over every position"
 
-    retained = _CPU_HEAP_RETENTION * tokens * per_layer * shape.layers if device == "cpu" else 0
+    if device == "cpu":
+        without_dropout = _activation_bytes_per_token(shape, adapted, lora.r, 0.0, compute_bytes, 0.0)
+        retained = _CPU_HEAP_RETENTION * tokens * without_dropout * shape.layers
+    else:
+        retained = 0
     parts = {
         "overhead": int(_OVERHEAD[device]),
         "weights": int(weights),
@@ -357,7 +363,7 @@ def _adapted(name: str, targets: list[str] | str) -> bool:
 
 
 def _activation_bytes_per_token(
-    shape: ModelShape, adapted: list[tuple[str, int, int]], r: int, dropout: float, value_bytes: int
+    shape: ModelShape, adapted: list[tuple[str, int, int]], r: int, dropout: float, value_bytes: int, dropout_bytes: float
 ) -> float:
     """Bytes kept for backward per token in one block (see the constants at the top for how they were measured)."""
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim
@@ -369,7 +375,7 @@ def _activation_bytes_per_token(
         return values * value_bytes
     # norm inputs and outputs, q/k/v and attention output, gate/up outputs, activation and product, LoRA A outputs
     values = 4 * i + 6 * h + 2 * kv + len(adapted) * r
-    dropped = _DROPOUT_BYTES * (adapted_inputs + h) if dropout > 0 else 0
+    dropped = dropout_bytes * (adapted_inputs + h) if dropout > 0 else 0
     return values * value_bytes + dropped
 
 
