@@ -47,7 +47,8 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=4, help="Score the validation split every N steps.")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Extra recipe override, e.g. training.packing=false (the baseline reads the same numbers).")
-    parser.add_argument("--name", default="train_speed", help="Results file name under benchmarks/results/.")
+    parser.add_argument("--levers", action="store_true", help="Instead of (a) vs (b): the recipe with all levers on vs each switched off in turn (results: levers.md).")
+    parser.add_argument("--name", help="Results file name under benchmarks/results/ (default: train_speed, or levers).")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -242,11 +243,21 @@ def baseline_trainer(config: Any, train_split: Any, run_dir: Path, on_cuda: bool
 # ---------------------------------------------------------------- parent: runs, ratios, tables
 
 
-def run_child(args: argparse.Namespace, variant: str, quantization: str, argv: list[str]) -> dict[str, Any]:
+# Each lever switched off in turn (--levers), to measure what it is worth on its own against the recipe with all on.
+LEVERS = [
+    ("packing off (padded batches)", ["training.packing=false"]),
+    ("output layer at every position", ["training.skip_untrained_logits=false"]),
+    ("torch's dropout masks", ["lora.fast_dropout=false"]),
+    ("gradient checkpointing on", ["training.gradient_checkpointing=true"]),
+]
+
+
+def run_child(args: argparse.Namespace, variant: str, quantization: str, argv: list[str], overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.json"
-        command = [sys.executable, __file__, *argv, "--quantization", quantization, "--child", variant, "--result", str(result)]
-        print(f"\n=== {variant}, quantization {quantization} ===", flush=True)
+        sets = [item for override in overrides for item in ("--set", override)]
+        command = [sys.executable, __file__, *argv, *sets, "--quantization", quantization, "--child", variant, "--result", str(result)]
+        print(f"\n=== {variant} {' '.join(overrides)}, quantization {quantization} ===", flush=True)
         subprocess.run(command, check=True, cwd=ROOT)
         return json.loads(result.read_text())
 
@@ -353,6 +364,34 @@ def markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def levers_markdown(payload: dict[str, Any]) -> str:
+    settings = payload["settings"]
+    lines = [
+        "# Training speed: each lever switched off in turn",
+        "",
+        machine_markdown(payload["machine"]),
+        f"Measured matmul rate ({payload['matmul_dtype']}, 1024x1024): {payload['matmul_tflops'] * 1000:.0f} GFLOP/s.",
+        "",
+        f"The recipe (b) with every lever on, then with one switched off. Model `{settings['model']}`, LoRA r={settings['lora_r']}, "
+        f"{settings['steps']} steps of {settings['batch_size']} conversations (max {settings['max_length']} tokens). "
+        f"Command: `{payload['command']}`. The last column is what the lever is worth: time with it off / time with all on.",
+    ]
+    for quantization, entry in payload["results"].items():
+        on = entry["all levers on"]
+        lines += [
+            "", f"## quantization: {quantization}", "",
+            "| run | training (s) | processed tokens/s | peak RSS (GiB) | validation loss (end) | padding | time vs all on |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for label, run in entry.items():
+            lines.append(
+                f"| {label} | {run['train_seconds']:.1f} | {run['tokens_per_s']:.1f} | {run['peak_rss_gib']:.2f} | "
+                f"{run['val_loss']:.4f} | {run['padding_share']:.0%} | {run['train_seconds'] / on['train_seconds']:.2f}x |"
+            )
+    lines += ["", "Validation loss: the same held-out replies for every run; dropout masks differ between runs, so it may move a little."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     args = arguments()
     if args.child:
@@ -371,6 +410,12 @@ def main() -> None:
     results: dict[str, Any] = {}
     for quantization in args.quantization:
         entry: dict[str, Any] = {}
+        if args.levers:
+            entry["all levers on"] = summarize(run_child(args, "library", quantization, argv), tflops)
+            for label, overrides in LEVERS:
+                entry[label] = summarize(run_child(args, "library", quantization, argv, tuple(overrides)), tflops)
+            results[quantization] = entry
+            continue
         for variant in args.variants:
             entry[variant] = summarize(run_child(args, variant, quantization, argv), tflops)
         if "baseline" in entry and "library" in entry:
@@ -385,7 +430,8 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("child", "result", "out")},
         "results": results,
     }
-    json_path, md_path = write(args.name, payload, markdown(payload), args.out)
+    name = args.name or ("levers" if args.levers else "train_speed")
+    json_path, md_path = write(name, payload, levers_markdown(payload) if args.levers else markdown(payload), args.out)
     print(md_path.read_text())
     print(f"written: {json_path}, {md_path}")
 
