@@ -321,14 +321,20 @@ RATIO_OF = {"train_seconds": "wall_time", "tokens_per_s": "tokens_per_s", "train
             "assistant_tokens_per_s": "assistant_tokens_per_s", "peak_rss_gib": "peak_memory", "peak_cuda_gib": "peak_memory"}
 
 
-def markdown(payload: dict[str, Any]) -> str:
-    settings = payload["settings"]
-    lines = [
-        "# Training speed: plain TRL script (a) vs finetune recipe (b)",
+def header(payload: dict[str, Any], title: str) -> list[str]:
+    return [
+        f"# {title}",
         "",
         machine_markdown(payload["machine"]),
         f"Measured matmul rate ({payload['matmul_dtype']}, 1024x1024): {payload['matmul_tflops'] * 1000:.0f} GFLOP/s.",
         "",
+    ]
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    settings = payload["settings"]
+    lines = [
+        *header(payload, "Training speed: plain TRL script (a) vs finetune recipe (b)"),
         f"Model `{settings['model']}`, LoRA r={settings['lora_r']} on all linear layers, {settings['steps']} steps of "
         f"{settings['batch_size']} conversations (chatterbot-corpus, max {settings['max_length']} tokens), "
         f"lr {settings['learning_rate']}. Command: `{payload['command']}`.",
@@ -367,11 +373,7 @@ def markdown(payload: dict[str, Any]) -> str:
 def levers_markdown(payload: dict[str, Any]) -> str:
     settings = payload["settings"]
     lines = [
-        "# Training speed: each lever switched off in turn",
-        "",
-        machine_markdown(payload["machine"]),
-        f"Measured matmul rate ({payload['matmul_dtype']}, 1024x1024): {payload['matmul_tflops'] * 1000:.0f} GFLOP/s.",
-        "",
+        *header(payload, "Training speed: each lever switched off in turn"),
         f"The recipe (b) with every lever on, then with one switched off. Model `{settings['model']}`, LoRA r={settings['lora_r']}, "
         f"{settings['steps']} steps of {settings['batch_size']} conversations (max {settings['max_length']} tokens). "
         f"Command: `{payload['command']}`. The last column is what the lever is worth: time with it off / time with all on.",
