@@ -69,7 +69,8 @@ class FastCPUDropout(torch.nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
-        return _MaskedScale.apply(x, _cpu_keep_mask(x, self.p), 1.0 / (1.0 - self.p))
+        # autograd keeps only the boolean mask for backward, as torch's dropout does
+        return x * _cpu_keep_mask(x, self.p) * (1.0 / (1.0 - self.p))
 
 
 def _cpu_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -78,21 +79,6 @@ def _cpu_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     # random_() fills an int64 with [0, 2**63): every 16-bit quarter has 15 uniform low bits.
     draws = words.view(torch.int16)[:count].view(x.shape) & 0x7FFF
     return draws >= round(p * 32768)
-
-
-class _MaskedScale(torch.autograd.Function):
-    """x * keep * scale, saving only the boolean mask for backward (as torch's dropout does)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return x * keep * scale
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return grad * keep * ctx.scale, None, None
 
 
 def use_fast_cpu_dropout(model: PeftModel) -> None:
