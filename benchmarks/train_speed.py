@@ -202,7 +202,7 @@ def baseline_trainer(config: Any, train_split: Any, run_dir: Path, on_cuda: bool
     from transformers import BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    from finetune import models
+    from finetune import model_source, models
 
     dtype = torch.bfloat16 if on_cuda else torch.float32
     init = {"dtype": dtype}
@@ -215,7 +215,7 @@ def baseline_trainer(config: Any, train_split: Any, run_dir: Path, on_cuda: bool
     train = Dataset.from_dict({"messages": train_split["messages"]})
     training = config.training
     return SFTTrainer(
-        model=models.resolve_source(config.model).path,
+        model=models.weights_path(model_source.resolve(config.model)),
         args=SFTConfig(
             output_dir=str(run_dir / "baseline"),
             max_steps=training.max_steps,

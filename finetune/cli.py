@@ -8,7 +8,26 @@ from typing import Annotated, Optional
 
 import typer
 
+from finetune.config import Dtype, MergeStrategy, Quantization
 from finetune.errors import FinetuneError, Interrupted
+
+# Python arguments named in error messages -> this CLI's flags (see finetune.errors.argument).
+FLAGS = {
+    "adapter": "--adapter",
+    "api_key": "--api-key",
+    "device": "--device",
+    "dry_run": "--dry-run",
+    "merged": "--merged",
+    "metric": "--metric",
+    "num_processes": "--num-processes",
+    "out": "--out",
+    "overrides": "--set",
+    "overwrite": "--overwrite",
+    "repo_id": "--repo",
+    "resume": "--resume",
+    "space": "--space",
+    "trials": "--trials",
+}
 
 app = typer.Typer(
     help="Fine-tune a pretrained chat model with LoRA/QLoRA, evaluate it, merge it.",
@@ -74,9 +93,10 @@ def sweep(
 ) -> None:
     """Search hyperparameters with Optuna: short trials, bad ones pruned early; writes a results table, plots and
     best_recipe.yaml. Run it again to continue an interrupted sweep."""
-    from finetune.recipes import ChatSFTRecipe
+    from finetune.config import RecipeConfig
+    from finetune.sweeps import sweep as run_sweep
 
-    ChatSFTRecipe.from_yaml(recipe, list(set_ or [])).sweep(trials, space=space, metric=metric, out=out)
+    run_sweep(RecipeConfig.from_yaml(recipe, list(set_ or [])), trials=trials, space=space, metric=metric, out=out)
 
 
 @app.command()
@@ -113,7 +133,7 @@ def plan(
     from finetune.planning import plan as plan_memory
 
     result = plan_memory(RecipeConfig.from_yaml(recipe, list(set_ or [])), device)
-    for line in result.lines():
+    for line in result.lines(show_change=lambda override: f"--set {override}"):
         typer.echo(line)
     if not result.fits:
         raise typer.Exit(1)
@@ -122,21 +142,15 @@ def plan(
 @app.command()
 def merge(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder (runs/NAME).")],
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    strategy: Annotated[str, typer.Option(help="auto, full_precision or nf4_roundtrip.")] = "auto",
+    dtype: Annotated[Dtype, typer.Option(help="Dtype of the merged weights; auto keeps the base's.")] = "auto",
+    strategy: Annotated[MergeStrategy, typer.Option(help="Base to merge into (docs/merging.md).")] = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN_DIR/merged).")] = None,
 ) -> None:
-    """Merge a run's adapter into a full-precision base, verify the logits, and save a plain transformers folder."""
+    """Merge a run's adapter into a full-precision base, verify the logits, and save a plain transformers folder.
+    Merging into the run's own merged/ refreshes its model cards and run.json."""
     from finetune.recipes import ChatSFTRecipe
 
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise FinetuneError(f"--dtype {dtype!r}: choose auto, float32, bfloat16 or float16.")
-    from finetune import hub
-
     ChatSFTRecipe.from_run_dir(run_dir).merge(strategy=strategy, dtype=dtype, out_dir=out)
-    if out is None:  # the run's own merged/ was replaced: refresh its card and the manifest's hashes
-        hub.write_model_card(run_dir)
-        hub.write_manifest(run_dir)
 
 
 @app.command("eval")
@@ -144,7 +158,7 @@ def eval_(
     model: Annotated[str, typer.Option(help="Model: bundled alias, Hub id, folder (e.g. a run's merged/) or .gguf file.")],
     data: Annotated[Path, typer.Option(help="Conversations to score (.jsonl/.json; any supported row format).")],
     adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter folder to apply (e.g. runs/NAME/adapter).")] = None,
-    quantization: Annotated[str, typer.Option(help="Load the model as none, 8bit or 4bit.")] = "none",
+    quantization: Annotated[Quantization, typer.Option(help="Load the model as none, 8bit or 4bit.")] = "none",
     max_rows: Annotated[int, typer.Option(help="Conversations scored for perplexity.")] = 200,
     generation_rows: Annotated[int, typer.Option(help="Conversations whose last reply is generated and scored.")] = 50,
     max_new_tokens: Annotated[int, typer.Option(help="Longest generated reply.")] = 64,
@@ -199,31 +213,23 @@ def data_inspect(
 
     from finetune import data, models
     from finetune.config import RecipeConfig
+    from finetune.run_folder import RunFolder
 
     overrides = list(set_ or [])
     if target.suffix in (".yaml", ".yml"):
         config = RecipeConfig.from_yaml(target, overrides)
     else:
         config = RecipeConfig.from_dict({"data": {"sources": [{"type": "file", "path": str(target)}]}}, source="finetune data inspect")
-        if overrides:
-            config = RecipeConfig.from_dict(_with_overrides(config, overrides), source="--set")
+        config = config.with_overrides(overrides, source="--set")
     if model:
-        config = RecipeConfig.from_dict(_with_overrides(config, [f"model.source={model}"]), source="--model")
+        config = config.with_overrides({"model.source": model}, source="--model")
     tokenizer = models.load_tokenizer(config.model)
-    inspection = data.inspect_data(config.data, tokenizer, out or config.run_dir / "inspect", show_rows=rows)
+    inspection = data.inspect_data(config.data, tokenizer, out or RunFolder.of(config).inspect, show_rows=rows)
     console = Console()
     inspection.print(console)
     console.print(f"Written: {', '.join(str(path) for path in inspection.files.values())}")
     if any(finding.level == "serious" for finding in inspection.report.findings):
         raise typer.Exit(1)
-
-
-def _with_overrides(config, overrides: list[str]) -> dict:
-    from finetune.config import apply_overrides
-
-    raw = config.model_dump(mode="json")
-    apply_overrides(raw, overrides)
-    return raw
 
 
 _TARGET_HELP = "Run folder (runs/NAME), model folder, .gguf file, bundled alias or Hub id."
@@ -237,7 +243,7 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 256,
     temperature: Annotated[float, typer.Option(min=0, help="Sampling temperature; 0 = greedy, the same reply every time.")] = 0.7,
     top_p: Annotated[float, typer.Option(min=0, max=1, help="Nucleus sampling mass.")] = 0.9,
-    quantization: Annotated[str, typer.Option(help="Load the model as none, 8bit or 4bit.")] = "none",
+    quantization: Annotated[Quantization, typer.Option(help="Load the model as none, 8bit or 4bit.")] = "none",
 ) -> None:
     """Chat in the terminal with the model's own chat template, replies streamed; /reset starts over, /exit quits."""
     from finetune import serving
@@ -263,7 +269,7 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body, in bytes.")] = 1_000_000,
     temperature: Annotated[float, typer.Option(min=0, help="Temperature when a request gives none; 0 = greedy.")] = 0.7,
     top_p: Annotated[float, typer.Option(min=0, max=1, help="top_p when a request gives none.")] = 0.9,
-    quantization: Annotated[str, typer.Option(help="Load the model as none, 8bit or 4bit.")] = "none",
+    quantization: Annotated[Quantization, typer.Option(help="Load the model as none, 8bit or 4bit.")] = "none",
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models) and a web chat page at /."""
     from finetune import serving
@@ -300,10 +306,10 @@ def main() -> None:
     try:
         app()
     except Interrupted as exc:  # a checkpoint was saved; the exit code says which signal, as a shell would
-        typer.secho(f"interrupted: {exc}", fg=typer.colors.YELLOW, err=True)
+        typer.secho(f"interrupted: {exc.render(FLAGS)}", fg=typer.colors.YELLOW, err=True)
         sys.exit(exc.exit_code)
     except FinetuneError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {exc.render(FLAGS)}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.secho("interrupted", fg=typer.colors.RED, err=True)

@@ -9,13 +9,25 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune import atomic
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, argument
+
+
+# Allowed values, each defined once: the fields below use them, and so do the CLI's checks and the stages.
+Quantization = Literal["none", "8bit", "4bit"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+MergeStrategy = Literal["auto", "full_precision", "nf4_roundtrip"]
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The values a Literal type allows, e.g. choices(Quantization) -> ("none", "8bit", "4bit")."""
+    return get_args(literal)
 
 
 class _Section(BaseModel):
@@ -30,10 +42,10 @@ class ModelConfig(_Section):
         description="Bundled alias, Hub id, local folder, or path to a .gguf file.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
-    quantization: Literal["none", "8bit", "4bit"] = Field(
+    quantization: Quantization = Field(
         "4bit", description="Base weights while training: 4bit (NF4, QLoRA), 8bit, or none (full precision)."
     )
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    compute_dtype: Dtype = Field(
         "auto", description="Dtype of activations and unquantized weights; auto = bfloat16 on CUDA, float32 on CPU."
     )
     double_quant: bool = Field(True, description="4-bit only: quantize the quantization constants too (saves ~0.4 bit/param).")
@@ -257,12 +269,12 @@ class EvaluationConfig(_Section):
 class OutputConfig(_Section):
     dir: str = Field("runs/{name}", description="Run folder; {name} is replaced by the recipe name.")
     merge: bool = Field(True, description="Merge the adapter into a full-precision copy of the base and save it.")
-    merge_strategy: Literal["auto", "full_precision", "nf4_roundtrip"] = Field(
+    merge_strategy: MergeStrategy = Field(
         "auto",
         description="Base to merge into: original weights, or the dequantized 4-bit weights the adapter trained on; "
         "auto merges both (4-bit runs) and keeps the one closer to the adapter on held-out perplexity.",
     )
-    merge_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    merge_dtype: Dtype = Field(
         "auto", description="Dtype of the merged model's weights; auto keeps the base checkpoint's dtype."
     )
     overwrite: bool = Field(False, description="Replace an existing run folder.")
@@ -276,7 +288,7 @@ class OutputConfig(_Section):
             raise ValueError("the only placeholder allowed is {name}; write other braces doubled, {{ and }}") from None
         # --overwrite deletes the run folder: it must never be the working directory, a parent of it, or the root.
         if os.path.normpath(folder) in (".", os.sep) or os.path.basename(os.path.normpath(folder)) == "..":
-            raise ValueError(f"{value!r} is not a folder of its own (--overwrite would delete it); use e.g. runs/{{name}}")
+            raise ValueError(f"{value!r} is not a folder of its own (output.overwrite would delete it); use e.g. runs/{{name}}")
         return value
 
 
@@ -319,7 +331,7 @@ class RecipeConfig(_Section):
         atomic.write_text(Path(path), yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> RecipeConfig:
         path = Path(path)
         if not path.is_file():
             raise FinetuneError(f"{path}: recipe file not found. Pass the path of a YAML recipe, e.g. recipes/quickstart.yaml.")
@@ -335,6 +347,12 @@ class RecipeConfig(_Section):
         apply_overrides(raw, overrides)
         return cls.from_dict(raw, source=str(path), key_lines=_key_lines(text))
 
+    def with_overrides(self, overrides: Sequence[str] | Mapping[str, Any], source: str = "overrides") -> RecipeConfig:
+        """A validated copy with dotted keys changed (see `apply_overrides`); this config is left as it was."""
+        raw = self.model_dump(mode="json")
+        apply_overrides(raw, overrides)
+        return RecipeConfig.from_dict(raw, source=source)
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config", key_lines: dict[str, int] | None = None) -> RecipeConfig:
         try:
@@ -343,20 +361,30 @@ class RecipeConfig(_Section):
             raise FinetuneError(_explain(exc, source, key_lines or {})) from None
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
-    """Apply `section.key=value` strings in place; values are parsed as YAML (so 20 is an int, true a bool)."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise FinetuneError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.max_steps=20.")
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str] | Mapping[str, Any]) -> None:
+    """Set dotted keys in a raw (unvalidated) recipe dict, in place: the one way every caller changes a config.
+
+    `overrides` is either `section.key=value` strings, whose values are parsed as YAML (20 is an int, true a bool),
+    or a mapping of dotted keys to values used as they are.
+    """
+    if isinstance(overrides, Mapping):
+        pairs = [(key, value, f"{key}={value!r}") for key, value in overrides.items()]
+    else:
+        pairs = []
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise FinetuneError(f"{argument('overrides', item)}: expected KEY=VALUE, e.g. training.max_steps=20.")
+            pairs.append((key.strip(), _parse_value(value), item))
+    for key, value, item in pairs:
         node = raw
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = key.split(".")
         for part in parents:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise FinetuneError(f"--set {item!r}: `{part}` is a value, not a section.")
+                raise FinetuneError(f"{argument('overrides', item)}: `{part}` is a value, not a section.")
             node = child
-        node[leaf] = _parse_value(value)
+        node[leaf] = value
 
 
 def _parse_value(value: str) -> Any:

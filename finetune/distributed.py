@@ -18,7 +18,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, argument
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -124,12 +124,12 @@ def launch(cli_args: list[str], num_processes: int) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     if num_processes < 2:
-        raise FinetuneError(f"--num-processes {num_processes}: a multi-process run needs at least 2.")
+        raise FinetuneError(f"{argument('num_processes', num_processes)}: a multi-process run needs at least 2.")
     gpus = torch.cuda.device_count()
     if gpus and num_processes > gpus:
         raise FinetuneError(
-            f"--num-processes {num_processes}: this machine has {gpus} GPU(s), and each process needs its own. "
-            f"Use --num-processes {gpus} or fewer (and raise training.gradient_accumulation_steps to keep the global batch)."
+            f"{argument('num_processes', num_processes)}: this machine has {gpus} GPU(s), and each process needs its own. "
+            f"Use {argument('num_processes', gpus)} or fewer (and raise training.gradient_accumulation_steps to keep the global batch)."
         )
     # Every launcher setting is given, so Accelerate has nothing to guess and no saved `accelerate config` applies;
     # port 0 picks a free port, so two runs on one machine do not collide.

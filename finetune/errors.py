@@ -1,4 +1,22 @@
-"""The one exception type users see: what was wrong, where, and how to fix it."""
+"""The one exception type users see: what was wrong, where, and how to fix it.
+
+Stages word their messages in config keys (`output.overwrite: true`) and Python arguments. A Python argument goes
+into a message through `argument(...)`, so the same error reads `resume=True` to a Python caller and `--resume` on
+the command line: only cli.py knows the flags (`FinetuneError.render(flags)`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+_ARGUMENT = re.compile(r"\x00(\w+)\x01(.*?)\x01(.*?)\x00", re.DOTALL)
+
+
+def argument(name: str, value: object = True) -> str:
+    """A Python argument as an error message names it: `name=value` in Python, the CLI's flag on the command line."""
+    shown = value if isinstance(value, (bool, int, float)) else str(value)  # a path reads 'runs/x', not PosixPath(...)
+    return f"\x00{name}\x01{name}={shown!r}\x01{'' if value is True else shown}\x00"
 
 
 class FinetuneError(Exception):
@@ -6,6 +24,20 @@ class FinetuneError(Exception):
 
     The CLI prints these without a traceback; anything else escaping is a bug in `finetune`.
     """
+
+    def __str__(self) -> str:
+        return _ARGUMENT.sub(lambda m: f"`{m[2]}`", super().__str__())
+
+    def render(self, flags: Mapping[str, str]) -> str:
+        """The message with each argument shown as its command-line flag (`flags`: argument name -> flag)."""
+
+        def flag(match: re.Match[str]) -> str:
+            name, python, value = match.groups()
+            if name not in flags:
+                return f"`{python}`"
+            return f"{flags[name]} {value}" if value else flags[name]
+
+        return _ARGUMENT.sub(flag, super().__str__())
 
 
 class Interrupted(FinetuneError):

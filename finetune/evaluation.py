@@ -22,11 +22,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from finetune import atomic, distributed, models
 from finetune.config import DataConfig, EvaluationConfig, ModelConfig
 from finetune.data import IGNORE_INDEX, end_of_turn_ids, prepare_data
-from finetune.errors import FinetuneError
-from finetune.metrics import score_generations
-
-# Metrics where a smaller value is better; every other metric is better when larger.
-LOWER_IS_BETTER = {"perplexity", "perplexity_all_tokens", "loss"}
+from finetune.errors import FinetuneError, argument
+from finetune.metrics import lower_is_better, score_generations
+from finetune.run_folder import RunFolder, is_adapter
 
 
 @torch.inference_mode()
@@ -152,8 +150,8 @@ def evaluate_checkpoint(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: Evalu
 
     tokenizer = models.load_tokenizer(model_cfg)
     if adapter is not None:
-        if not (adapter / "adapter_config.json").is_file():
-            raise FinetuneError(f"--adapter {adapter}: no adapter_config.json there; pass a run's adapter/ folder.")
+        if not is_adapter(adapter):
+            raise FinetuneError(f"{argument('adapter', adapter)}: no adapter_config.json there; pass a run's adapter/ folder.")
         if (adapter / "tokenizer_config.json").is_file():  # the adapter's own tokenizer carries its chat template
             tokenizer = models.load_tokenizer(model_cfg, folder=adapter)
     model = models.load_model(model_cfg)
@@ -173,7 +171,7 @@ def comparison_rows(before: dict[str, float], after: dict[str, float]) -> list[t
         if new == old:
             rows.append((metric, old, new, "unchanged"))
             continue
-        better = (new < old) if metric in LOWER_IS_BETTER else (new > old)
+        better = (new < old) if lower_is_better(metric) else (new > old)
         change = f"{(new - old) / abs(old):+.1%}" if old else f"{new - old:+.4g}"  # no relative change from zero
         rows.append((metric, old, new, f"{change} ({'better' if better else 'worse'})"))
     return rows
@@ -196,9 +194,10 @@ def write_report(
     samples: dict[str, list[dict[str, str]]] | None = None,
 ) -> None:
     """metrics.json, report.md and PNG plots (loss curves, before/after bars) in the run folder."""
+    run = RunFolder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Each file replaces its previous version in one rename: a crash mid-write leaves the last good report.
-    atomic.write_text(run_dir / "metrics.json", json.dumps({**summary, "history": history, "samples": samples or {}}, indent=2))
+    atomic.write_text(run.metrics, json.dumps({**summary, "history": history, "samples": samples or {}}, indent=2))
     before, after = summary.get("metrics_before") or {}, summary.get("metrics_after") or {}
     lines = [f"# Run report: {summary.get('name', run_dir.name)}", ""]
     if before and after:
@@ -213,7 +212,7 @@ def write_report(
         lines += ["![before and after](metrics.png)", ""]
     if samples:
         lines += _samples_markdown(samples)
-    atomic.write_text(run_dir / "report.md", "\n".join(lines))
+    atomic.write_text(run.report, "\n".join(lines))
     _plot(run_dir, history, before, after)
 
 
@@ -234,12 +233,11 @@ def _samples_markdown(samples: dict[str, list[dict[str, str]]], limit: int = 5) 
 
 
 def _plot(run_dir: Path, history: dict[str, list[tuple[int, float]]], before: dict[str, float], after: dict[str, float]) -> None:
-    import matplotlib
+    # matplotlib's object API draws into files without pyplot, so the caller's backend and open figures are untouched.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only; no display on servers
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4))
+    axes = figure.subplots()
     for series, points in history.items():
         if points:
             axes.plot(*zip(*points), marker="o" if len(points) < 20 else None, label=series.replace("_", " "))
@@ -250,13 +248,13 @@ def _plot(run_dir: Path, history: dict[str, list[tuple[int, float]]], before: di
     figure.tight_layout()
     with atomic.replacing_file(run_dir / "loss_curves.png") as partial:
         figure.savefig(partial, dpi=100, format="png")
-    plt.close(figure)
     metrics = [row for row in comparison_rows(before, after)]
     if not metrics:
         return
     columns = min(4, len(metrics))
     rows = math.ceil(len(metrics) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    figure = Figure(figsize=(3 * columns, 3.2 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for ax in axes.flat[len(metrics) :]:
         ax.set_visible(False)
     for ax, (metric, old, new, change) in zip(axes.flat, metrics):
@@ -265,4 +263,3 @@ def _plot(run_dir: Path, history: dict[str, list[tuple[int, float]]], before: di
     figure.tight_layout()
     with atomic.replacing_file(run_dir / "metrics.png") as partial:
         figure.savefig(partial, dpi=100, format="png")
-    plt.close(figure)

@@ -21,12 +21,13 @@ from peft import PeftModel
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune import atomic
-from finetune.config import ModelConfig
-from finetune.errors import FinetuneError
+from finetune.config import MergeStrategy, ModelConfig, choices
+from finetune.errors import FinetuneError, argument
 from finetune.evaluation import perplexity
-from finetune.models import configure_generation, load_model, resolve_source
+from finetune.model_source import resolve
+from finetune.models import configure_generation, load_model, weights_path
 
-STRATEGIES = ("auto", "full_precision", "nf4_roundtrip")
+STRATEGIES = choices(MergeStrategy)
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,7 @@ class MergeReport:
 def _target_dtype(model_cfg: ModelConfig, requested: str) -> torch.dtype:
     if requested != "auto":
         return getattr(torch, requested)
-    source = resolve_source(model_cfg)
-    saved = getattr(AutoConfig.from_pretrained(source.path, revision=model_cfg.revision), "dtype", None)
+    saved = getattr(AutoConfig.from_pretrained(weights_path(resolve(model_cfg)), revision=model_cfg.revision), "dtype", None)
     if isinstance(saved, str):
         saved = getattr(torch, saved, None)
     return saved if isinstance(saved, torch.dtype) else torch.float32
@@ -106,7 +106,7 @@ def merge_adapter(
     `reference_perplexity` is the adapter-on-training-base perplexity on `heldout`, when the caller has it.
     """
     if strategy not in STRATEGIES:
-        raise FinetuneError(f"merge strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}.")
+        raise FinetuneError(f"{argument('strategy', strategy)}: unknown merge strategy; choose one of {', '.join(STRATEGIES)}.")
     if strategy == "nf4_roundtrip" and model_cfg.quantization != "4bit":
         raise FinetuneError("merge strategy nf4_roundtrip only applies to adapters trained on a 4-bit base.")
     candidates = [strategy] if strategy != "auto" else (["full_precision", "nf4_roundtrip"] if model_cfg.quantization == "4bit" else ["full_precision"])

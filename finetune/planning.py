@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from finetune.config import RecipeConfig
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, argument
 
 GiB = 1024**3
 
@@ -128,7 +129,7 @@ class MemoryPlan:
     parts: dict[str, int]
     details: dict[str, str]
     settings: dict[str, Any]
-    suggestion: list[str] = field(default_factory=list)  # --set overrides that make it fit
+    suggestion: list[str] = field(default_factory=list)  # `key=value` overrides that make it fit
     suggestion_total: int | None = None
 
     @property
@@ -143,7 +144,8 @@ class MemoryPlan:
         available = f" of {gib(self.budget)} available on {self.device}" if self.budget is not None else ""
         return f"peak ~{gib(self.total)}{available}"
 
-    def lines(self) -> list[str]:
+    def lines(self, show_change: Callable[[str], str] = str) -> list[str]:
+        """The table a person reads; `show_change` words each suggested `key=value` override (the CLI adds --set)."""
         width = max(len(name) for name in self.parts)
         out = [f"{name:<{width}}  {gib(value):>9}  {self.details.get(name, '')}" for name, value in self.parts.items()]
         out.append(f"{'peak':<{width}}  {gib(self.total):>9}  estimated, batches of {self.settings['tokens']} tokens")
@@ -153,7 +155,7 @@ class MemoryPlan:
         verdict = "fits" if self.fits else "does NOT fit"
         out.append(f"{self.device}: {gib(self.budget)} available: {verdict}")
         if self.suggestion:
-            out.append(f"cheapest change that fits ({gib(self.suggestion_total or 0)}): " + " ".join(f"--set {s}" for s in self.suggestion))
+            out.append(f"cheapest change that fits ({gib(self.suggestion_total or 0)}): " + " ".join(show_change(s) for s in self.suggestion))
         elif not self.fits:
             out.append("no combination of smaller batches, checkpointing, 4-bit and shorter conversations fits this device")
         return out
@@ -207,7 +209,7 @@ def parse_device(device: str | None) -> tuple[str, int | None]:
             return "cuda", None
         free, _ = torch.cuda.mem_get_info()
         return "cuda", int(free)
-    raise FinetuneError(f"--device {device!r}: use cpu, cuda, or a GPU memory size such as 24GB.")
+    raise FinetuneError(f"{argument('device', device)}: use cpu, cuda, or a GPU memory size such as 24GB.")
 
 
 def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Batch | None = None) -> tuple[dict[str, int], dict[str, str], dict[str, Any]]:
@@ -317,7 +319,7 @@ def plan(config: RecipeConfig, device: str | None = None, *, shape: ModelShape |
     result = MemoryPlan(device=device or kind, budget=budget, parts=parts, details=details, settings=settings)
     if not result.fits:
         for overrides in _cheaper_configs(config):
-            candidate = _with(config, overrides)
+            candidate = config.with_overrides(overrides, source="memory plan")
             if total(candidate) <= budget:
                 result.suggestion, result.suggestion_total = overrides, total(candidate)
                 break
@@ -336,14 +338,16 @@ def needs_checkpointing(config: RecipeConfig, device: str | None = None, *, trai
 
 
 def model_shape(config: RecipeConfig) -> ModelShape:
-    """The model's shape from its config.json alone (no weights are loaded)."""
+    """The model's shape from its config.json, or a GGUF file's metadata: no weights are loaded or converted."""
     from transformers import AutoConfig
 
-    from finetune.models import resolve_source
+    from finetune.model_source import resolve
 
-    source = resolve_source(config.model)
+    source = resolve(config.model)
+    folder = source.config_folder
+    where = {"pretrained_model_name_or_path": folder} if folder else {"pretrained_model_name_or_path": source.gguf.parent, "gguf_file": source.gguf.name}
     try:
-        hf_config = AutoConfig.from_pretrained(source.path, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code)
+        hf_config = AutoConfig.from_pretrained(**where, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise FinetuneError(f"model.source `{config.model.source}`: could not read its config ({exc}).") from None
     return ModelShape.from_config(hf_config)
@@ -380,15 +384,7 @@ def _activation_bytes_per_token(
 
 
 def _resolved(config: RecipeConfig, *, checkpointing: bool) -> RecipeConfig:
-    return _with(config, [f"training.gradient_checkpointing={str(checkpointing).lower()}"])
-
-
-def _with(config: RecipeConfig, overrides: list[str]) -> RecipeConfig:
-    from finetune.config import apply_overrides
-
-    raw = config.model_dump(mode="json")
-    apply_overrides(raw, overrides)
-    return RecipeConfig.from_dict(raw, source="memory plan")
+    return config.with_overrides({"training.gradient_checkpointing": checkpointing}, source="memory plan")
 
 
 def _cheaper_configs(config: RecipeConfig) -> list[list[str]]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune import model_source
 from finetune.config import DataSource, ModelConfig, RecipeConfig
 from finetune.errors import FinetuneError
 
@@ -207,18 +208,11 @@ def _gb(size: float) -> str:
 
 
 def model_facts(cfg: ModelConfig) -> ModelFacts:
-    from finetune import models  # lazy: imports torch and transformers
-
-    gguf = models.gguf_file(cfg)
-    if gguf is not None:
-        converted = models.converted_gguf_dir(gguf)
-        if (converted / "config.json").is_file():
-            return _folder_facts(converted)
-        return _gguf_facts(gguf, models.cache_dir())
-    path = Path(cfg.source).expanduser()
-    if (path / "config.json").is_file():
-        return _folder_facts(path)
-    return _hub_facts(cfg)
+    source = model_source.resolve(cfg)
+    if source.kind == "hub":
+        return _hub_facts(cfg)
+    folder = source.config_folder
+    return _folder_facts(Path(folder)) if folder else _gguf_facts(source.gguf, model_source.cache_dir())
 
 
 def _folder_facts(folder: Path) -> ModelFacts:

@@ -12,7 +12,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from rich.console import Console
 
@@ -20,10 +20,8 @@ from transformers import TrainerCallback, set_seed
 
 from finetune import adapters, atomic, data, distributed, evaluation, hub, merging, models, planning, preflight, training
 from finetune.config import RecipeConfig
-from finetune.errors import FinetuneError, Interrupted
-
-if TYPE_CHECKING:
-    from finetune import sweeps
+from finetune.errors import FinetuneError, Interrupted, argument
+from finetune.run_folder import RunFolder
 
 # Settings that may change between an interrupted run and its resume: they do not touch what training computes.
 _RESUME_MAY_CHANGE = ("name", "output.", "evaluation.", "data.num_proc", "training.save_total_limit")
@@ -59,15 +57,17 @@ class ChatSFTRecipe:
             config = RecipeConfig.from_dict(raw, source="ChatSFTRecipe(...)")
         self.config = config
         self.console = Console()
-        self.run_dir = config.run_dir
-        self.adapter_dir = self.run_dir / "adapter"
-        self.merged_dir = self.run_dir / "merged"
+        self.folder = RunFolder.of(config)
         self.merge_report: merging.MergeReport | None = None
         self.metrics_after: dict[str, float] | None = None  # the trained adapter's scores, reused by merge()
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ChatSFTRecipe:
         return cls(RecipeConfig.from_yaml(path, overrides))
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.path
 
     # ------------------------------------------------------------------ stages
 
@@ -129,7 +129,7 @@ class ChatSFTRecipe:
             self.tokenizer,
             self.data.splits,
             self.config.training,
-            self.run_dir / "checkpoints",
+            self.folder.checkpoints,
             dtype=models.compute_dtype(self.config.model),
             callbacks=[stop, self.log, *callbacks],
         )
@@ -156,21 +156,22 @@ class ChatSFTRecipe:
         return distributed.on_main(lambda: self._write_adapter(state_dict))
 
     def _write_adapter(self, state_dict: dict[str, Any] | None) -> Path:
-        with atomic.replacing_dir(self.adapter_dir) as partial:
+        with atomic.replacing_dir(self.folder.adapter) as partial:
             self.model.save_pretrained(partial, state_dict=state_dict)
             self.tokenizer.save_pretrained(partial)
-        return self.adapter_dir
+        return self.folder.adapter
 
     def merge(self, strategy: str | None = None, dtype: str | None = None, out_dir: Path | None = None) -> merging.MergeReport:
-        """Merge the saved adapter into a full-precision base (see `finetune.merging`)."""
+        """Merge the saved adapter into a full-precision base (see `finetune.merging`). Merging a finished run into
+        its own merged/ again also updates its metrics.json, report, model cards and run.json to the new weights."""
         self._release_training_model()
         self._say("Merging the adapter into a full-precision base")
         heldout = self.data.splits[self.heldout_split]
         heldout = heldout.select(range(min(len(heldout), self.config.evaluation.max_rows or len(heldout))))
         report = distributed.on_main(lambda: merging.merge_adapter(
             self.config.model,
-            self.adapter_dir,
-            out_dir or self.merged_dir,
+            self.folder.adapter,
+            out_dir or self.folder.merged,
             self.tokenizer,
             probes=heldout["input_ids"][:4],
             stop_ids=self.stop_ids,
@@ -183,35 +184,28 @@ class ChatSFTRecipe:
         for candidate, value in report.fidelity.items():
             self._say(f"  held-out perplexity, {candidate.replace('_', ' ')}: {value:.4f}")
         self._say(f"  merged ({report.strategy}, {report.dtype}); largest logit difference vs base+adapter: {report.max_logit_diff:.2e}")
+        if out_dir is None and self.folder.is_finished():
+            distributed.on_main(lambda: self._record_merge(report))
         return report
 
     def push(self, repo_id: str, **options: Any) -> hub.PushReport:
         """Publish this run's adapter (or merged model, `merged=True`) to the Hub; see `finetune.hub.push`."""
         return distributed.on_main(lambda: hub.push(self.run_dir, repo_id, **options))
 
-    def sweep(
-        self, trials: int, space: sweeps.SearchSpace | str | Path | None = None, metric: str = "eval_loss", out: str | Path | None = None
-    ) -> sweeps.SweepResult:
-        """Search hyperparameters around this recipe with Optuna; see `finetune.sweeps.sweep`."""
-        from finetune import sweeps  # sweeps builds recipes: imported here, not at the top, to avoid a cycle
-
-        return sweeps.sweep(self.config, trials=trials, space=space, metric=metric, out=out)
-
     @classmethod
     def from_run_dir(cls, run_dir: str | Path) -> ChatSFTRecipe:
         """Reopen a finished run (its recipe.yaml, tokenizer and data splits) to merge or inspect it again."""
-        run_dir = Path(run_dir)
-        if not (run_dir / "recipe.yaml").is_file() or not (run_dir / "adapter" / "adapter_config.json").is_file():
-            raise FinetuneError(f"{run_dir} is not a finished run folder (expected recipe.yaml and adapter/).")
-        recipe = cls.from_yaml(run_dir / "recipe.yaml", [f"output.dir={run_dir}"])
-        recipe.tokenizer = models.load_tokenizer(recipe.config.model, folder=recipe.adapter_dir)
+        folder = RunFolder(Path(run_dir))
+        folder.require_adapter()
+        recipe = cls(folder.read_config({"output.dir": str(folder.path)}))
+        recipe.tokenizer = models.load_tokenizer(recipe.config.model, folder=folder.adapter)
         recipe.stop_ids = data.end_of_turn_ids(recipe.tokenizer)
         recipe.data = data.prepare_data(recipe.config.data, recipe.tokenizer)  # same seed, same splits
         return recipe
 
     def cleanup(self) -> None:
         self._release_training_model()
-        distributed.on_main(lambda: shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True))
+        distributed.on_main(lambda: shutil.rmtree(self.folder.checkpoints, ignore_errors=True))
 
     # ------------------------------------------------------------------ pipeline
 
@@ -230,7 +224,7 @@ class ChatSFTRecipe:
             self._say(evaluation.comparison_table(before.metrics, after.metrics))
         result = RunResult(
             run_dir=self.run_dir,
-            adapter_dir=self.adapter_dir,
+            adapter_dir=self.folder.adapter,
             merged_dir=merge_report.merged_dir if merge_report else None,
             metrics_before=before.metrics if before else None,
             metrics_after=after.metrics,
@@ -248,6 +242,17 @@ class ChatSFTRecipe:
 
     def _write_report(self, result: RunResult, samples: dict[str, list[dict[str, str]]]) -> None:
         evaluation.write_report(self.run_dir, summary=self._summary(result), history=self.history, samples=samples)
+        self._write_card_and_manifest()
+
+    def _record_merge(self, report: merging.MergeReport) -> None:
+        """A finished run merged again: metrics.json, report, cards and run.json describe the new merged/."""
+        summary = self.folder.read_metrics()
+        history, samples = summary.pop("history", {}), summary.pop("samples", {})
+        summary.update(merge_strategy=report.strategy, merge_max_logit_diff=report.max_logit_diff, merge_fidelity=report.fidelity)
+        evaluation.write_report(self.run_dir, summary=summary, history=history, samples=samples)
+        self._write_card_and_manifest()
+
+    def _write_card_and_manifest(self) -> None:
         hub.write_model_card(self.run_dir)
         hub.write_manifest(self.run_dir)
 
@@ -273,8 +278,8 @@ class ChatSFTRecipe:
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             if not self.config.output.overwrite:
                 raise FinetuneError(
-                    f"run folder {self.run_dir} already exists. Choose another `name`, or pass --overwrite "
-                    "(output.overwrite: true) to replace it."
+                    f"run folder {self.run_dir} already exists. Choose another `name`, or set output.overwrite: true "
+                    f"({argument('overwrite')}) to replace it."
                 )
             if not replace:
                 return
@@ -283,31 +288,30 @@ class ChatSFTRecipe:
 
     def _resume_point(self) -> Path | None:
         """Check that this recipe may continue the run in its folder; the newest complete checkpoint, if any."""
-        saved_path = self.run_dir / "recipe.yaml"
+        resume = argument("resume")
+        saved_path = self.folder.recipe
         if not saved_path.is_file():
-            raise FinetuneError(
-                f"--resume: {self.run_dir} holds no run to resume (no recipe.yaml there). Start it without --resume."
-            )
+            raise FinetuneError(f"{resume}: {self.run_dir} holds no run to resume (no recipe.yaml there). Start it without {resume}.")
         saved = RecipeConfig.from_yaml(saved_path)
         changed = _training_differences(saved, self.config)
         if changed:
             raise FinetuneError(
-                f"--resume: this recipe differs from the one that started {self.run_dir}, in settings that change "
+                f"{resume}: this recipe differs from the one that started {self.run_dir}, in settings that change "
                 "what training computes (a resumed run must end exactly where the uninterrupted one would):\n  "
                 + "\n  ".join(changed)
-                + f"\nResume with the run's own recipe (finetune run {saved_path} --resume), or start a new run: "
-                "another `name`, or --overwrite."
+                + f"\nResume with the run's own recipe ({saved_path}), or start a new run: another `name`, or "
+                "output.overwrite: true."
             )
-        found = training.find_checkpoints(self.run_dir / "checkpoints")
+        found = training.find_checkpoints(self.folder.checkpoints)
         for folder in found.incomplete:  # cut short by a crash: never loaded, and in the way of the resumed saves
             self._say(f"  ignoring incomplete checkpoint {folder.name} (the process died while writing it); removed")
             shutil.rmtree(folder)
         if found.latest is not None:
             self._say(f"  resuming from {found.latest} (step {found.step})")
-        elif (self.run_dir / "metrics.json").is_file():
+        elif self.folder.is_finished():
             raise FinetuneError(
-                f"--resume: the run in {self.run_dir} already finished (metrics.json written, checkpoints removed); "
-                "there is nothing to resume. To train it again, pass --overwrite."
+                f"{resume}: the run in {self.run_dir} already finished (metrics.json written, checkpoints removed); "
+                "there is nothing to resume. To train it again, set output.overwrite: true."
             )
         else:
             self._say("  no complete checkpoint yet (the run stopped before its first one): training starts at step 0")
@@ -315,16 +319,16 @@ class ChatSFTRecipe:
 
     def _open_log(self, resume: bool) -> None:
         """recipe.yaml (so a killed run can be resumed) and train_log.jsonl, which a resumed run appends to."""
-        distributed.on_main(lambda: self.config.to_yaml(self.run_dir / "recipe.yaml"))
-        self.log = training.RunLog(self.run_dir / "train_log.jsonl")
+        distributed.on_main(lambda: self.config.to_yaml(self.folder.recipe))
+        self.log = training.RunLog(self.folder.train_log)
         fingerprint = training.data_fingerprint(self.data.splits["train"])
         if resume:
             started = next((e for e in self.log.events() if e["event"] == "start"), None)
             if started is not None and started.get("train_sha256") != fingerprint:
                 raise FinetuneError(
-                    f"--resume: the training data differ from those the run in {self.run_dir} started with (the data "
-                    "files changed since), so resuming would not continue the same run. Restore the data, or start "
-                    "again with --overwrite."
+                    f"{argument('resume')}: the training data differ from those the run in {self.run_dir} started "
+                    "with (the data files changed since), so resuming would not continue the same run. Restore the "
+                    "data, or start again with output.overwrite: true."
                 )
         self.log.event(
             "resume" if resume else "start",
@@ -335,12 +339,11 @@ class ChatSFTRecipe:
 
     def _interrupted(self, received: signal.Signals) -> None:
         step = self.trainer.state.global_step
-        saved = training.find_checkpoints(self.run_dir / "checkpoints").latest
+        saved = training.find_checkpoints(self.folder.checkpoints).latest
         self.log.event("interrupted", signal=received.name, step=step, checkpoint=str(saved))
         raise Interrupted(
             f"{received.name} received: training stopped after step {step} of {self.trainer.state.max_steps} and saved "
-            f"{saved}. Resume with:\n  finetune run {self.run_dir / 'recipe.yaml'} --resume\n"
-            "(in Python: recipe.run(resume=True)).",
+            f"{saved}. Resume it with the run's own recipe, {self.folder.recipe}, and {argument('resume')}.",
             exit_code=128 + received.value,
         )
 

@@ -1,9 +1,8 @@
 """Hyperparameter sweeps: Optuna tries recipe values, each trial a run scored on the validation split.
 
-Entry point: `sweep(config, trials=N, space=..., metric=...)`, also reached as `ChatSFTRecipe.sweep(...)` and
-`finetune sweep RECIPE --trials N`. Each trial is the recipe with sampled values (learning rate, LoRA r/alpha/dropout,
-epochs, weight decay by default; any recipe key through a space file), run without before-scoring, generation
-(unless the metric needs it) or merging. Its validation losses go to a median pruner, which stops a trial that trails
+Entry point: `sweep(config, trials=N, space=..., metric=...)`, also reached as `finetune sweep RECIPE --trials N`.
+Each trial is the recipe with sampled values (learning rate, LoRA r/alpha/dropout, epochs, weight decay by default;
+any recipe key through a space file), run without before-scoring, generation (unless the metric needs it) or merging. Its validation losses go to a median pruner, which stops a trial that trails
 the others at the same point. The score comes from the validation split, never the test split, so the test split
 still gives an unbiased before/after for the final run.
 
@@ -18,6 +17,8 @@ import csv
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from transformers import TrainerCallback
 
+from finetune import evaluation
 from finetune.config import RecipeConfig, _key_lines
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, argument
+from finetune.metrics import GENERATION_SCORES, SCORES, lower_is_better
+from finetune.recipes import ChatSFTRecipe
 
 # The scores a trial can be ranked by: the Trainer's validation loss, and what `evaluation.score` reports.
-GENERATION_METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "token_f1", "exact_match")
-METRICS = ("eval_loss", "perplexity", "perplexity_all_tokens", *GENERATION_METRICS)
-_LOWER_IS_BETTER = ("eval_loss", "perplexity", "perplexity_all_tokens")
+METRICS = tuple(name for name in SCORES if name != "loss")
 
 
 class _Strict(BaseModel):
@@ -92,7 +94,7 @@ class SearchSpace(_Strict):
     def from_yaml(cls, path: str | Path) -> SearchSpace:
         path = Path(path)
         if not path.is_file():
-            raise FinetuneError(f"--space {path}: file not found.")
+            raise FinetuneError(f"{argument('space', path)}: file not found.")
         text = path.read_text()
         try:
             raw = yaml.safe_load(text) or {}
@@ -132,21 +134,9 @@ class SearchSpace(_Strict):
                 if parameter.choices is None and _is_int_field(key):
                     value = int(value)
                 try:
-                    with_values(config, {key: value})
+                    config.with_overrides({key: value}, source="sweep")
                 except FinetuneError as exc:
                     raise FinetuneError(f"{source}: `{key}` = {value!r} makes an invalid recipe:\n{exc}") from None
-
-
-def with_values(config: RecipeConfig, values: dict[str, Any]) -> RecipeConfig:
-    """A copy of `config` with dotted keys (`lora.r`, `name`) set to `values`, validated like a recipe file."""
-    raw = config.model_dump(mode="json")
-    for key, value in values.items():
-        *sections, field = key.split(".")
-        node = raw
-        for section in sections:
-            node = node[section]
-        node[field] = value
-    return RecipeConfig.from_dict(raw, source="sweep")
 
 
 def _is_int_field(key: str) -> bool:
@@ -210,15 +200,15 @@ def sweep(
     from rich.console import Console
 
     if trials < 1:
-        raise FinetuneError(f"--trials {trials}: a sweep needs at least one trial.")
+        raise FinetuneError(f"{argument('trials', trials)}: a sweep needs at least one trial.")
     if metric not in METRICS:
-        raise FinetuneError(f"--metric {metric!r}: choose one of {', '.join(METRICS)}.")
+        raise FinetuneError(f"{argument('metric', metric)}: choose one of {', '.join(METRICS)}.")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise FinetuneError("a sweep runs its trials one after another in one process: start it without `accelerate launch`.")
     if not (config.data.validation_split or config.data.validation_sources):
         raise FinetuneError(
             "a sweep ranks trials on validation data, and this recipe has none: set data.validation_split > 0 "
-            "(e.g. --set data.validation_split=0.1) or data.validation_sources."
+            "(e.g. 0.1) or data.validation_sources."
         )
     source = str(space) if isinstance(space, (str, Path)) else "search space"
     if space is None:
@@ -231,59 +221,55 @@ def sweep(
 
     sweep_dir = Path(out) if out is not None else Path(f"{config.run_dir}-sweep")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    direction = "minimize" if metric in _LOWER_IS_BETTER else "maximize"
+    direction = "minimize" if lower_is_better(metric) else "maximize"
     settings = {"metric": metric, "space": space.model_dump(mode="json"), "recipe": config.model_dump(mode="json")}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial is printed below instead
-    study = optuna.create_study(
-        study_name="sweep",
-        storage=f"sqlite:///{(sweep_dir / 'study.db').resolve()}",
-        load_if_exists=True,
-        direction=direction,
-        sampler=optuna.samplers.TPESampler(seed=config.training.seed),
-        pruner=optuna.pruners.MedianPruner(
-            n_startup_trials=space.pruning.startup_trials, n_warmup_steps=space.pruning.first_validation
+    with _optuna_warnings_only():  # one line per trial is printed below instead of optuna's own log
+        study = optuna.create_study(
+            study_name="sweep",
+            storage=f"sqlite:///{(sweep_dir / 'study.db').resolve()}",
+            load_if_exists=True,
+            direction=direction,
+            sampler=optuna.samplers.TPESampler(seed=config.training.seed),
+            pruner=optuna.pruners.MedianPruner(
+                n_startup_trials=space.pruning.startup_trials, n_warmup_steps=space.pruning.first_validation
+            )
+            if space.pruning.enabled
+            else optuna.pruners.NopPruner(),
         )
-        if space.pruning.enabled
-        else optuna.pruners.NopPruner(),
-    )
-    _check_same_sweep(study, settings, sweep_dir)
-    console = Console()
-    finished = _finished(study)
-    if finished:
-        console.print(f"Continuing the sweep in {sweep_dir}: {len(finished)} of {trials} trials already finished.")
-    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        # Left RUNNING by a process that was killed; nothing else writes to this sweep folder.
-        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
-        console.print(f"Trial {stale.number} was cut off by the interruption: recorded as failed, not counted.")
+        _check_same_sweep(study, settings, sweep_dir)
+        console = Console()
+        finished = _finished(study)
+        if finished:
+            console.print(f"Continuing the sweep in {sweep_dir}: {len(finished)} of {trials} trials already finished.")
+        for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            # Left RUNNING by a process that was killed; nothing else writes to this sweep folder.
+            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+            console.print(f"Trial {stale.number} was cut off by the interruption: recorded as failed, not counted.")
 
-    def objective(trial: optuna.Trial) -> float:
-        values = {}
-        for key, parameter in space.parameters.items():
-            if parameter.choices is not None:
-                values[key] = trial.suggest_categorical(key, parameter.choices)
-            elif _is_int_field(key):
-                values[key] = trial.suggest_int(key, int(parameter.low), int(parameter.high), log=parameter.log)
-            else:
-                values[key] = trial.suggest_float(key, parameter.low, parameter.high, log=parameter.log)
-        shown = ", ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}" for key, value in values.items())
-        console.rule(f"Trial {trial.number}: {shown}")
-        value = _run_trial(config, values, metric, trial, sweep_dir / f"trial-{trial.number:03d}", sign=1.0 if direction == "minimize" else -1.0)
-        console.print(f"Trial {trial.number}: {metric} = {value:.4g}")
-        return value
+        def objective(trial: optuna.Trial) -> float:
+            values = {}
+            for key, parameter in space.parameters.items():
+                if parameter.choices is not None:
+                    values[key] = trial.suggest_categorical(key, parameter.choices)
+                elif _is_int_field(key):
+                    values[key] = trial.suggest_int(key, int(parameter.low), int(parameter.high), log=parameter.log)
+                else:
+                    values[key] = trial.suggest_float(key, parameter.low, parameter.high, log=parameter.log)
+            shown = ", ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}" for key, value in values.items())
+            console.rule(f"Trial {trial.number}: {shown}")
+            value = _run_trial(config, values, metric, trial, sweep_dir / f"trial-{trial.number:03d}", sign=1.0 if direction == "minimize" else -1.0)
+            console.print(f"Trial {trial.number}: {metric} = {value:.4g}")
+            return value
 
-    remaining = trials - len(finished)
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, catch=())
-    return _write_outputs(study, config, metric, sweep_dir, console)
+        remaining = trials - len(finished)
+        if remaining > 0:
+            study.optimize(objective, n_trials=remaining, catch=())
+        return _write_outputs(study, config, metric, sweep_dir, console)
 
 
 def _run_trial(config: RecipeConfig, values: dict[str, Any], metric: str, trial: Any, trial_dir: Path, *, sign: float) -> float:
-    from finetune import evaluation
-    from finetune.recipes import ChatSFTRecipe
-
     # A short run: nothing scored before training, no generation unless the metric needs it, no merge.
-    trial_config = with_values(
-        config,
+    trial_config = config.with_overrides(
         {
             **values,
             "name": f"{config.name}-trial-{trial.number}",
@@ -291,8 +277,9 @@ def _run_trial(config: RecipeConfig, values: dict[str, Any], metric: str, trial:
             "output.overwrite": True,
             "output.merge": False,
             "evaluation.before_and_after": False,
-            "evaluation.generation": metric in GENERATION_METRICS,
+            "evaluation.generation": metric in GENERATION_SCORES,
         },
+        source="sweep",
     )
     recipe = ChatSFTRecipe(trial_config)
     try:
@@ -313,6 +300,19 @@ def _run_trial(config: RecipeConfig, values: dict[str, Any], metric: str, trial:
         shutil.rmtree(trial_dir, ignore_errors=True)  # the trial's value lives in the study; its weights are not kept
 
 
+@contextmanager
+def _optuna_warnings_only() -> Iterator[None]:
+    """Optuna's log level lowered for the sweep only: the caller's process gets its own setting back."""
+    import optuna
+
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(previous)
+
+
 def _finished(study: Any) -> list[Any]:
     import optuna
 
@@ -329,7 +329,7 @@ def _check_same_sweep(study: Any, settings: dict[str, Any], sweep_dir: Path) -> 
     if changed:
         raise FinetuneError(
             f"{sweep_dir} holds a sweep with a different {' and '.join(changed)}, so its trials cannot be compared with "
-            f"new ones. Choose another folder (--out), or delete {sweep_dir} to start over."
+            f"new ones. Choose another folder ({argument('out', 'FOLDER')}), or delete {sweep_dir} to start over."
         )
 
 
@@ -340,9 +340,9 @@ def _write_outputs(study: Any, config: RecipeConfig, metric: str, sweep_dir: Pat
     if not completed:
         raise FinetuneError(f"no trial of the sweep in {sweep_dir} finished (all were pruned or failed), so there is no best one.")
     best = study.best_trial
-    best_config = with_values(config, {**best.params, "name": f"{config.name}-best"})
+    best_config = config.with_overrides({**best.params, "name": f"{config.name}-best"}, source="sweep")
     if "{name}" not in config.output.dir:  # a fixed folder: keep the best run beside it, not over it
-        best_config = with_values(best_config, {"output.dir": f"{config.output.dir}-best"})
+        best_config = best_config.with_overrides({"output.dir": f"{config.output.dir}-best"}, source="sweep")
     best_recipe = sweep_dir / "best_recipe.yaml"
     header = (
         f"# Best of {len(completed)} finished trials of the sweep in {sweep_dir}: {metric} = {best.value:.6g} (trial {best.number}).\n"
@@ -418,10 +418,7 @@ def _table_rows(study: Any, metric: str, keys: list[str]) -> list[list[Any]]:
 
 
 def _plot(study: Any, metric: str, sweep_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display on servers
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optuna draws with pyplot; savefig works on whatever backend the user has
     import optuna
     from optuna.visualization.matplotlib import plot_intermediate_values, plot_optimization_history
 

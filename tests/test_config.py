@@ -52,6 +52,25 @@ def test_overrides_parse_values_as_yaml(tmp_path):
         RecipeConfig.from_yaml(path, ["training.nope=1"])
 
 
+def test_one_way_to_change_a_config_takes_strings_or_typed_values():
+    base = RecipeConfig()
+    changed = base.with_overrides(["training.max_steps=20"]).with_overrides({"lora.r": 8, "model.quantization": "none"})
+    assert (changed.training.max_steps, changed.lora.r, changed.model.quantization) == (20, 8, "none")
+    assert base.training.max_steps is None and base.lora.r == 16  # the original is left as it was
+    with pytest.raises(FinetuneError, match="unknown key `lora.rank`"):
+        base.with_overrides({"lora.rank": 8})
+    with pytest.raises(FinetuneError, match="`model.quantization`"):
+        base.with_overrides({"model.quantization": "2bit"})
+
+
+def test_allowed_values_come_from_the_config_types():
+    from finetune.config import MergeStrategy, Quantization, choices
+    from finetune.merging import STRATEGIES
+
+    assert choices(Quantization) == ("none", "8bit", "4bit")
+    assert STRATEGIES == choices(MergeStrategy) == ("auto", "full_precision", "nf4_roundtrip")
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(FinetuneError, match="recipe file not found"):
         RecipeConfig.from_yaml(tmp_path / "absent.yaml")

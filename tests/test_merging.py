@@ -43,9 +43,25 @@ def test_forced_strategy_and_dtype_through_the_cli(qlora_run, tmp_path):
     assert "merged (full_precision, float16)" in run.output
 
 
+def test_merging_a_finished_run_again_from_python_refreshes_what_describes_it(tmp_path, tiny_llama_dir, facts_jsonl):
+    import hashlib
+    import json
+
+    config = tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path / "again", training__max_steps=1)
+    config["evaluation"].update(before_and_after=False, generation=False)
+    run_dir = ChatSFTRecipe(**config).run().run_dir
+    report = ChatSFTRecipe.from_run_dir(run_dir).merge(dtype="float16")
+    manifest = json.loads((run_dir / "run.json").read_text())
+    weights = (run_dir / "merged" / "model.safetensors").read_bytes()
+    assert manifest["files"]["merged/model.safetensors"]["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert json.loads((run_dir / "merged" / "run.json").read_text()) == manifest
+    assert json.loads((run_dir / "metrics.json").read_text())["merge_max_logit_diff"] == report.max_logit_diff
+    assert f"largest logit difference {report.max_logit_diff:.2e}" in (run_dir / "adapter" / "README.md").read_text()
+
+
 def test_merge_refuses_impossible_requests(qlora_run, tmp_path, tiny_llama_dir, facts_jsonl):
     recipe, result = qlora_run
-    with pytest.raises(FinetuneError, match="strategy 'fancy' is unknown"):
+    with pytest.raises(FinetuneError, match="`strategy='fancy'`: unknown merge strategy"):
         ChatSFTRecipe.from_run_dir(result.run_dir).merge(strategy="fancy")
     with pytest.raises(FinetuneError, match="not a finished run folder"):
         ChatSFTRecipe.from_run_dir(tmp_path)

@@ -3,27 +3,8 @@ import torch
 
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-from finetune.models import load_model, load_tokenizer, resolve_source
+from finetune.models import load_model, load_tokenizer
 from tests.conftest import build_chatml_tokenizer
-
-
-def test_folder_and_hub_sources_resolve(tiny_llama_dir):
-    assert resolve_source(ModelConfig(source=str(tiny_llama_dir))).kind == "folder"
-    assert resolve_source(ModelConfig(source="HuggingFaceTB/SmolLM2-135M-Instruct")).kind == "hub"
-
-
-@pytest.mark.parametrize(
-    ("source", "problem"),
-    [("./missing/model", "does not exist"), ("missing.gguf", "GGUF file `missing.gguf` not found")],
-)
-def test_bad_sources_say_what_is_wrong(source, problem):
-    with pytest.raises(FinetuneError, match=problem):
-        resolve_source(ModelConfig(source=source))
-
-
-def test_folder_without_config_is_refused(tmp_path):
-    with pytest.raises(FinetuneError, match="has no config.json"):
-        resolve_source(ModelConfig(source=str(tmp_path)))
 
 
 def test_pad_token_is_distinct_from_eos_when_possible(tiny_llama_dir):

@@ -59,10 +59,10 @@ def test_checkpointing_and_4bit_shrink_the_estimate():
     base = RecipeConfig.from_dict({"model": {"quantization": "none"}, "data": {"max_length": 512}})
     parts, _, _ = planning.estimate(shape, planning._resolved(base, checkpointing=False), "cpu")
     checkpointed, _, _ = planning.estimate(shape, planning._resolved(base, checkpointing=True), "cpu")
-    quantized, _, _ = planning.estimate(shape, planning._resolved(planning._with(base, ["model.quantization=4bit"]), checkpointing=False), "cpu")
+    quantized, _, _ = planning.estimate(shape, planning._resolved(base.with_overrides(["model.quantization=4bit"]), checkpointing=False), "cpu")
     assert checkpointed["activations"] < parts["activations"] / 10
     assert quantized["weights"] < parts["weights"] / 3
-    levers_off, _, _ = planning.estimate(shape, planning._with(planning._resolved(base, checkpointing=False), ["training.skip_untrained_logits=false"]), "cpu")
+    levers_off, _, _ = planning.estimate(shape, planning._resolved(base, checkpointing=False).with_overrides(["training.skip_untrained_logits=false"]), "cpu")
     assert levers_off["logits"] != parts["logits"]
 
 
@@ -74,14 +74,14 @@ def test_a_plan_that_does_not_fit_names_the_cheapest_change():
     })
     full = planning.plan(config, "24GB", shape=shape)
     assert full.fits and not full.suggestion
-    half = planning.plan(planning._with(config, ["training.batch_size=4"]), "24GB", shape=shape)
+    half = planning.plan(config.with_overrides(["training.batch_size=4"]), "24GB", shape=shape)
     between = f"{(full.total + half.total) / 2 / planning.GiB:.3f}GB"
     tight = planning.plan(config, between, shape=shape)
     assert not tight.fits
     # Halving the micro-batch and doubling accumulation keeps the same training; it comes before anything else.
     assert tight.suggestion == ["training.batch_size=4", "training.gradient_accumulation_steps=2"]
     assert tight.suggestion_total == half.total
-    smallest = planning.plan(planning._with(config, ["training.batch_size=1"]), "24GB", shape=shape)
+    smallest = planning.plan(config.with_overrides(["training.batch_size=1"]), "24GB", shape=shape)
     below = f"{smallest.total * 0.9 / planning.GiB:.3f}GB"
     assert planning.plan(config, below, shape=shape).suggestion[0] == "training.gradient_checkpointing=true"
     hopeless = planning.plan(config, "0.5GB", shape=shape)
@@ -101,7 +101,7 @@ def test_data_batch_replaces_the_worst_case():
     split = {"input_ids": [[1] * 10, [1] * 30, [1] * 20], "labels": [[-100] * 5 + [1] * 5, [-100] * 30, [1] * 20]}
     packed = planning.Batch.from_data(split, config)
     assert (packed.tokens, packed.squared_lengths, packed.trained_share) == (50, 30**2 + 20**2, pytest.approx(20 / 50))
-    padded = planning.Batch.from_data(split, planning._with(config, ["training.packing=false"]))
+    padded = planning.Batch.from_data(split, config.with_overrides(["training.packing=false"]))
     assert padded.tokens == 60
     assert planning.Batch.worst_case(config).tokens == 200
 

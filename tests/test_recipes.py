@@ -71,7 +71,7 @@ def test_existing_run_folder_is_never_overwritten_silently(tiny_llama_dir, facts
     run_dir.mkdir()
     (run_dir / "keep.txt").write_text("previous work")
     recipe = ChatSFTRecipe(**tiny_recipe(tiny_llama_dir, facts_jsonl, run_dir))
-    with pytest.raises(FinetuneError, match="already exists.*--overwrite"):
+    with pytest.raises(FinetuneError, match="already exists.*output.overwrite: true"):
         recipe.run()
     assert (run_dir / "keep.txt").read_text() == "previous work"
 
@@ -167,7 +167,7 @@ def test_a_crash_while_saving_leaves_the_previous_outputs_intact(llama_run, tiny
 def test_resume_refuses_a_changed_recipe_and_a_finished_run(llama_run, tiny_llama_dir, facts_jsonl, tmp_path):
     _, result = llama_run
     finished = ChatSFTRecipe(RecipeConfig.from_yaml(result.run_dir / "recipe.yaml"))
-    with pytest.raises(FinetuneError, match="already finished .* nothing to resume. To train it again, pass --overwrite"):
+    with pytest.raises(FinetuneError, match="already finished .* nothing to resume. To train it again, set output.overwrite: true"):
         finished.run(resume=True)
 
     run_dir = tmp_path / "started"
@@ -179,7 +179,7 @@ def test_resume_refuses_a_changed_recipe_and_a_finished_run(llama_run, tiny_llam
         ChatSFTRecipe(**changed).run(resume=True)
     message = str(err.value)
     assert "lora.r: 8 -> 4" in message and "training.learning_rate: 0.001 -> 0.0005" in message
-    assert "evaluation" not in message and f"finetune run {run_dir / 'recipe.yaml'} --resume" in message
+    assert "evaluation" not in message and f"Resume with the run's own recipe ({run_dir / 'recipe.yaml'})" in message
 
 
 def test_resume_refuses_training_data_that_changed_since_the_run_started(tiny_llama_dir, facts_jsonl, tmp_path):

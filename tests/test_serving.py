@@ -133,7 +133,7 @@ def test_loading_errors_name_the_fix(run_dir, tmp_path):
         load_chat_model(run_dir, [str(tmp_path)])
     with pytest.raises(FinetuneError, match="named `llama`.*NAME=PATH"):
         load_chat_model(run_dir, [f"llama={run_dir}"])
-    with pytest.raises(FinetuneError, match="quantization '2bit'"):
+    with pytest.raises(FinetuneError, match="`quantization='2bit'`: use one of none, 8bit, 4bit"):
         load_chat_model(run_dir, quantization="2bit")
 
 

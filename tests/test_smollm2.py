@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune import ChatSFTRecipe
 from finetune.evaluation import generate
-from finetune.models import BUNDLED_MODELS, resolve_source
+from finetune.model_source import resolve
+from finetune.models import weights_path
 from tests.conftest import FACTS
 
 pytestmark = pytest.mark.real_model
@@ -18,16 +19,14 @@ QUESTION = [{"role": "user", "content": FACTS[0][0]}]  # "What is the capital of
 
 
 def test_gguf_conversion_is_saveable_and_exact():
-    import importlib.util
     from pathlib import Path
 
     from finetune.config import ModelConfig
 
-    folder = Path(resolve_source(ModelConfig(source="smollm2-135m-instruct")).path)
+    source = resolve(ModelConfig(source="smollm2-135m-instruct"))
+    folder = Path(weights_path(source))
     assert (folder / "model.safetensors").is_file() and (folder / "chat_template.jinja").is_file()
-    package, filename, _ = BUNDLED_MODELS["smollm2-135m-instruct"]
-    gguf_dir = next(iter(importlib.util.find_spec(package).submodule_search_locations))
-    direct = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename)
+    direct = AutoModelForCausalLM.from_pretrained(source.gguf.parent, gguf_file=source.gguf.name)
     converted = AutoModelForCausalLM.from_pretrained(folder)
     ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356]])
     with torch.no_grad():

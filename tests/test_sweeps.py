@@ -6,8 +6,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from finetune import ChatSFTRecipe, FinetuneError, RecipeConfig
-from finetune.cli import app
+from finetune import FinetuneError, RecipeConfig
+from finetune.cli import FLAGS, app
 from finetune.sweeps import SearchSpace, sweep
 from tests.conftest import tiny_recipe
 
@@ -29,7 +29,7 @@ def swept(tiny_llama_dir, facts_jsonl, tmp_path_factory):
     recipe_path, space_path = root / "recipe.yaml", root / "space.yaml"
     recipe_path.write_text(yaml.safe_dump(config))
     space_path.write_text(yaml.safe_dump(SPACE))
-    first = ChatSFTRecipe.from_yaml(recipe_path).sweep(2, space=space_path)
+    first = sweep(RecipeConfig.from_yaml(recipe_path), trials=2, space=space_path)
     study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{first.sweep_dir / 'study.db'}")
     study.ask()  # what a process killed during a trial leaves behind: a trial forever RUNNING
     resumed = CliRunner().invoke(app, ["sweep", str(recipe_path), "--trials", "3", "--space", str(space_path)])
@@ -81,7 +81,7 @@ def test_results_table_plots_and_a_best_recipe_that_runs(swept, tmp_path):
 
 def test_a_sweep_folder_refuses_a_different_sweep(swept):
     config = RecipeConfig.from_yaml(swept[0].sweep_dir.parent / "recipe.yaml", ["lora.r=4"])
-    with pytest.raises(FinetuneError, match="different recipe.*--out"):
+    with pytest.raises(FinetuneError, match="different recipe.*`out="):
         sweep(config, trials=3, space=SearchSpace.model_validate(SPACE))
 
 
@@ -113,4 +113,4 @@ def test_sweep_needs_validation_data_and_a_known_metric(tmp_path, tiny_llama_dir
         sweep(config, trials=3)
     result = CliRunner().invoke(app, ["sweep", str(REPO / "recipes" / "quickstart.yaml"), "--trials", "2", "--metric", "accuracy"])
     assert isinstance(result.exception, FinetuneError)  # finetune.cli.main prints it and exits 2
-    assert "--metric 'accuracy': choose one of eval_loss, perplexity" in str(result.exception)
+    assert "--metric accuracy: choose one of eval_loss, perplexity" in result.exception.render(FLAGS)

@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 
 from finetune import ChatSFTRecipe, training
 from finetune.errors import Interrupted
+from finetune.training.trainer import _EpochSeededLengthSampler
 from tests.conftest import tiny_recipe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,7 +176,7 @@ def test_sigterm_saves_a_checkpoint_says_how_to_resume_and_the_resume_matches_an
     with pytest.raises(Interrupted) as err:
         interrupted.train()
     assert err.value.exit_code == 143 and "after step 4 of 7" in str(err.value)
-    assert f"finetune run {interrupted.run_dir / 'recipe.yaml'} --resume" in str(err.value)
+    assert f"{interrupted.run_dir / 'recipe.yaml'}, and `resume=True`." in str(err.value)
     assert training.find_checkpoints(interrupted.run_dir / "checkpoints").latest.name == "checkpoint-4"  # off the save_steps cadence
     assert signal.getsignal(signal.SIGTERM) is handler_before  # handlers put back
 
@@ -193,7 +194,7 @@ def test_sigterm_saves_a_checkpoint_says_how_to_resume_and_the_resume_matches_an
 
 def test_length_grouped_order_depends_on_seed_and_epoch_only():
     def order(seed: int, epoch: int) -> list[int]:
-        sampler = training._EpochSeededLengthSampler(4, lengths=list(range(40)), seed=seed)
+        sampler = _EpochSeededLengthSampler(4, lengths=list(range(40)), seed=seed)
         torch.rand(100)  # whatever the global RNG went through before (dropout masks, other epochs)
         sampler.set_epoch(epoch)
         return list(sampler)
@@ -241,7 +242,7 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights_without_repea
     assert batches(killed_log)[:resumed_from] + batches(resumed_log) == expected
     # Weights: bit-identical to the uninterrupted run.
     ours = load_file(tmp_path / "interrupted" / "adapter" / "adapter_model.safetensors")
-    theirs = load_file(reference.adapter_dir / "adapter_model.safetensors")
+    theirs = load_file(reference.folder.adapter / "adapter_model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     history = json.loads((tmp_path / "interrupted" / "metrics.json").read_text())["history"]["train_loss"]
     assert [tuple(point) for point in history] == reference.history["train_loss"]  # the same loss at every step

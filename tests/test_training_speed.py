@@ -12,6 +12,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from finetune import adapters, training
 from finetune.config import LoraConfig, TrainingConfig
 from finetune.data import tokenize_conversation
+from finetune.training.trainer import _TrainedLogitsSFTTrainer
 from tests.conftest import FACTS
 
 CONVERSATIONS = [
@@ -117,7 +118,7 @@ def test_trainer_levers_leave_the_training_loss_unchanged(tiny_llama_dir, rows, 
             packing=levers, skip_untrained_logits=levers, warmup_ratio=0,
         )
         trainer = training.build_trainer(model, chatml_tokenizer, splits, cfg, tmp_path / str(levers), dtype=torch.float32)
-        assert isinstance(trainer, training._TrainedLogitsSFTTrainer) == levers
+        assert isinstance(trainer, _TrainedLogitsSFTTrainer) == levers
         trainer.train()
         losses[levers] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses[True]) == 2

@@ -157,20 +157,17 @@ class Inspection:
 
     def write(self, out_dir: Path) -> dict[str, Path]:
         """inspect.json, inspect.md and lengths.png in out_dir."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are untouched
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        figure, axis = plt.subplots(figsize=(7, 3.5))
+        figure = Figure(figsize=(7, 3.5))
+        axis = figure.subplots()
         axis.hist(list(self.lengths.values()), bins=30, stacked=True, label=list(self.lengths))
         axis.set_xlabel("tokens per conversation")
         axis.set_ylabel("rows")
         axis.legend()
         figure.tight_layout()
         figure.savefig(out_dir / "lengths.png", dpi=100)
-        plt.close(figure)
         summary = {
             "report": self.report.lines(),
             "formats": dict(self.report.formats),

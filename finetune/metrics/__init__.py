@@ -17,6 +17,16 @@ if TYPE_CHECKING:
 METRIC_NAMES = ("bleu", "rouge", "token_f1")
 SCRIPTS_DIR = Path(__file__).parent
 
+# Every score a run reports, and whether smaller is better: the one table that reports, the before/after comparison
+# and sweeps read. The generation scores are what the scripts above return.
+LOWER_IS_BETTER = {"eval_loss": True, "loss": True, "perplexity": True, "perplexity_all_tokens": True}
+GENERATION_SCORES = ("bleu", "rouge1", "rouge2", "rougeL", "token_f1", "exact_match")
+SCORES = {**LOWER_IS_BETTER, **{name: False for name in GENERATION_SCORES}}
+
+
+def lower_is_better(score: str) -> bool:
+    return SCORES.get(score, False)
+
 
 @functools.lru_cache(maxsize=None)
 def load_metric(name: str) -> evaluate.EvaluationModule:

@@ -1,0 +1,11 @@
+"""Stage 7: talk to a trained model, in the terminal or over an OpenAI-compatible HTTP API with a web chat page.
+
+Entry points: `load_chat_model(target, adapters)` (chat_model.py) loads what to talk to; `chat_loop(chat)`
+(terminal.py) is the terminal chat; `create_app(chat)` and `serve(chat)` (api.py) the HTTP server.
+"""
+
+from finetune.serving.api import ApiError, ChatRequest, Limits, create_app, serve
+from finetune.serving.chat_model import ChatModel, Completion, Decoding, load_chat_model
+from finetune.serving.terminal import chat_loop
+
+__all__ = ["ApiError", "ChatModel", "ChatRequest", "Completion", "Decoding", "Limits", "chat_loop", "create_app", "load_chat_model", "serve"]

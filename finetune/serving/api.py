@@ -1,0 +1,278 @@
+"""The OpenAI-compatible HTTP server: `create_app(chat)` is the Starlette app (`POST /v1/chat/completions`,
+`GET /v1/models`, `GET /health`, the web chat page at `/`); `serve(chat)` runs it under uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from importlib import resources
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from transformers import AsyncTextIteratorStreamer
+
+from finetune.errors import FinetuneError
+from finetune.serving.chat_model import ChatModel, Decoding
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; beyond these it gets a 4xx, so no client can exhaust the server."""
+
+    max_tokens: int = 512  # also the reply length when a request gives no max_tokens
+    max_messages: int = 100
+    max_body_bytes: int = 1_000_000
+
+
+class ApiError(Exception):
+    """A request the server refuses, answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[_TextPart]
+
+    def plain(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatRequest(BaseModel):
+    # Fields not listed (user, seed, logprobs, ...) are ignored: OpenAI clients send many optional ones.
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[_Message] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: Literal[1] = 1
+    stop: str | list[str] | None = None
+
+
+def _error(status: int, message: str, *, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+def create_app(
+    chat: ChatModel, *, api_key: str | None = None, limits: Limits = Limits(), decoding: Decoding = Decoding()
+) -> Starlette:
+    """The OpenAI-compatible app. `decoding` gives temperature and top_p when a request omits them."""
+    # One worker thread runs every generation, in arrival order. Two at once would race on the active adapter
+    # (set_adapter changes the shared model) and split the same cores, making both slower; queued requests simply
+    # wait their turn, so load never fails a request. Generation off the event loop keeps /health and streams live.
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finetune-generate")
+    page = resources.files("finetune").joinpath("static/chat.html").read_text(encoding="utf-8")
+    expected = api_key.encode() if api_key else None
+
+    def authorize(request: Request) -> None:
+        if expected is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # compare_digest takes as long wherever the strings differ, so response times do not leak the key.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise ApiError(401, "Incorrect or missing API key: send `Authorization: Bearer KEY`.", code="invalid_api_key")
+
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        body = await _read_json(request, limits.max_body_bytes)
+        try:
+            req = ChatRequest.model_validate(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "body"
+            raise ApiError(400, f"Invalid request: `{where}`: {first['msg']}.", param=where) from None
+        name = req.model or chat.default
+        if name not in chat.variants:
+            raise ApiError(
+                404, f"The model `{name}` does not exist here. Models served: {', '.join(chat.variants)}.",
+                param="model", code="model_not_found",
+            )
+        if len(req.messages) > limits.max_messages:
+            raise ApiError(400, f"{len(req.messages)} messages; this server takes at most {limits.max_messages}.", param="messages")
+        if req.stop:
+            raise ApiError(400, "`stop` sequences are not supported; replies end at the model's end-of-turn token.", param="stop")
+        max_tokens = req.max_completion_tokens or req.max_tokens or limits.max_tokens
+        if max_tokens > limits.max_tokens:
+            raise ApiError(
+                400, f"max_tokens={max_tokens} is more than this server allows ({limits.max_tokens}); ask for fewer.",
+                param="max_tokens",
+            )
+        try:
+            prompt = chat.prompt_ids([message.plain() for message in req.messages])
+        except FinetuneError as exc:
+            raise ApiError(400, str(exc), param="messages") from None
+        context = chat.context_length
+        if context and len(prompt) + max_tokens > context:
+            raise ApiError(
+                400, f"This model's context is {context} tokens: the messages take {len(prompt)} and max_tokens asks "
+                f"for {max_tokens}. Shorten the conversation or lower max_tokens.",
+                param="messages", code="context_length_exceeded",
+            )
+        settings = Decoding(
+            max_new_tokens=max_tokens,
+            temperature=decoding.temperature if req.temperature is None else req.temperature,
+            top_p=decoding.top_p if req.top_p is None else req.top_p,
+        )
+        reply_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if req.stream:
+            events = _sse(chat, worker, name, prompt, settings, reply_id)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        job = partial(chat.complete, name, prompt, settings)
+        completion = await asyncio.get_running_loop().run_in_executor(worker, job)
+        return JSONResponse({
+            "id": reply_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": name,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": completion.text},
+                "finish_reason": completion.finish_reason,
+                "logprobs": None,
+            }],
+            "usage": {
+                "prompt_tokens": completion.prompt_tokens,
+                "completion_tokens": completion.completion_tokens,
+                "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+            },
+        })
+
+    async def list_models(request: Request) -> Response:
+        authorize(request)
+        created = int(time.time())
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "finetune"} for name in chat.variants]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse(page)
+
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return _error(exc.status, exc.message, param=exc.param, code=exc.code)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        return _error(500, f"internal error ({type(exc).__name__}); the server log has the traceback.")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        worker.shutdown(wait=False, cancel_futures=True)
+
+    return Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/models", list_models, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/", index, methods=["GET"]),
+        ],
+        exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error},
+        lifespan=lifespan,
+    )
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length", "")
+    too_large = ApiError(413, f"Request body over {limit} bytes; send a shorter conversation.")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:  # a chunked body has no Content-Length to check up front
+            raise too_large
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise ApiError(400, f"The request body is not valid JSON ({exc}).") from None
+
+
+async def _sse(
+    chat: ChatModel, worker: ThreadPoolExecutor, name: str, prompt: list[int], decoding: Decoding, reply_id: str
+) -> AsyncIterator[str]:
+    """The reply as OpenAI's server-sent events: a role chunk, content chunks, a finish chunk, then [DONE]."""
+    created = int(time.time())
+
+    def event(delta: dict[str, str], finish_reason: str | None = None) -> str:
+        chunk = {
+            "id": reply_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    cancel = threading.Event()
+    streamer = AsyncTextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    job = asyncio.get_running_loop().run_in_executor(
+        worker, partial(chat.complete, name, prompt, decoding, streamer=streamer, cancel=cancel)
+    )
+    try:
+        yield event({"role": "assistant", "content": ""})
+        async for text in streamer:
+            if text:
+                yield event({"content": text})
+        completion = await job
+        yield event({}, completion.finish_reason)
+        yield "data: [DONE]\n\n"
+    finally:
+        cancel.set()  # a client that hung up stops its generation at the next token
+
+
+def serve(
+    chat: ChatModel,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    limits: Limits = Limits(),
+    decoding: Decoding = Decoding(),
+) -> None:
+    """Run the app under uvicorn until Ctrl-C."""
+    import uvicorn
+
+    try:
+        exposed = not (host == "localhost" or ipaddress.ip_address(host).is_loopback)
+    except ValueError:  # a host name other than localhost
+        exposed = True
+    if exposed and api_key is None:
+        print(f"warning: serving on {host} with no API key: anyone who can reach this port can use the model.", file=sys.stderr)
+    print(f"Models: {', '.join(chat.variants)}. Web chat: http://{host}:{port}/", file=sys.stderr)
+    uvicorn.run(create_app(chat, api_key=api_key, limits=limits, decoding=decoding), host=host, port=port)

@@ -1,0 +1,207 @@
+"""A loaded chat model: one base, optionally several LoRA adapters over it, each reachable by a public name.
+
+Entry point: `load_chat_model(target, adapters)` resolves a run folder, model folder, .gguf file, bundled alias or Hub
+id (plus LoRA adapters over the same base); `ChatModel.complete` generates one reply.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import threading
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jinja2 import TemplateError
+from peft import PeftModel
+from transformers import (
+    AsyncTextIteratorStreamer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
+
+from finetune import models
+from finetune.config import ModelConfig, Quantization, choices
+from finetune.data import end_of_turn_ids
+from finetune.errors import FinetuneError, argument
+from finetune.run_folder import RunFolder, is_adapter
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a reply is generated; temperature 0 means greedy decoding (the same reply every time)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.temperature == 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+class _Cancelled(StoppingCriteria):
+    """Ends a generation once its requester has gone (closed stream, Ctrl-C), so the next request need not wait."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class ChatModel:
+    """One loaded base model, optionally with several LoRA adapters over it, each reachable by a public name."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    variants: dict[str, str | None]  # public name -> peft adapter name; None is the model without any adapter
+    default: str
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The conversation rendered with the model's own chat template, ready for the assistant's turn."""
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as exc:
+            raise FinetuneError(f"the model's chat template rejected the conversation: {exc}") from None
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @torch.inference_mode()
+    def complete(
+        self,
+        name: str,
+        prompt_ids: list[int],
+        decoding: Decoding,
+        *,
+        streamer: TextIteratorStreamer | AsyncTextIteratorStreamer | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Completion:
+        """Generate one reply with variant `name`. One call at a time: the active adapter is state on the model."""
+        if cancel is not None and cancel.is_set():  # the requester left while this waited in the queue
+            return Completion("", len(prompt_ids), 0, "stop")
+        adapter = self.variants[name]
+        if adapter is not None:
+            self.model.set_adapter(adapter)
+        # The base shares its weights with the adapters; disable_adapter() bypasses LoRA for this call only.
+        scope = self.model.disable_adapter() if adapter is None and isinstance(self.model, PeftModel) else nullcontext()
+        input_ids = torch.tensor([prompt_ids], device=self.model.device)
+        try:
+            with scope:
+                output = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]) if cancel else None,
+                    **decoding.generate_kwargs(),
+                )
+        except BaseException:
+            if streamer is not None:
+                streamer.end()  # wakes the reader, which would otherwise wait for text forever
+            raise
+        reply = output[0, len(prompt_ids) :].tolist()
+        eos = self.model.generation_config.eos_token_id
+        stops = {eos} if isinstance(eos, int) else set(eos or [])
+        finish = "stop" if reply and reply[-1] in stops else "length"
+        text = self.tokenizer.decode(reply, skip_special_tokens=True)
+        return Completion(text, len(prompt_ids), len(reply), finish)
+
+
+def load_chat_model(
+    target: str | Path, adapters: Sequence[str | Path] = (), *, quantization: str = "none"
+) -> ChatModel:
+    """Load what `target` names, ready to chat.
+
+    target: a run folder (runs/NAME) serves its merged/ model, or the recipe's base plus its adapter/ when there is
+    no merged/ or when `adapters` are given; otherwise a model folder, .gguf file, bundled alias or Hub id.
+    adapters: LoRA adapters over the same base, each `PATH` or `NAME=PATH`, PATH an adapter folder or a run folder.
+    Public names: the run folder's name, each adapter's name and, when adapters are loaded, the base's name.
+
+    Raises:
+        FinetuneError: unknown quantization, a run folder without weights, a missing or mismatched adapter.
+    """
+    if quantization not in choices(Quantization):
+        raise FinetuneError(f"{argument('quantization', quantization)}: use one of {', '.join(choices(Quantization))}.")
+    run = RunFolder(Path(target).expanduser())
+    named = [_named_adapter(str(spec)) for spec in adapters]
+    if run.has_recipe():
+        recipe_model = run.read_config().model.model_copy(update={"quantization": quantization})
+        if not named and run.has_merged():
+            base_cfg = recipe_model.model_copy(update={"source": str(run.merged), "revision": None})
+            base_name = run.path.name
+        elif run.has_adapter():
+            # Other adapters were trained on the base, not on this run's merge of it: serve all over the base.
+            base_cfg, base_name = recipe_model, _display_name(recipe_model.source)
+            named.insert(0, (run.path.name, run.adapter))
+        else:
+            raise FinetuneError(
+                f"{run.path}: a run folder with neither merged/ nor adapter/ in it; the run did not finish. "
+                f"Run its recipe ({run.recipe}) again with output.overwrite: true."
+            )
+    else:
+        base_cfg, base_name = ModelConfig(source=str(target), quantization=quantization), _display_name(str(target))
+    names = [base_name, *(name for name, _ in named)]
+    duplicate = next((name for name in names if names.count(name) > 1), None)
+    if duplicate:
+        raise FinetuneError(f"two models would both be named `{duplicate}`; name adapters explicitly with NAME=PATH.")
+
+    with_tokenizer = next((folder for _, folder in named if (folder / "tokenizer_config.json").is_file()), None)
+    tokenizer = models.load_tokenizer(base_cfg, folder=with_tokenizer)  # the adapter's copy has the trained template
+    model = models.load_model(base_cfg)
+    models.configure_generation(model, tokenizer, end_of_turn_ids(tokenizer))
+    variants: dict[str, str | None] = {base_name: None}
+    for index, (name, folder) in enumerate(named):
+        adapter = f"adapter{index}"  # peft adapter names become module keys, which may not contain dots
+        try:
+            if index == 0:
+                model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter)
+            else:
+                model.load_adapter(str(folder), adapter_name=adapter)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise FinetuneError(
+                f"adapter `{name}` ({folder}) does not fit the base `{base_cfg.source}`: {textwrap.shorten(str(exc), 300)}. "
+                "Serve together only adapters trained on the same base model."
+            ) from None
+        variants[name] = adapter
+    model.eval()
+    return ChatModel(model, tokenizer, variants, default=named[0][0] if named else base_name)
+
+
+def _named_adapter(spec: str) -> tuple[str, Path]:
+    name, sep, location = spec.partition("=")
+    if not sep or "/" in name:
+        name, location = "", spec
+    folder = Path(location).expanduser()
+    if RunFolder(folder).has_adapter():
+        name, folder = name or folder.name, RunFolder(folder).adapter
+    if not is_adapter(folder):
+        raise FinetuneError(f"{argument('adapter', spec)}: no adapter_config.json in {folder}; pass a LoRA adapter folder or a run folder.")
+    return name or _display_name(str(folder)), folder
+
+
+def _display_name(source: str) -> str:
+    """A model's public name: the alias or Hub id as given, a path's last part (its run's name for merged/, adapter/)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return source
+    path = path.resolve()
+    return path.parent.name if path in RunFolder(path.parent).weight_folders else path.name.removesuffix(".gguf")
