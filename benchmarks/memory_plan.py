@@ -69,7 +69,7 @@ def full_length_conversations(tokenizer: Any, length: int, count: int, seed: int
         while low < high:  # the longest reply that keeps the conversation within `length` tokens
             middle = (low + high + 1) // 2
             messages = [{"role": "user", "content": question}, {"role": "assistant", "content": " ".join(words[:middle])}]
-            if len(tokenize_conversation(tokenizer, messages)["input_ids"]) <= length:
+            if len(tokenize_conversation(tokenizer, messages)[-1]["input_ids"]) <= length:
                 low = middle
             else:
                 high = middle - 1

@@ -172,6 +172,13 @@ class DataConfig(_Section):
     too_long: Literal["drop", "truncate", "error"] = Field(
         "drop", description="A conversation longer than max_length: drop it, keep its whole turns that fit, or stop with an error."
     )
+    reasoning: Literal["drop", "keep"] = Field(
+        "drop",
+        description="Earlier assistant turns' reasoning in the context of later ones. drop: as the chat template shows "
+        "it at inference (Qwen3-style templates remove it); a turn the full conversation renders differently is "
+        "trained in a sample ending with it (exact; up to k samples for k turns). keep: one sample in which every "
+        "turn keeps its reasoning.",
+    )
     validation_split: float = Field(0.05, ge=0, lt=1, description="Share of conversations held out for validation.")
     test_split: float = Field(0.1, ge=0, lt=1, description="Share held out for before/after evaluation.")
     max_rows: int | None = Field(None, ge=1, description="Use at most this many conversations (after shuffling).")

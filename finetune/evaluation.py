@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune import atomic, distributed, models
 from finetune.config import DataConfig, EvaluationConfig, ModelConfig
-from finetune.data import IGNORE_INDEX, end_of_turn_ids, prepare_data
+from finetune.data import IGNORE_INDEX, end_of_turn_ids, prepare_data, render_prompt
 from finetune.errors import FinetuneError, argument
 from finetune.metrics import lower_is_better, score_generations
 from finetune.run_folder import RunFolder, is_adapter
@@ -76,20 +76,22 @@ def perplexity(
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    conversations: list[list[dict[str, str]]],
+    conversations: list[list[dict[str, Any]]],
     *,
+    tools: list[str] | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 8,
     sampling: dict[str, float] | None = None,
 ) -> list[list[int]]:
     """Greedy replies (token ids, end-of-turn token included when reached) to each conversation's last turn.
 
-    Batched with left padding so every prompt ends where generation starts; the KV cache is on by default.
+    `tools`: each conversation's tool list as JSON text ("" for none). Batched with left padding so every prompt
+    ends where generation starts; the KV cache is on by default.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    prompts = [render_prompt(tokenizer, c, t) for c, t in zip(conversations, tools or [""] * len(conversations))]
     replies: list[list[int]] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -125,15 +127,19 @@ def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, heldout: D
     split = not distributed.weights_sharded()
     rows = heldout.select(range(min(cfg.max_rows or len(heldout), len(heldout))))
     metrics = perplexity(model, rows, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, desc=label, across_processes=split)
-    chats = [i for i, messages in enumerate(heldout["messages"]) if messages]  # raw text rows have no reply to generate
+    # Raw text rows have no reply to generate, and a reply that only calls tools has no text to compare with.
+    chats = [i for i, messages in enumerate(heldout["messages"]) if messages and messages[-1]["content"].strip()]
     if not cfg.generation or not chats:
         return Evaluation(metrics)
     sample = heldout.select(chats[: cfg.generation_rows])
     prompts = [messages[:-1] for messages in sample["messages"]]
     references = [messages[-1]["content"] for messages in sample["messages"]]
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else None
-    share = [messages[:-1] for messages in (distributed.shard(sample) if split else sample)["messages"]]
-    replies = generate(model, tokenizer, share, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, sampling=sampling)
+    mine = distributed.shard(sample) if split else sample
+    share = [messages[:-1] for messages in mine["messages"]]
+    replies = generate(
+        model, tokenizer, share, tools=mine["tools"], max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, sampling=sampling
+    )
     predictions = [tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
     predictions = distributed.gather(predictions) if split else predictions
     metrics.update(score_generations(predictions, references))

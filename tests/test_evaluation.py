@@ -20,7 +20,7 @@ CHATS = [
 def test_batched_perplexity_equals_row_by_row_loss(tiny_llama_dir):
     tokenizer = load_tokenizer(ModelConfig(source=str(tiny_llama_dir)))
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    rows = [tokenize_conversation(tokenizer, chat) for chat in CHATS]
+    rows = [tokenize_conversation(tokenizer, chat)[-1] for chat in CHATS]
     result = perplexity(model, Dataset.from_list(rows), pad_token_id=tokenizer.pad_token_id, batch_size=2)
     # Independent computation: the model's own loss per row (mean over its trained tokens), re-weighted.
     total, count = 0.0, 0
@@ -66,7 +66,7 @@ def test_score_adds_generation_metrics_consistent_with_its_samples(tiny_llama_di
     tokenizer = load_tokenizer(ModelConfig(source=str(tiny_llama_dir)))
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     configure_generation(model, tokenizer, [tokenizer.convert_tokens_to_ids("<|im_end|>")])
-    rows = [{"messages": chat, **tokenize_conversation(tokenizer, chat)} for chat in CHATS]
+    rows = [{"messages": chat, "tools": "", **tokenize_conversation(tokenizer, chat)[-1]} for chat in CHATS]
     result = score(model, tokenizer, Dataset.from_list(rows), EvaluationConfig(max_new_tokens=5, generation_rows=2))
     assert set(result.metrics) >= {"perplexity", "bleu", "rouge1", "rouge2", "rougeL", "token_f1", "exact_match"}
     assert [s["reference"] for s in result.samples] == ["Hello there, friend.", "A pear, perhaps, or a plum."]

@@ -47,7 +47,7 @@ def test_merged_model_matches_base_plus_adapter_in_plain_transformers(llama_run,
     _, result = llama_run
     assert result.merge_max_logit_diff < 1e-3
     tokenizer = AutoTokenizer.from_pretrained(result.merged_dir)
-    ids = torch.tensor([tokenize_conversation(tokenizer, PROBE)["input_ids"]])
+    ids = torch.tensor([tokenize_conversation(tokenizer, PROBE)[-1]["input_ids"]])
     merged = AutoModelForCausalLM.from_pretrained(result.merged_dir)
     reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), result.adapter_dir)
     with torch.no_grad():

@@ -26,7 +26,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def rows(chatml_tokenizer):
-    return [{k: v for k, v in tokenize_conversation(chatml_tokenizer, c).items() if k in ("input_ids", "labels")} for c in CONVERSATIONS]
+    return [{k: v for k, v in tokenize_conversation(chatml_tokenizer, c)[-1].items() if k in ("input_ids", "labels")} for c in CONVERSATIONS]
 
 
 @pytest.fixture()

@@ -21,25 +21,36 @@ from finetune.config import DataConfig, DataSource
 from finetune.data.audit import Inspection, audit, enforce, summarize
 from finetune.data.augment import augmented_copies
 from finetune.data.cleaning import clean_conversation, drop_near_duplicates, exact_key, load_blocklist, text_steps
-from finetune.data.formats import ROLES, detect_format, to_conversation, to_messages, validate_messages, validate_text
-from finetune.data.masks import IGNORE_INDEX, end_of_turn_ids, render_with_spans, tokenize_conversation, tokenize_text, truncate_at_turn
+from finetune.data.formats import ROLES, chat_messages, chat_tools, detect_format, to_conversation, to_messages, validate_messages, validate_text
+from finetune.data.masks import (
+    IGNORE_INDEX,
+    REASONING_POLICIES,
+    end_of_turn_ids,
+    render_prompt,
+    template_messages,
+    template_traits,
+    tokenize_conversation,
+    tokenize_text,
+    truncate_at_turn,
+)
 from finetune.data.report import DataReport, Finding, PreparedData, RowError
 from finetune.data.sources import chatterbot_files, describe, read_source, source_files
 from finetune.errors import FinetuneError
 
 __all__ = [
-    "IGNORE_INDEX", "ROLES", "DataReport", "Finding", "Inspection", "PreparedData", "RowError", "audit", "chatterbot_files",
-    "detect_format", "end_of_turn_ids", "inspect_data", "load_conversations", "prepare_data", "render_with_spans",
-    "source_files", "split_conversations", "to_messages", "tokenize_conversation", "tokenize_splits", "truncate_at_turn",
-    "validate_messages",
+    "IGNORE_INDEX", "REASONING_POLICIES", "ROLES", "DataReport", "Finding", "Inspection", "PreparedData", "RowError", "audit",
+    "chat_messages", "chat_tools", "chatterbot_files", "detect_format", "end_of_turn_ids", "inspect_data", "load_conversations",
+    "prepare_data", "render_prompt", "source_files", "split_conversations", "template_messages", "template_traits",
+    "to_messages", "tokenize_conversation", "tokenize_splits", "truncate_at_turn", "validate_messages",
 ]
 
 
 def load_conversations(cfg: DataConfig, report: DataReport, sources: list[DataSource] | None = None) -> Dataset:
     """Sources (default: cfg.sources) as one Dataset of cleaned, validated, de-duplicated conversations.
 
-    Columns: messages (OpenAI-style, empty for raw text rows), text (raw text rows), origin (`file:line`), source
-    (index into cfg.sources, -1 for separate validation/test sources).
+    Columns: messages (OpenAI-style, empty for raw text rows), text (raw text rows), tools (the row's tool list as
+    JSON text, "" without), origin (`file:line`), source (index into cfg.sources, -1 for separate validation/test
+    sources).
     """
     steps = text_steps(cfg.clean)
     blocklist = load_blocklist(cfg.clean)
@@ -48,18 +59,18 @@ def load_conversations(cfg: DataConfig, report: DataReport, sources: list[DataSo
         for origin, raw in read_source(source):
             report.rows_read += 1
             try:
-                fmt, messages, text = to_conversation(raw, source)
+                fmt, messages, text, tools = to_conversation(raw, source)
                 report.formats[fmt] += 1
                 if fmt == "text" and not text.strip():
                     report.dropped["empty text row"] += 1
                     continue
                 if cfg.system_prompt and messages and messages[0]["role"] != "system":
                     messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
-                row = clean_conversation({"messages": messages, "text": text, "origin": origin}, steps, report)
+                row = clean_conversation({"messages": messages, "text": text, "tools": tools, "origin": origin}, steps, report)
                 if fmt == "text":
                     validate_text(row["text"])
                 else:
-                    validate_messages(row["messages"])
+                    validate_messages(row["messages"], row["tools"])
             except RowError as exc:
                 if cfg.strict:
                     raise FinetuneError(f"{origin}: {exc}. (data.strict is on; set it to false to skip bad rows.)") from None
@@ -140,12 +151,26 @@ def _mix_and_augment(train: Dataset, cfg: DataConfig, report: DataReport) -> Dat
 def tokenize_splits(conversations: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, report: DataReport) -> DatasetDict:
     """Tokenize every split with loss masks and apply the length policy (data.max_length, too_long, min_length)."""
 
-    def encode(row: dict[str, Any]) -> dict[str, Any]:
-        return tokenize_text(tokenizer, row["text"]) if row["text"] else tokenize_conversation(tokenizer, row["messages"])
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """One row per training sample: a conversation may become several (see data.reasoning)."""
+        out: dict[str, list[Any]] = {}
+        for values in zip(*batch.values()):
+            row = dict(zip(batch, values))
+            try:
+                samples = [tokenize_text(tokenizer, row["text"])] if row["text"] else tokenize_conversation(tokenizer, row["messages"], row["tools"], cfg.reasoning)
+            except FinetuneError as exc:
+                raise FinetuneError(f"{row['origin']}: {exc}") from None
+            for sample in samples:
+                covered = row["messages"][: sample["turn_messages"][-1]] if row["messages"] else row["messages"]
+                for key, value in {**row, "messages": covered, **sample}.items():
+                    out.setdefault(key, []).append(value)
+        return out
 
     tokenized = DatasetDict()
     for name, split in conversations.items():
-        encoded = split.map(encode, desc=f"Tokenizing {name}", num_proc=cfg.num_proc if cfg.num_proc and len(split) > 1000 else None)
+        num_proc = cfg.num_proc if cfg.num_proc and len(split) > 1000 else None
+        encoded = split.map(encode, batched=True, desc=f"Tokenizing {name}", num_proc=num_proc)
+        report.samples_added += len(encoded) - len(split)
         rows = []
         for row in encoded:
             length = len(row["input_ids"])
@@ -205,7 +230,7 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, split: 
         train = train.select(sorted(set(range(len(train))) - set(leaked)))
     conversations["train"] = _mix_and_augment(train, cfg, report)
     splits = tokenize_splits(conversations, tokenizer, cfg, report)
-    report.findings = audit(tokenizer, splits, report)
+    report.findings = audit(tokenizer, splits, report, reasoning=cfg.reasoning)
     if enforce_audit:
         enforce(report.findings, cfg)
     return PreparedData(splits=splits, report=report)

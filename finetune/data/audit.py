@@ -20,14 +20,14 @@ from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
 from finetune.config import DataConfig
-from finetune.data.masks import IGNORE_INDEX, end_of_turn_ids
+from finetune.data.masks import IGNORE_INDEX, end_of_turn_ids, template_traits
 from finetune.data.report import DataReport, Finding, PreparedData
 from finetune.errors import FinetuneError
 
 _NO_REPLY = "no assistant reply to train on (the last turn must be the assistant's)"
 
 
-def audit(tokenizer: PreTrainedTokenizerBase, splits: DatasetDict, report: DataReport) -> list[Finding]:
+def audit(tokenizer: PreTrainedTokenizerBase, splits: DatasetDict, report: DataReport, *, reasoning: str = "drop") -> list[Finding]:
     findings = []
     train = splits["train"] if "train" in splits else next(iter(splits.values()))
     chats = [row for row in train if row["messages"]]
@@ -91,6 +91,10 @@ def audit(tokenizer: PreTrainedTokenizerBase, splits: DatasetDict, report: DataR
     if no_reply:
         findings.append(Finding("warning", "rows without an assistant turn", f"{no_reply} rows have no assistant reply to learn from and were skipped."))
 
+    reasoning_finding = _reasoning_finding(tokenizer, chats, report, reasoning)
+    if reasoning_finding is not None:
+        findings.append(reasoning_finding)
+
     template = tokenizer.chat_template or ""
     digest = hashlib.sha256(template.encode()).hexdigest()[:12]
     findings.append(Finding(
@@ -98,6 +102,28 @@ def audit(tokenizer: PreTrainedTokenizerBase, splits: DatasetDict, report: DataR
         f"training renders with template sha256:{digest}; it is saved with the adapter (chat_template.jinja), so inference uses exactly this template.",
     ))
     return findings
+
+
+def _reasoning_finding(tokenizer: PreTrainedTokenizerBase, chats: list[dict], report: DataReport, policy: str) -> Finding | None:
+    """How earlier turns' reasoning reached the samples (data.reasoning), when the data has any reasoning or the
+    template rewrote earlier turns."""
+    has_reasoning = any(m.get("reasoning_content") or "</think>" in m["content"] for row in chats for m in row["messages"])
+    if not has_reasoning and not report.samples_added:
+        return None
+    check = "earlier reasoning"
+    if template_traits(tokenizer).keeps_earlier_reasoning:
+        return Finding("info", check, "the chat template shows earlier turns' reasoning to later ones: one sample per conversation.")
+    if policy == "keep":
+        return Finding(
+            "warning", check,
+            "data.reasoning: keep: every earlier turn keeps its reasoning in one sample per conversation, but this chat "
+            "template removes it at inference, so later turns learn from context they will not see. data.reasoning: drop is exact.",
+        )
+    return Finding(
+        "info", check,
+        f"the chat template removes earlier turns' reasoning, as it will at inference (data.reasoning: drop): "
+        f"{report.samples_added} extra samples each train such a turn, with its own reasoning, after exactly its inference-time prompt.",
+    )
 
 
 def _segment_ends(labels: list[int]) -> list[int]:

@@ -107,12 +107,20 @@ def text_steps(cfg: CleaningConfig) -> list[tuple[str, Callable[[str], str]]]:
 def clean_conversation(row: Conversation, steps: list[tuple[str, Callable[[str], str]]], report: DataReport) -> Conversation:
     """Apply the text steps to every message (or the text), counting each step that changed the row."""
     for name, step in steps:
-        messages = [{**m, "content": step(m["content"])} for m in row["messages"]]
+        messages = [_cleaned_message(m, step) for m in row["messages"]]
         text = step(row["text"]) if row["text"] else row["text"]
         if messages != row["messages"] or text != row["text"]:
             report.cleaned[name] += 1
             row = {**row, "messages": messages, "text": text}
     return row
+
+
+def _cleaned_message(message: dict[str, Any], step: Callable[[str], str]) -> dict[str, Any]:
+    # Tool-call arguments are JSON for a program, not prose, so they are left as they are.
+    cleaned = {**message, "content": step(message["content"])}
+    if message.get("reasoning_content"):
+        cleaned["reasoning_content"] = step(message["reasoning_content"])
+    return cleaned
 
 
 def load_blocklist(cfg: CleaningConfig) -> re.Pattern[str] | None:
@@ -134,7 +142,7 @@ def all_text(row: Conversation) -> str:
 
 
 def exact_key(row: Conversation) -> str:
-    return json.dumps([row["messages"], row["text"]], sort_keys=True)
+    return json.dumps([row["messages"], row["text"], row.get("tools", "")], sort_keys=True)
 
 
 def drop_near_duplicates(rows: list[Conversation], threshold: float, seed: int) -> tuple[list[Conversation], list[str]]:

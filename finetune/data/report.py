@@ -35,6 +35,7 @@ class DataReport:
     leaked_into_heldout: int = 0
     truncated: int = 0
     text_chunks_added: int = 0
+    samples_added: int = 0  # extra samples from conversations whose template rewrites earlier turns (data.reasoning: drop)
     weighted: dict[str, int] = field(default_factory=dict)  # source -> training rows after weighting
     augmented: int = 0
     splits: dict[str, int] = field(default_factory=dict)
@@ -55,6 +56,11 @@ class DataReport:
             out.append(f"{self.leaked_into_heldout} training conversations removed because held-out data contains them")
         if self.truncated:
             out.append(f"{self.truncated} truncated at a turn boundary to data.max_length")
+        if self.samples_added:
+            out.append(
+                f"{self.samples_added} extra samples from conversations whose chat template rewrites earlier turns "
+                "(each such turn is trained in a sample that ends with it; data.reasoning)"
+            )
         if self.text_chunks_added:
             out.append(f"{self.text_chunks_added} extra chunks from splitting long text rows at data.max_length")
         if self.weighted:
@@ -68,5 +74,5 @@ class DataReport:
 
 @dataclass
 class PreparedData:
-    splits: DatasetDict  # train / validation / test; columns: messages, text, origin, source, input_ids, labels
+    splits: DatasetDict  # train / validation / test; columns: messages, text, tools, origin, source, input_ids, labels, ...
     report: DataReport

@@ -41,7 +41,7 @@ def trained_segments(tokens: dict) -> list[list[int]]:
 
 
 def test_only_assistant_replies_and_their_end_of_turn_carry_labels(chatml_tokenizer):
-    tokens = tokenize_conversation(chatml_tokenizer, CONVERSATION)
+    [tokens] = tokenize_conversation(chatml_tokenizer, CONVERSATION)
     decoded = [chatml_tokenizer.decode(segment) for segment in trained_segments(tokens)]
     assert decoded == ["Hello! How can I help?<|im_end|>", "Blue.<|im_end|>"]
     # The whole rendering is tokenized once, exactly as apply_chat_template would tokenize it.
@@ -50,7 +50,7 @@ def test_only_assistant_replies_and_their_end_of_turn_carry_labels(chatml_tokeni
 
 def test_masks_on_the_real_smollm2_template(smollm2_tokenizer):
     # SmolLM2's template injects a default system prompt; TRL's assistant_only_loss refuses this template.
-    tokens = tokenize_conversation(smollm2_tokenizer, CONVERSATION[1:])
+    [tokens] = tokenize_conversation(smollm2_tokenizer, CONVERSATION[1:])
     decoded = [smollm2_tokenizer.decode(segment) for segment in trained_segments(tokens)]
     assert decoded == ["Hello! How can I help?<|im_end|>", "Blue.<|im_end|>"]
     assert tokens["input_ids"].count(smollm2_tokenizer.convert_tokens_to_ids("<|im_start|>")) == 5  # no doubled BOS
@@ -59,7 +59,7 @@ def test_masks_on_the_real_smollm2_template(smollm2_tokenizer):
 
 def test_eos_stays_trained_even_when_pad_equals_eos(chatml_tokenizer):
     tokenizer = chatml_tokenizer
-    tokens = tokenize_conversation(tokenizer, CONVERSATION)
+    [tokens] = tokenize_conversation(tokenizer, CONVERSATION)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     # Positional labels: every end-of-turn that closes an assistant reply is trained, whatever the pad id is.
     closing = [i for i, t in enumerate(tokens["input_ids"]) if t == eos and tokens["labels"][i] != IGNORE_INDEX]
@@ -174,7 +174,7 @@ def test_chatterbot_source_and_too_long_policy(chatml_tokenizer):
 def test_truncate_keeps_whole_turns(chatml_tokenizer):
     from finetune.data import truncate_at_turn
 
-    tokens = tokenize_conversation(chatml_tokenizer, CONVERSATION)
+    [tokens] = tokenize_conversation(chatml_tokenizer, CONVERSATION)
     first_reply_end = tokens["turn_ends"][0]
     cut = truncate_at_turn(tokens, CONVERSATION, first_reply_end + 3)
     assert cut is not None
