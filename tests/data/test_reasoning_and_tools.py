@@ -6,11 +6,11 @@ import json
 import pytest
 
 from finetune.config import DataConfig, DataSource
-from finetune.data import IGNORE_INDEX, RowError, inspect_data, prepare_data, template_messages, tokenize_conversation, validate_messages
+from finetune.data import RowError, inspect_data, prepare_data, tokenize_conversation, validate_messages
 from finetune.data.formats import chat_messages, to_conversation
 from finetune.errors import FinetuneError
 from tests.conftest import build_chatml_tokenizer
-from tests.families import FAMILIES, build_tokenizer, qwen3_template
+from tests.families import FAMILIES, assert_masks_exact, build_tokenizer, qwen3_template, template_ids, trained_text
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -49,38 +49,8 @@ def _messages(row: dict) -> tuple[list[dict], str]:
     return messages, tools
 
 
-def _ids(tokenizer, messages, tools, **kwargs) -> list[int]:
-    tools = json.loads(tools) if tools else None
-    return tokenizer.apply_chat_template(template_messages(tokenizer, messages), tools=tools, tokenize=True, return_dict=True, **kwargs)["input_ids"]
-
-
 def assert_exact(tokenizer, messages, tools, sample) -> list[int]:
-    """The sample is the template's own tokenization of the conversation it covers, and its labels are exactly the
-    tokens the model generates at inference for each trained turn (prompt tokens from apply_chat_template with the
-    generation prompt, then the turn through its end-of-turn token). Returns the trained message indices."""
-    covered = messages[: sample["turn_messages"][-1]]
-    assert sample["input_ids"] == _ids(tokenizer, covered, tools)
-    expected = [IGNORE_INDEX] * len(sample["input_ids"])
-    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    trained = [count - 1 for count in sample["turn_messages"]]
-    for index in trained:
-        prompt = _ids(tokenizer, messages[:index], tools, add_generation_prompt=True)
-        assert sample["input_ids"][: len(prompt)] == prompt
-        end = sample["input_ids"].index(end_of_turn, len(prompt)) + 1
-        expected[len(prompt) : end] = sample["input_ids"][len(prompt) : end]
-    assert sample["labels"] == expected
-    return trained
-
-
-def trained_text(tokenizer, sample) -> list[str]:
-    pieces, current = [], []
-    for token, label in zip(sample["input_ids"], sample["labels"]):
-        if label != IGNORE_INDEX:
-            current.append(token)
-        elif current:
-            pieces.append(tokenizer.decode(current))
-            current = []
-    return pieces + ([tokenizer.decode(current)] if current else [])
+    return assert_masks_exact(tokenizer, messages, tools, sample, "<|im_end|>")
 
 
 def test_drop_trains_every_turn_with_its_reasoning_after_its_inference_prompt(qwen3):
@@ -112,7 +82,7 @@ def test_keep_is_one_sample_rendered_as_a_template_that_keeps_reasoning(qwen3):
     for chat, tools in ((REASONING_CHAT, ""), (TOOL_CHAT, json.dumps(TOOLS))):
         messages, tools = _messages({"messages": chat, "tools": json.loads(tools) if tools else None})
         [sample] = tokenize_conversation(qwen3, messages, tools, "keep")
-        assert sample["input_ids"] == _ids(keeping, messages, tools)
+        assert sample["input_ids"] == template_ids(keeping, messages, tools)
         assert sample["turn_messages"] == [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
         expected = [text for s in tokenize_conversation(keeping, messages, tools, "drop") for text in trained_text(keeping, s)]
         assert trained_text(qwen3, sample) == expected and len(expected) == len(sample["turn_messages"])
@@ -190,6 +160,7 @@ def test_pipeline_splits_samples_and_inspect_reports_the_policy(tmp_path, qwen3)
     assert len(train) == 22 and prepared.report.samples_added == 11
     assert sorted(len(m) for m in train["messages"]) == [2] * 10 + [4] * 11 + [6]
     assert "11 extra samples" in "\n".join(prepared.report.lines())
+    assert "prompt tokens" not in {f.check for f in prepared.report.findings}
     findings = {f.check: f for f in prepared.report.findings}
     assert findings["earlier reasoning"].level == "info" and "data.reasoning: drop" in findings["earlier reasoning"].message
     assert findings["end of turn trained"].level == "ok"
