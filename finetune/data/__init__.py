@@ -21,11 +21,22 @@ from finetune.config import DataConfig, DataSource
 from finetune.data.audit import Inspection, audit, enforce, summarize
 from finetune.data.augment import augmented_copies
 from finetune.data.cleaning import clean_conversation, drop_near_duplicates, exact_key, load_blocklist, text_steps
-from finetune.data.formats import ROLES, chat_messages, chat_tools, detect_format, to_conversation, to_messages, validate_messages, validate_text
+from finetune.data.formats import (
+    ROLES,
+    chat_messages,
+    chat_tools,
+    detect_format,
+    to_conversation,
+    to_messages,
+    tools_json,
+    validate_messages,
+    validate_text,
+)
 from finetune.data.masks import (
     IGNORE_INDEX,
     REASONING_POLICIES,
     end_of_turn_ids,
+    render_chat,
     render_prompt,
     template_messages,
     template_traits,
@@ -40,8 +51,8 @@ from finetune.errors import FinetuneError
 __all__ = [
     "IGNORE_INDEX", "REASONING_POLICIES", "ROLES", "DataReport", "Finding", "Inspection", "PreparedData", "RowError", "audit",
     "chat_messages", "chat_tools", "chatterbot_files", "detect_format", "end_of_turn_ids", "inspect_data", "load_conversations",
-    "prepare_data", "render_prompt", "source_files", "split_conversations", "template_messages", "template_traits",
-    "to_messages", "tokenize_conversation", "tokenize_splits", "truncate_at_turn", "validate_messages",
+    "prepare_data", "render_chat", "render_prompt", "source_files", "split_conversations", "template_messages", "template_traits",
+    "to_messages", "tokenize_conversation", "tokenize_splits", "tools_json", "truncate_at_turn", "validate_messages",
 ]
 
 

@@ -55,8 +55,7 @@ def to_conversation(row: Any, source: DataSource) -> tuple[str, list[dict[str, A
     if fmt == "text":
         return fmt, [], _text(row, "text"), ""
     messages = to_messages(row, fmt, source.roles)
-    tools = _tools(row.get("tools")) if fmt == "messages" else []
-    return fmt, messages, "", json.dumps(tools) if tools else ""
+    return fmt, messages, "", tools_json(row.get("tools")) if fmt == "messages" else ""
 
 
 def _rename(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
@@ -167,10 +166,11 @@ def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
     return normalized
 
 
-def _tools(tools: Any) -> list[dict[str, Any]]:
-    """The row's `tools`: OpenAI function definitions, also accepted as a JSON string (CSV cells)."""
+def tools_json(tools: Any) -> str:
+    """A row's (or request's) `tools`, OpenAI function definitions, checked and stored as JSON text ("" for none);
+    also accepted as a JSON string (CSV cells)."""
     if tools is None:
-        return []
+        return ""
     if isinstance(tools, str):
         try:
             tools = json.loads(tools)
@@ -186,7 +186,7 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
             raise RowError(f"tools[{number}]: `function.name` must be a non-empty string")
         if not isinstance(function.get("parameters", {}), dict):
             raise RowError(f"tools[{number}] ({function['name']}): `function.parameters` must be a JSON schema object")
-    return tools
+    return json.dumps(tools) if tools else ""
 
 
 def validate_messages(messages: list[dict[str, Any]], tools: str = "") -> None:

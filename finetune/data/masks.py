@@ -110,9 +110,14 @@ def _reasoning_placed(messages: list[dict[str, Any]], as_field: bool) -> list[di
     return out
 
 
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: str = "", *, generation_prompt: bool = False) -> str:
+    """Stored messages (and tools JSON) rendered as training renders them."""
+    return _apply(tokenizer, template_messages(tokenizer, messages), chat_tools(tools), generation_prompt=generation_prompt)
+
+
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: str = "") -> str:
     """The conversation rendered for the assistant's next turn, exactly as training rendered its prompts."""
-    return _apply(tokenizer, template_messages(tokenizer, messages), chat_tools(tools), generation_prompt=True)
+    return render_chat(tokenizer, messages, tools, generation_prompt=True)
 
 
 @dataclass

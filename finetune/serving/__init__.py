@@ -1,7 +1,8 @@
 """Stage 7: talk to a trained model, in the terminal or over an OpenAI-compatible HTTP API with a web chat page.
 
 Entry points: `load_chat_model(target, adapters)` (chat_model.py) loads what to talk to; `chat_loop(chat)`
-(terminal.py) is the terminal chat; `create_app(chat)` and `serve(chat)` (api.py) the HTTP server.
+(terminal.py) is the terminal chat; `create_app(chat)` and `serve(chat)` (api.py) the HTTP server, which answers
+`tools` requests with OpenAI tool calls parsed in the chat template's own format (tool_calls.py).
 """
 
 from finetune.serving.api import ApiError, ChatRequest, Limits, create_app, serve

@@ -27,8 +27,10 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 from transformers import AsyncTextIteratorStreamer
 
+from finetune.data import RowError, to_messages, tools_json
 from finetune.errors import FinetuneError
 from finetune.serving.chat_model import ChatModel, Decoding
+from finetune.serving.tool_calls import StreamedReply, ToolCallFormat
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,16 @@ class _TextPart(BaseModel):
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[_TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_TextPart] | None = None  # null beside an assistant's tool_calls
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
-    def plain(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+    def plain(self) -> dict[str, Any]:
+        """As a data row's message; `to_messages` then checks the tool calls the way training data is checked."""
+        text = self.content if isinstance(self.content, str) or self.content is None else "".join(part.text for part in self.content)
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        return {**message, **{k: v for k, v in (("tool_calls", self.tool_calls), ("tool_call_id", self.tool_call_id)) if v is not None}}
 
 
 class ChatRequest(BaseModel):
@@ -76,6 +82,8 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     n: Literal[1] = 1
     stop: str | list[str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
 
 def _error(status: int, message: str, *, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -127,8 +135,9 @@ def create_app(
                 400, f"max_tokens={max_tokens} is more than this server allows ({limits.max_tokens}); ask for fewer.",
                 param="max_tokens",
             )
+        messages, tools, tool_format = _conversation(req, chat)
         try:
-            prompt = chat.prompt_ids([message.plain() for message in req.messages])
+            prompt = chat.prompt_ids(messages, tools)
         except FinetuneError as exc:
             raise ApiError(400, str(exc), param="messages") from None
         context = chat.context_length
@@ -145,10 +154,12 @@ def create_app(
         )
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
-            events = _sse(chat, worker, name, prompt, settings, reply_id)
+            events = _sse(chat, worker, name, prompt, settings, reply_id, tool_format)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         job = partial(chat.complete, name, prompt, settings)
         completion = await asyncio.get_running_loop().run_in_executor(worker, job)
+        content, calls = tool_format.parse(completion.text) if tool_format else (completion.text, [])
+        message = {"role": "assistant", "content": content or None, "tool_calls": calls} if calls else {"role": "assistant", "content": content}
         return JSONResponse({
             "id": reply_id,
             "object": "chat.completion",
@@ -156,8 +167,8 @@ def create_app(
             "model": name,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": completion.text},
-                "finish_reason": completion.finish_reason,
+                "message": message,
+                "finish_reason": "tool_calls" if calls else completion.finish_reason,
                 "logprobs": None,
             }],
             "usage": {
@@ -207,6 +218,30 @@ def create_app(
     )
 
 
+def _conversation(req: ChatRequest, chat: ChatModel) -> tuple[list[dict[str, Any]], str, ToolCallFormat | None]:
+    """The request's messages and tools as training data is checked and stored, and the tool-call format to parse
+    the reply with (None when the request offers no tools)."""
+    try:
+        messages = to_messages({"messages": [message.plain() for message in req.messages]}, "messages")
+    except RowError as exc:
+        raise ApiError(400, f"Invalid request: messages: {exc}.", param="messages") from None
+    try:
+        tools = tools_json(req.tools)
+    except RowError as exc:
+        raise ApiError(400, f"Invalid request: {exc}.", param="tools") from None
+    choice = req.tool_choice if req.tool_choice is not None else "auto"
+    if choice not in ("auto", "none"):
+        raise ApiError(400, "`tool_choice` may be `auto` or `none` here: the model decides itself whether to call a tool.", param="tool_choice")
+    if not tools or choice == "none":
+        return messages, tools, None
+    if chat.tool_format is None:
+        raise ApiError(
+            400, "This model's chat template does not write tool calls, so it cannot be offered `tools`; serve a model "
+            "whose template does (e.g. one fine-tuned on tool-calling rows with a Qwen2.5-style template).", param="tools",
+        )
+    return messages, tools, chat.tool_format
+
+
 async def _read_json(request: Request, limit: int) -> Any:
     declared = request.headers.get("content-length", "")
     too_large = ApiError(413, f"Request body over {limit} bytes; send a shorter conversation.")
@@ -224,12 +259,14 @@ async def _read_json(request: Request, limit: int) -> Any:
 
 
 async def _sse(
-    chat: ChatModel, worker: ThreadPoolExecutor, name: str, prompt: list[int], decoding: Decoding, reply_id: str
+    chat: ChatModel, worker: ThreadPoolExecutor, name: str, prompt: list[int], decoding: Decoding, reply_id: str,
+    tool_format: ToolCallFormat | None = None,
 ) -> AsyncIterator[str]:
-    """The reply as OpenAI's server-sent events: a role chunk, content chunks, a finish chunk, then [DONE]."""
+    """The reply as OpenAI's server-sent events: a role chunk, content chunks, tool-call chunks when the model called
+    tools (text that may start a call is held back until it is known to be one), a finish chunk, then [DONE]."""
     created = int(time.time())
 
-    def event(delta: dict[str, str], finish_reason: str | None = None) -> str:
+    def event(delta: dict[str, Any], finish_reason: str | None = None) -> str:
         chunk = {
             "id": reply_id,
             "object": "chat.completion.chunk",
@@ -244,13 +281,20 @@ async def _sse(
     job = asyncio.get_running_loop().run_in_executor(
         worker, partial(chat.complete, name, prompt, decoding, streamer=streamer, cancel=cancel)
     )
+    reply = StreamedReply(tool_format) if tool_format else None
     try:
         yield event({"role": "assistant", "content": ""})
         async for text in streamer:
+            text = reply.feed(text) if reply else text
             if text:
                 yield event({"content": text})
         completion = await job
-        yield event({}, completion.finish_reason)
+        content, calls = reply.finish() if reply else ("", [])
+        if content:
+            yield event({"content": content})
+        for index, call in enumerate(calls):
+            yield event({"tool_calls": [{"index": index, **call}]})
+        yield event({}, "tool_calls" if calls else completion.finish_reason)
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()  # a client that hung up stops its generation at the next token

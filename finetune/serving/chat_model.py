@@ -11,11 +11,11 @@ import threading
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jinja2 import TemplateError
 from peft import PeftModel
 from transformers import (
     AsyncTextIteratorStreamer,
@@ -28,9 +28,10 @@ from transformers import (
 
 from finetune import models
 from finetune.config import ModelConfig, Quantization, choices
-from finetune.data import end_of_turn_ids
+from finetune.data import end_of_turn_ids, render_prompt
 from finetune.errors import FinetuneError, argument
 from finetune.run_folder import RunFolder, is_adapter
+from finetune.serving.tool_calls import ToolCallFormat, tool_call_format
 
 
 @dataclass(frozen=True)
@@ -78,12 +79,15 @@ class ChatModel:
     def context_length(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
 
-    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """The conversation rendered with the model's own chat template, ready for the assistant's turn."""
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except TemplateError as exc:
-            raise FinetuneError(f"the model's chat template rejected the conversation: {exc}") from None
+    @cached_property
+    def tool_format(self) -> ToolCallFormat | None:
+        """How this model's chat template writes tool calls (None: it does not)."""
+        return tool_call_format(self.tokenizer)
+
+    def prompt_ids(self, messages: list[dict[str, Any]], tools: str = "") -> list[int]:
+        """The conversation (and tools, as JSON text) rendered with the model's own chat template exactly as
+        training rendered prompts, ready for the assistant's turn."""
+        text = render_prompt(self.tokenizer, messages, tools)  # a template that rejects it raises FinetuneError
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @torch.inference_mode()
