@@ -85,7 +85,7 @@ def test_merged_model_reloads_in_plain_transformers_and_stops_at_the_end_of_turn
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recipe.config.model.source), str(recipe.adapter_dir))
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recipe.config.model.source), str(recipe.folder.adapter))
     replies = []
     for model in (merged, adapted):
         with torch.inference_mode():
