@@ -109,6 +109,12 @@ def _reasoning_finding(tokenizer: PreTrainedTokenizerBase, chats: list[dict], po
     if not any(m.get("reasoning_content") or "</think>" in m["content"] for row in chats for m in row["messages"]):
         return None
     check = "earlier reasoning"
+    if not template_traits(tokenizer).renders_reasoning:
+        return Finding(
+            "warning", "reasoning",
+            "rows carry reasoning, but the chat template writes none (it removes <think> blocks even from the latest "
+            "turn), so no reasoning is trained. Set model.chat_template to a template that renders it.",
+        )
     if template_traits(tokenizer).keeps_earlier_reasoning:
         return Finding("info", check, "the chat template shows earlier turns' reasoning to later ones, so data.reasoning changes nothing.")
     if policy == "keep":

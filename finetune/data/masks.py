@@ -49,6 +49,7 @@ class TemplateTraits:
 
     end_of_turn: str | None  # the special token that closes an assistant turn (where generation stops)
     renders_reasoning_field: bool  # writes an assistant message's `reasoning_content`
+    renders_reasoning: bool  # writes the latest turn's reasoning at all (as the field, or as an inline <think> block)
     keeps_earlier_reasoning: bool  # a turn before the latest user message still shows its reasoning
     prompt_merges_with_reply: bool  # the prompt's last tokens differ when a reply follows them
 
@@ -72,8 +73,9 @@ def template_traits(tokenizer: PreTrainedTokenizerBase) -> TemplateTraits:
     with_reasoning = [_PROBE[0], {**_PROBE[1], "reasoning_content": _PROBE_REASONING}]
     renders_field = _PROBE_REASONING in _apply(tokenizer, with_reasoning)
     later = [*with_reasoning, {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Done."}]
-    keeps = _PROBE_REASONING in _apply(tokenizer, _reasoning_placed(later, renders_field))
-    traits = TemplateTraits(end_of_turn, renders_field, keeps, merges)
+    renders = renders_field or _PROBE_REASONING in _apply(tokenizer, _reasoning_placed(with_reasoning, False))
+    keeps = renders and _PROBE_REASONING in _apply(tokenizer, _reasoning_placed(later, renders_field))
+    traits = TemplateTraits(end_of_turn, renders_field, renders, keeps, merges)
     _traits[tokenizer] = (tokenizer.chat_template, traits)
     return traits
 

@@ -169,6 +169,18 @@ def test_pipeline_splits_samples_and_inspect_reports_the_policy(tmp_path, qwen3)
     assert "data.reasoning: keep" in (tmp_path / "inspect" / "inspect.md").read_text()
 
 
+def test_a_template_that_writes_no_reasoning_gets_a_warning(tmp_path):
+    tokenizer = build_chatml_tokenizer()
+    # Strips every <think> block, even from the latest turn: the rows' reasoning can never be trained.
+    tokenizer.chat_template = tokenizer.chat_template.replace("message['content']", "message['content'].split('</think>')[-1].lstrip()")
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps({"messages": REASONING_CHAT[:2] + [{**REASONING_CHAT[2], "content": f"{i}?"}] + REASONING_CHAT[3:]}) for i in range(5)))
+    prepared = prepare_data(DataConfig(sources=[DataSource(path=str(path))], validation_split=0, test_split=0), tokenizer)
+    finding = {f.check: f for f in prepared.report.findings}["reasoning"]
+    assert finding.level == "warning" and "no reasoning is trained" in finding.message
+    assert not any("Two and two" in text for row in prepared.splits["train"] for text in trained_text(tokenizer, row))
+
+
 def test_an_unknown_reasoning_policy_is_named():
     with pytest.raises(FinetuneError, match="data.reasoning 'all': use one of drop, keep"):
         tokenize_conversation(build_chatml_tokenizer(), REASONING_CHAT[:2], reasoning="all")
