@@ -91,7 +91,7 @@ def audit(tokenizer: PreTrainedTokenizerBase, splits: DatasetDict, report: DataR
     if no_reply:
         findings.append(Finding("warning", "rows without an assistant turn", f"{no_reply} rows have no assistant reply to learn from and were skipped."))
 
-    for finding in (_reasoning_finding(tokenizer, chats, reasoning), _prompt_tokens_finding(tokenizer, report)):
+    for finding in (_reasoning_finding(tokenizer, chats, report, reasoning), _prompt_tokens_finding(tokenizer, report)):
         if finding is not None:
             findings.append(finding)
 
@@ -104,18 +104,21 @@ def audit(tokenizer: PreTrainedTokenizerBase, splits: DatasetDict, report: DataR
     return findings
 
 
-def _reasoning_finding(tokenizer: PreTrainedTokenizerBase, chats: list[dict], policy: str) -> Finding | None:
-    """How earlier turns' reasoning reaches later ones (data.reasoning), when the data has any."""
-    if not any(m.get("reasoning_content") or "</think>" in m["content"] for row in chats for m in row["messages"]):
+def _reasoning_finding(tokenizer: PreTrainedTokenizerBase, chats: list[dict], report: DataReport, policy: str) -> Finding | None:
+    """How earlier turns' reasoning reaches later ones (data.reasoning), when the data has any or the template
+    rewrites earlier turns for it (Qwen3 gives only the latest turn a <think> block, empty when there is none)."""
+    traits = template_traits(tokenizer)
+    has_reasoning = any(m.get("reasoning_content") or "</think>" in m["content"] for row in chats for m in row["messages"])
+    if not has_reasoning and not (report.samples_added and not traits.keeps_earlier_reasoning):
         return None
     check = "earlier reasoning"
-    if not template_traits(tokenizer).renders_reasoning:
+    if has_reasoning and not traits.renders_reasoning:
         return Finding(
             "warning", "reasoning",
             "rows carry reasoning, but the chat template writes none (it removes <think> blocks even from the latest "
             "turn), so no reasoning is trained. Set model.chat_template to a template that renders it.",
         )
-    if template_traits(tokenizer).keeps_earlier_reasoning:
+    if traits.keeps_earlier_reasoning:
         return Finding("info", check, "the chat template shows earlier turns' reasoning to later ones, so data.reasoning changes nothing.")
     if policy == "keep":
         return Finding(
@@ -126,7 +129,8 @@ def _reasoning_finding(tokenizer: PreTrainedTokenizerBase, chats: list[dict], po
     return Finding(
         "info", check,
         "the chat template removes earlier turns' reasoning, as it will at inference (data.reasoning: drop): each such "
-        "turn is trained, with its own reasoning, in a sample that ends with it.",
+        f"turn is trained, with its own reasoning, in a sample that ends with it ({report.samples_added} extra samples; "
+        "data.reasoning: keep trains one sample per conversation instead).",
     )
 
 
