@@ -5,6 +5,7 @@ Entry point: `attach_lora(model, cfg, gradient_checkpointing=...)`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,9 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointi
     if getattr(model, "is_quantized", False):
         # Casts norms to fp32 and enables input grads; without the latter, checkpointed quantized models
         # fail with "element 0 of tensors does not require grad".
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        with warnings.catch_warnings():  # peft still asks transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

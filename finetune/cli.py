@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -302,7 +303,15 @@ def push(
         typer.echo(line)
 
 
+def _quiet_third_party() -> None:
+    """Drop messages that are no news on a normal run: bitsandbytes reports at import that the optional `kernels`
+    package (which would fetch a CPU kernel from the Hub) is missing, and finetune switches that kernel off anyway
+    (models.disable_4bit_cpu_repacking). Done here, for the command line; Python callers keep their own logging."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.getMessage())
+
+
 def main() -> None:
+    _quiet_third_party()
     try:
         app()
     except Interrupted as exc:  # a checkpoint was saved; the exit code says which signal, as a shell would

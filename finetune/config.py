@@ -23,6 +23,7 @@ from finetune.errors import FinetuneError, argument
 Quantization = Literal["none", "8bit", "4bit"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 MergeStrategy = Literal["auto", "full_precision", "nf4_roundtrip"]
+MergeSelect = Literal["perplexity", "fidelity"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -260,7 +261,18 @@ class TrainingConfig(_Section):
 
 
 class EvaluationConfig(_Section):
-    before_and_after: bool = Field(True, description="Score the held-out split before and after training.")
+    before_and_after: bool = Field(
+        True,
+        description="Score the base model too (the trained model with its adapters switched off: nothing reloaded), "
+        "on the same held-out conversations as the trained one.",
+    )
+    time_share: float | None = Field(
+        0.25,
+        gt=0,
+        description="Scoring and generating before and after take at most about this share of the training time: "
+        "fewer held-out conversations (never under one batch) when they would take longer; null = no limit, "
+        "max_rows and generation_rows alone.",
+    )
     max_rows: int | None = Field(200, ge=1, description="Score at most this many held-out conversations (perplexity).")
     batch_size: int = Field(8, ge=1, description="Conversations per scoring or generation batch.")
     generation: bool = Field(
@@ -279,7 +291,12 @@ class OutputConfig(_Section):
     merge_strategy: MergeStrategy = Field(
         "auto",
         description="Base to merge into: original weights, or the dequantized 4-bit weights the adapter trained on; "
-        "auto merges both (4-bit runs) and keeps the one closer to the adapter on held-out perplexity.",
+        "auto tries both (4-bit runs) and keeps the one merge_select prefers.",
+    )
+    merge_select: MergeSelect = Field(
+        "perplexity",
+        description="With merge_strategy auto on a 4-bit run: keep the merged candidate with the lower held-out "
+        "perplexity, or (fidelity) the one closer to the adapter on its 4-bit training base.",
     )
     merge_dtype: Dtype = Field(
         "auto", description="Dtype of the merged model's weights; auto keeps the base checkpoint's dtype."

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 T = TypeVar("T")
+R = TypeVar("R", "Dataset", list)
 
 
 def state() -> PartialState:
@@ -101,11 +102,15 @@ def on_main(fn: Callable[[], T]) -> T:
     return result
 
 
-def shard(rows: Dataset) -> Dataset:
-    """This process's contiguous slice of `rows`, so that `gather` puts the per-row results back in order."""
+def shard(rows: R) -> R:
+    """This process's contiguous slice of `rows` (a Dataset or a list), so that `gather` puts per-row results back in order."""
     current = state()
     if current.num_processes == 1:
         return rows
+    if isinstance(rows, list):  # the same slices as Dataset.shard(contiguous=True)
+        size, extra = divmod(len(rows), current.num_processes)
+        start = size * current.process_index + min(current.process_index, extra)
+        return rows[start : start + size + (current.process_index < extra)]
     return rows.shard(num_shards=current.num_processes, index=current.process_index, contiguous=True)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from peft import PeftModel
 from rich.table import Table
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -27,7 +30,29 @@ from finetune.metrics import lower_is_better, score_generations
 from finetune.run_folder import RunFolder, is_adapter
 
 
-@torch.inference_mode()
+@dataclass
+class NLL:
+    """Summed negative log-likelihood and token counts, over assistant tokens and over all tokens; sums add up."""
+
+    assistant: float = 0.0
+    assistant_tokens: int = 0
+    every: float = 0.0
+    every_tokens: int = 0
+
+    def __add__(self, other: NLL) -> NLL:
+        return NLL(*(a + b for a, b in zip(self.totals(), other.totals())))
+
+    def totals(self) -> tuple[float, int, float, int]:
+        return self.assistant, self.assistant_tokens, self.every, self.every_tokens
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "perplexity": math.exp(self.assistant / max(self.assistant_tokens, 1)),
+            "perplexity_all_tokens": math.exp(self.every / max(self.every_tokens, 1)),
+            "scored_tokens": self.assistant_tokens,
+        }
+
+
 def perplexity(
     model: PreTrainedModel, dataset: Dataset, *, pad_token_id: int, batch_size: int = 8, desc: str = "Scoring", across_processes: bool = False
 ) -> dict[str, float]:
@@ -36,13 +61,21 @@ def perplexity(
     `across_processes=True` (every process must call it then): each process scores its share of the rows and the sums are
     added up, so every process returns the numbers one process would have computed alone.
     """
+    return nll(model, dataset, pad_token_id=pad_token_id, batch_size=batch_size, desc=desc, across_processes=across_processes).metrics()
+
+
+@torch.inference_mode()
+def nll(
+    model: PreTrainedModel, dataset: Dataset, *, pad_token_id: int, batch_size: int = 8, desc: str = "Scoring", across_processes: bool = False
+) -> NLL:
+    """The sums behind `perplexity`, computed in length-sorted batches (see there for `across_processes`)."""
     if across_processes:
         dataset = distributed.shard(dataset)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     rows = sorted(zip(dataset["input_ids"], dataset["labels"]), key=lambda row: len(row[0]))
-    nll = {"assistant": 0.0, "all": 0.0}
+    sums = {"assistant": 0.0, "all": 0.0}
     counts = {"assistant": 0, "all": 0}
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False, disable=not distributed.is_main()):
         batch = rows[start : start + batch_size]
@@ -58,18 +91,13 @@ def perplexity(
         logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
         every_token = input_ids[:, 1:].masked_fill(attention[:, 1:] == 0, IGNORE_INDEX)
         for name, targets in (("assistant", labels[:, 1:]), ("all", every_token)):
-            nll[name] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
+            sums[name] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
             counts[name] += int((targets != IGNORE_INDEX).sum())
     model.train(was_training)
+    total = NLL(sums["assistant"], counts["assistant"], sums["all"], counts["all"])
     if across_processes:
-        shares = distributed.gather([(nll, counts)])
-        nll = {name: sum(share[0][name] for share in shares) for name in nll}
-        counts = {name: sum(share[1][name] for share in shares) for name in counts}
-    return {
-        "perplexity": math.exp(nll["assistant"] / max(counts["assistant"], 1)),
-        "perplexity_all_tokens": math.exp(nll["all"] / max(counts["all"], 1)),
-        "scored_tokens": counts["assistant"],
-    }
+        total = sum(distributed.gather([total]), NLL())
+    return total
 
 
 @torch.inference_mode()
@@ -124,30 +152,167 @@ def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, heldout: D
     every process gets the metrics of all of them. With sharded weights (FSDP, DeepSpeed) every forward pass is a
     collective step, so there each process runs every row instead (and generate() keeps the processes in step).
     """
-    split = not distributed.weights_sharded()
     rows = heldout.select(range(min(cfg.max_rows or len(heldout), len(heldout))))
-    metrics = perplexity(model, rows, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, desc=label, across_processes=split)
-    # Raw text rows have no reply to generate, and a reply that only calls tools has no text to compare with.
-    chats = [i for i, messages in enumerate(heldout["messages"]) if messages and messages[-1]["content"].strip()]
-    if not cfg.generation or not chats:
+    metrics = _nll(model, tokenizer, rows, cfg, label).metrics()
+    prompts = _prompts(heldout, cfg.generation_rows) if cfg.generation else None
+    if not prompts:
         return Evaluation(metrics)
-    sample = heldout.select(chats[: cfg.generation_rows])
-    prompts = [messages[:-1] for messages in sample["messages"]]
-    references = [messages[-1]["content"] for messages in sample["messages"]]
+    scores, samples = _generation(model, tokenizer, prompts, cfg)
+    return Evaluation({**metrics, **scores}, samples)
+
+
+# Of a budgeted evaluation, the share perplexity may take when replies are generated too (generation, one token at a
+# time, is the expensive part and gets the rest).
+_PERPLEXITY_SHARE = 0.4
+# A budget never cuts below one batch of conversations to score, nor below this many replies to generate.
+_MIN_GENERATIONS = 8
+
+
+@dataclass
+class Comparison:
+    """The trained model and the base it started from, scored on the same held-out rows."""
+
+    before: Evaluation | None
+    after: Evaluation
+    rows: Dataset  # the conversations scored for perplexity (a merge check scores the same ones)
+    generated: int
+    seconds: float
+    budget: float | None  # seconds allowed, or None without evaluation.time_share
+
+    def summary(self, train_seconds: float | None) -> dict[str, Any]:
+        share = self.seconds / train_seconds if train_seconds else None
+        return {
+            "evaluation_rows": len(self.rows),
+            "evaluation_generations": self.generated,
+            "evaluation_seconds": round(self.seconds, 1),
+            "evaluation_share_of_training": round(share, 3) if share is not None else None,
+        }
+
+    def line(self, train_seconds: float | None, time_share: float | None) -> str:
+        summary = self.summary(train_seconds)
+        share = summary["evaluation_share_of_training"]
+        of = f" = {share:.0%} of the {train_seconds:.0f} s of training" if share is not None else ""
+        limit = f" (evaluation.time_share {time_share:.0%})" if time_share else ""
+        passes = "before and after" if self.before else "after training"
+        return (
+            f"evaluation ({passes}): {len(self.rows)} conversations scored, {self.generated} replies generated, "
+            f"{self.seconds:.1f} s{of}{limit}"
+        )
+
+
+def before_and_after(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, heldout: Dataset, cfg: EvaluationConfig, *, train_seconds: float | None
+) -> Comparison:
+    """Score the trained model and (cfg.before_and_after) its base on the same held-out conversations.
+
+    The base is the same model with its adapters switched off, so nothing is loaded again; LoRA starts as an exact
+    no-op, so this is the model as it was before training. With `cfg.time_share`, scoring and generation together
+    take about that share of `train_seconds`: a first batch of each is timed and the number of conversations (taken
+    in the split's seeded order, so they are a fair sample) is cut to what fits, never below one batch.
+    """
+    started = time.perf_counter()
+    budget = cfg.time_share * train_seconds if cfg.time_share and train_seconds else None
+    passes = 2 if cfg.before_and_after else 1
+    prompts = _prompts(heldout, cfg.generation_rows) if cfg.generation else []
+    rows = heldout.select(range(min(cfg.max_rows or len(heldout), len(heldout))))
+
+    # Perplexity: time the first batch of the trained model, keep the rows that fit, score them with and without LoRA.
+    first = rows.select(range(min(cfg.batch_size, len(rows))))
+    clock = time.perf_counter()
+    after_nll = _nll(model, tokenizer, first, cfg, "Scoring fine-tuned model")
+    if budget is not None:
+        allowed = budget * (_PERPLEXITY_SHARE if prompts else 1.0) / passes
+        count = rows_within(allowed, time.perf_counter() - clock, [len(ids) for ids in rows["input_ids"]], len(first))
+        rows = rows.select(range(min(distributed.gather([count]))))  # every process keeps the same rows
+    if len(rows) > len(first):
+        after_nll = after_nll + _nll(model, tokenizer, rows.select(range(len(first), len(rows))), cfg, "Scoring fine-tuned model")
+    before_nll = None
+    if cfg.before_and_after:
+        with model.disable_adapter():
+            before_nll = _nll(model, tokenizer, rows, cfg, "Scoring base model")
+
+    # Generation: time a first batch on the slower model (the base stops less often), then fit the rest.
+    before = Evaluation(before_nll.metrics()) if before_nll else None
+    after = Evaluation(after_nll.metrics())
+    if prompts:
+
+        def replies(conversations: list[Prompt], base: bool) -> tuple[dict[str, float], list[dict[str, str]]]:
+            with model.disable_adapter() if base else nullcontext():
+                return _generation(model, tokenizer, conversations, cfg)
+
+        timed_base = cfg.before_and_after
+        size = min(len(prompts), max(cfg.batch_size, _MIN_GENERATIONS))
+        clock = time.perf_counter()
+        timed = replies(prompts[:size], base=timed_base)
+        if budget is not None:
+            allowed = max(0.0, budget - (time.perf_counter() - started)) / passes
+            batches = int(allowed // max(time.perf_counter() - clock, 1e-9))
+            prompts = prompts[: min(distributed.gather([max(size, batches * size)]))]
+        if len(prompts) > size:
+            timed = _joined(timed, replies(prompts[size:], base=timed_base))
+        if timed_base:
+            before.metrics.update(timed[0])
+            before.samples = timed[1]
+            timed = replies(prompts, base=False)
+        after.metrics.update(timed[0])
+        after.samples = timed[1]
+    return Comparison(before, after, rows, len(prompts), time.perf_counter() - started, budget)
+
+
+def rows_within(seconds: float, first_seconds: float, lengths: list[int], first_rows: int) -> int:
+    """How many of `lengths` (tokens per conversation, in order) fit in `seconds` when the first `first_rows` of
+    them took `first_seconds`: time is taken as proportional to tokens. Never fewer than `first_rows`."""
+    per_token = first_seconds / max(sum(lengths[:first_rows]), 1)
+    spent, count = 0.0, 0
+    for length in lengths:
+        spent += length * per_token
+        if spent > seconds:
+            break
+        count += 1
+    return max(first_rows, count)
+
+
+def _nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset, cfg: EvaluationConfig, desc: str) -> NLL:
+    split = not distributed.weights_sharded()
+    return nll(model, rows, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, desc=desc, across_processes=split)
+
+
+# A held-out conversation ending in the reply to generate, with its tools as JSON text ("" for none).
+Prompt = tuple[list[dict[str, Any]], str]
+
+
+def _prompts(heldout: Dataset, limit: int) -> list[Prompt]:
+    """Held-out conversations whose last reply can be generated and compared, at most `limit`: raw text rows have no
+    reply, and a reply that only calls tools has no text to compare with."""
+    tools = heldout["tools"] if "tools" in heldout.column_names else [""] * len(heldout)
+    return [(m, t) for m, t in zip(heldout["messages"], tools) if m and (m[-1]["content"] or "").strip()][:limit]
+
+
+def _generation(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversations: list[Prompt], cfg: EvaluationConfig
+) -> tuple[dict[str, float], list[dict[str, str]]]:
+    """Replies to each conversation's last turn, scored against the real last reply: (scores, samples)."""
+    split = not distributed.weights_sharded()
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else None
-    mine = distributed.shard(sample) if split else sample
-    share = [messages[:-1] for messages in mine["messages"]]
+    share = distributed.shard(conversations) if split else conversations
     replies = generate(
-        model, tokenizer, share, tools=mine["tools"], max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, sampling=sampling
+        model, tokenizer, [c[:-1] for c, _ in share], tools=[tools for _, tools in share],
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, sampling=sampling,
     )
     predictions = [tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
     predictions = distributed.gather(predictions) if split else predictions
-    metrics.update(score_generations(predictions, references))
+    references = [c[-1]["content"] for c, _ in conversations]
     samples = [
-        {"prompt": prompt[-1]["content"], "reference": reference, "prediction": prediction}
-        for prompt, reference, prediction in zip(prompts, references, predictions)
+        {"prompt": c[-2]["content"] or "", "reference": reference, "prediction": prediction}
+        for (c, _), reference, prediction in zip(conversations, references, predictions)
     ]
-    return Evaluation(metrics, samples)
+    return score_generations(predictions, references), samples
+
+
+def _joined(first: tuple[dict[str, float], list[dict[str, str]]], rest: tuple[dict[str, float], list[dict[str, str]]]):
+    """Generation results of two parts as one: samples concatenated, scores recomputed over all of them."""
+    samples = first[1] + rest[1]
+    return score_generations([s["prediction"] for s in samples], [s["reference"] for s in samples]), samples
 
 
 def evaluate_checkpoint(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: EvaluationConfig, adapter: Path | None = None) -> Evaluation:

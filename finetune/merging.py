@@ -6,8 +6,11 @@ up to 36), which is the most reported way a good QLoRA fine-tune turns bad.
 
 An adapter trained on a 4-bit base was fitted to the *quantized* weights, so for 4-bit runs two bases are
 candidates: the original full-precision weights, or the dequantized NF4 weights the adapter actually saw (an NF4
-round trip). Both are merged and scored on held-out data against the adapter-on-4-bit model they came from; the
-closer one is kept unless a strategy is forced.
+round trip). The NF4 round trip computes exactly what the adapter on its 4-bit base computes (the logit check
+proves it on probes), so its held-out perplexity is the adapter's own and needs no second scoring; only the
+full-precision merge is scored. By default (`select="perplexity"`) the one with the lower held-out perplexity is
+kept, and the NF4 round trip is only built when it wins; `select="fidelity"` keeps the NF4 round trip, the merge
+closest to the model that was trained and evaluated.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from peft import PeftModel
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune import atomic
-from finetune.config import MergeStrategy, ModelConfig, choices
+from finetune.config import MergeSelect, MergeStrategy, ModelConfig, choices
 from finetune.errors import FinetuneError, argument
 from finetune.evaluation import perplexity
 from finetune.model_source import resolve
@@ -38,6 +41,7 @@ class MergeReport:
     max_logit_diff: float  # merged vs its base+adapter, both float32, on the probe inputs
     # Held-out perplexity of each merged candidate, and of the adapter on the training-time (quantized) base.
     fidelity: dict[str, float] = field(default_factory=dict)
+    reason: str = ""  # why this candidate was kept
 
 
 def _target_dtype(model_cfg: ModelConfig, requested: str) -> torch.dtype:
@@ -98,6 +102,7 @@ def merge_adapter(
     heldout: Dataset | None = None,
     reference_perplexity: float | None = None,
     strategy: str = "auto",
+    select: str = "perplexity",
     dtype: str = "auto",
     tolerance: float = 1e-3,
 ) -> MergeReport:
@@ -107,6 +112,8 @@ def merge_adapter(
     """
     if strategy not in STRATEGIES:
         raise FinetuneError(f"{argument('strategy', strategy)}: unknown merge strategy; choose one of {', '.join(STRATEGIES)}.")
+    if select not in choices(MergeSelect):
+        raise FinetuneError(f"{argument('select', select)}: choose one of {', '.join(choices(MergeSelect))}.")
     if strategy == "nf4_roundtrip" and model_cfg.quantization != "4bit":
         raise FinetuneError("merge strategy nf4_roundtrip only applies to adapters trained on a 4-bit base.")
     candidates = [strategy] if strategy != "auto" else (["full_precision", "nf4_roundtrip"] if model_cfg.quantization == "4bit" else ["full_precision"])
@@ -115,23 +122,35 @@ def merge_adapter(
     def score(model: torch.nn.Module) -> float:
         return perplexity(model, heldout, pad_token_id=tokenizer.pad_token_id, desc="Merge check")["perplexity"]
 
-    if len(candidates) > 1 and heldout is not None:
+    if len(candidates) == 1 or heldout is None:
+        name = candidates[0]
+        merged, diff = _merged(_base(model_cfg, name), adapter_dir, probes, tolerance)
+        reason = f"{name}: {'the only candidate' if len(candidates) == 1 else 'no held-out rows to compare candidates on'}"
+    else:
         if reference_perplexity is None:  # a run already scored the adapter on its training base; reuse that
             reference = PeftModel.from_pretrained(load_model(model_cfg), str(adapter_dir))
             reference_perplexity = score(reference)
             del reference
         fidelity["adapter_on_training_base"] = reference_perplexity
-    best: tuple[str, PreTrainedModel, float] | None = None
-    for name in candidates:
-        base = _nf4_roundtrip_base(model_cfg) if name == "nf4_roundtrip" else load_model(model_cfg, quantized=False)
-        merged, diff = _merged(base, adapter_dir, probes, tolerance)
-        if "adapter_on_training_base" in fidelity:
-            fidelity[name] = score(merged)
-            gap = abs(fidelity[name] - fidelity["adapter_on_training_base"])
-            if best is not None and gap >= abs(fidelity[best[0]] - fidelity["adapter_on_training_base"]):
-                continue
-        best = (name, merged, diff)
-    name, merged, diff = best
+        merged, diff = _merged(_base(model_cfg, "full_precision"), adapter_dir, probes, tolerance)
+        fidelity["full_precision"] = score(merged)
+        better = fidelity["full_precision"] <= reference_perplexity
+        if select == "perplexity" and better:
+            name = "full_precision"
+            reason = (
+                f"full_precision: held-out perplexity {fidelity['full_precision']:.4f} <= {reference_perplexity:.4f}, "
+                "the adapter on its 4-bit base (which nf4_roundtrip reproduces)"
+            )
+        else:
+            del merged
+            name = "nf4_roundtrip"
+            merged, diff = _merged(_base(model_cfg, name), adapter_dir, probes, tolerance)
+            fidelity[name] = reference_perplexity  # the same function, by the logit check just passed
+            reason = (
+                f"nf4_roundtrip: held-out perplexity {reference_perplexity:.4f} (the adapter on its 4-bit base, reproduced) "
+                f"{'vs' if select == 'fidelity' else '<'} {fidelity['full_precision']:.4f} for full_precision"
+                + ("; kept for fidelity (output.merge_select: fidelity)" if select == "fidelity" else "")
+            )
     target = _target_dtype(model_cfg, dtype)
     merged = merged.to(target)
     configure_generation(merged, tokenizer, stop_ids)
@@ -139,4 +158,10 @@ def merge_adapter(
     with atomic.replacing_dir(out_dir) as partial:
         merged.save_pretrained(partial, max_shard_size="2GB")
         tokenizer.save_pretrained(partial)
-    return MergeReport(merged_dir=out_dir, dtype=str(target).removeprefix("torch."), strategy=name, max_logit_diff=diff, fidelity=fidelity)
+    return MergeReport(
+        merged_dir=out_dir, dtype=str(target).removeprefix("torch."), strategy=name, max_logit_diff=diff, fidelity=fidelity, reason=reason
+    )
+
+
+def _base(model_cfg: ModelConfig, strategy: str) -> PreTrainedModel:
+    return _nf4_roundtrip_base(model_cfg) if strategy == "nf4_roundtrip" else load_model(model_cfg, quantized=False)

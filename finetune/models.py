@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -141,17 +143,33 @@ def load_model(cfg: ModelConfig, *, quantized: bool = True) -> PreTrainedModel:
     # One device per process (never "auto"): quantized weights cannot be trained across devices.
     device = distributed.state().device
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            revision=cfg.revision,
-            trust_remote_code=cfg.trust_remote_code,
-            device_map={"": device},
-            **kwargs,
-        )
+        with _no_loading_bar():
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                revision=cfg.revision,
+                trust_remote_code=cfg.trust_remote_code,
+                device_map={"": device},
+                **kwargs,
+            )
     except OSError as exc:
         raise FinetuneError(f"model.source `{cfg.source}`: could not load weights ({exc}).") from None
     disable_4bit_cpu_repacking(model)
     return model
+
+
+@contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers draws a bar over every tensor it loads (hundreds of lines in a log file for a second's work);
+    a run already says what it loads. The caller's setting is put back."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
 
 
 def disable_4bit_cpu_repacking(model: PreTrainedModel) -> None:

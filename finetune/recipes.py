@@ -1,7 +1,7 @@
 """Recipes compose the stages; they hold no logic a stage should own.
 
-`ChatSFTRecipe.run()` reads top to bottom as the pipeline: load -> attach LoRA -> data -> evaluate before ->
-train -> evaluate after -> save adapter -> merge -> report.
+`ChatSFTRecipe.run()` reads top to bottom as the pipeline: load -> attach LoRA -> data -> train -> evaluate
+(before and after, on the same rows) -> save adapter -> merge -> report.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class ChatSFTRecipe:
         self.folder = RunFolder.of(config)
         self.merge_report: merging.MergeReport | None = None
         self.metrics_after: dict[str, float] | None = None  # the trained adapter's scores, reused by merge()
+        self.evaluated_rows: int | None = None  # how many held-out conversations they cover
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ChatSFTRecipe:
@@ -113,8 +114,22 @@ class ChatSFTRecipe:
         return "test" if "test" in self.data.splits else "validation"
 
     def evaluate(self, label: str = "Scoring") -> evaluation.Evaluation:
+        """Score the model as it is now on the held-out split (no time budget)."""
         heldout = self.data.splits[self.heldout_split]
         return evaluation.score(self.model, self.tokenizer, heldout, self.config.evaluation, label=label)
+
+    def evaluate_before_and_after(self) -> evaluation.Comparison:
+        """After training: the trained model and its base (adapters off) on the same held-out conversations, within
+        evaluation.time_share of the training time (see `finetune.evaluation.before_and_after`)."""
+        train_seconds = getattr(self, "train_seconds", None)
+        comparison = evaluation.before_and_after(
+            self.model, self.tokenizer, self.data.splits[self.heldout_split], self.config.evaluation, train_seconds=train_seconds
+        )
+        self.comparison = comparison
+        self.metrics_after = comparison.after.metrics
+        self.evaluated_rows = len(comparison.rows)
+        self._say(f"  {comparison.line(train_seconds, self.config.evaluation.time_share)}")
+        return comparison
 
     def train(self, callbacks: Sequence[TrainerCallback] = ()) -> None:
         """Train, saving a checkpoint every `training.save_steps`. SIGINT/SIGTERM saves one more and raises
@@ -166,8 +181,11 @@ class ChatSFTRecipe:
         its own merged/ again also updates its metrics.json, report, model cards and run.json to the new weights."""
         self._release_training_model()
         self._say("Merging the adapter into a full-precision base")
+        started = time.perf_counter()
         heldout = self.data.splits[self.heldout_split]
-        heldout = heldout.select(range(min(len(heldout), self.config.evaluation.max_rows or len(heldout))))
+        # The rows the run scored, so the adapter's own perplexity is comparable with the merged candidates'.
+        rows = self.evaluated_rows or self.config.evaluation.max_rows or len(heldout)
+        heldout = heldout.select(range(min(len(heldout), rows)))
         report = distributed.on_main(lambda: merging.merge_adapter(
             self.config.model,
             self.folder.adapter,
@@ -178,12 +196,18 @@ class ChatSFTRecipe:
             heldout=heldout,
             reference_perplexity=self.metrics_after["perplexity"] if self.metrics_after else None,
             strategy=strategy or self.config.output.merge_strategy,
+            select=self.config.output.merge_select,
             dtype=dtype or self.config.output.merge_dtype,
         ))  # one merged copy, written by the main process
         self.merge_report = report
+        self.merge_seconds = time.perf_counter() - started
         for candidate, value in report.fidelity.items():
             self._say(f"  held-out perplexity, {candidate.replace('_', ' ')}: {value:.4f}")
-        self._say(f"  merged ({report.strategy}, {report.dtype}); largest logit difference vs base+adapter: {report.max_logit_diff:.2e}")
+        self._say(f"  kept {report.reason}")
+        self._say(
+            f"  merged ({report.strategy}, {report.dtype}) in {self.merge_seconds:.1f} s; largest logit difference vs "
+            f"base+adapter: {report.max_logit_diff:.2e}"
+        )
         if out_dir is None and self.folder.is_finished():
             distributed.on_main(lambda: self._record_merge(report))
         return report
@@ -201,6 +225,10 @@ class ChatSFTRecipe:
         recipe.tokenizer = models.load_tokenizer(recipe.config.model, folder=folder.adapter)
         recipe.stop_ids = data.end_of_turn_ids(recipe.tokenizer)
         recipe.data = data.prepare_data(recipe.config.data, recipe.tokenizer)  # same seed, same splits
+        if folder.is_finished():  # the rows it scored and the adapter's score on them: a merge compares against these
+            metrics = folder.read_metrics()
+            recipe.evaluated_rows = metrics.get("evaluation_rows")
+            recipe.metrics_after = metrics.get("metrics_after") if recipe.evaluated_rows else None
         return recipe
 
     def cleanup(self) -> None:
@@ -214,10 +242,9 @@ class ChatSFTRecipe:
         the newest complete checkpoint, with the same data order and the same final weights as an uninterrupted
         run; it refuses a recipe that differs from the run's in anything that changes training."""
         self.setup(resume=resume)
-        before = self.evaluate("Scoring base model") if self.config.evaluation.before_and_after else None
         self.train()
-        after = self.evaluate("Scoring fine-tuned model")
-        self.metrics_after = after.metrics
+        comparison = self.evaluate_before_and_after()
+        before, after = comparison.before, comparison.after
         self.save()
         merge_report = self.merge() if self.config.output.merge else None
         if before:
@@ -248,7 +275,9 @@ class ChatSFTRecipe:
         """A finished run merged again: metrics.json, report, cards and run.json describe the new merged/."""
         summary = self.folder.read_metrics()
         history, samples = summary.pop("history", {}), summary.pop("samples", {})
-        summary.update(merge_strategy=report.strategy, merge_max_logit_diff=report.max_logit_diff, merge_fidelity=report.fidelity)
+        summary.update(
+            merge_strategy=report.strategy, merge_reason=report.reason, merge_max_logit_diff=report.max_logit_diff, merge_fidelity=report.fidelity
+        )
         evaluation.write_report(self.run_dir, summary=summary, history=history, samples=samples)
         self._write_card_and_manifest()
 
@@ -265,8 +294,11 @@ class ChatSFTRecipe:
             "heldout_split": self.heldout_split,
             "train_loss": result.train_loss,
             "train_seconds": round(getattr(self, "train_seconds", 0.0), 1),
+            **self.comparison.summary(getattr(self, "train_seconds", None)),
+            "merge_seconds": round(getattr(self, "merge_seconds", 0.0), 1) if self.merge_report else None,
             "merge_max_logit_diff": result.merge_max_logit_diff,
             "merge_strategy": self.merge_report.strategy if self.merge_report else None,
+            "merge_reason": self.merge_report.reason if self.merge_report else None,
             "merge_fidelity": self.merge_report.fidelity if self.merge_report else None,
             "metrics_before": result.metrics_before,
             "metrics_after": result.metrics_after,

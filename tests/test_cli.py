@@ -79,6 +79,7 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes_the_run(tiny_ll
     stderr = child.communicate(timeout=300)[1]
     assert child.returncode == 130, stderr[-3000:]
     assert "interrupted: SIGINT received: training stopped after step" in stderr and "Traceback" not in stderr
+    assert "kernels-community" not in stderr and "is deprecated" not in stderr  # no noise a user cannot act on
     assert f"{run_dir / 'recipe.yaml'}, and --resume." in stderr  # the CLI names its flag, Python its argument
 
     resumed = finetune("run", str(run_dir / "recipe.yaml"), "--resume")

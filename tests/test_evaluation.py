@@ -72,3 +72,52 @@ def test_score_adds_generation_metrics_consistent_with_its_samples(tiny_llama_di
     assert [s["reference"] for s in result.samples] == ["Hello there, friend.", "A pear, perhaps, or a plum."]
     recomputed = score_generations([s["prediction"] for s in result.samples], [s["reference"] for s in result.samples])
     assert all(result.metrics[k] == v for k, v in recomputed.items())
+
+
+def test_rows_within_keeps_the_prefix_that_fits_and_never_less_than_the_timed_batch():
+    from finetune.evaluation import rows_within
+
+    lengths = [10, 10, 20, 40, 10]
+    # The first two rows (20 tokens) took 2 s: 0.1 s per token.
+    assert rows_within(4.0, 2.0, lengths, first_rows=2) == 3  # 10 + 10 + 20 tokens = 4 s
+    assert rows_within(100.0, 2.0, lengths, first_rows=2) == 5
+    assert rows_within(0.5, 2.0, lengths, first_rows=2) == 2  # the timed batch is always kept
+
+
+def test_before_is_the_base_model_scored_on_the_same_rows(tiny_llama_dir, facts_jsonl, tmp_path):
+    """The before-scores come from the trained model with its adapters switched off: they must equal a fresh base."""
+    from finetune import ChatSFTRecipe
+    from tests.conftest import tiny_recipe
+
+    recipe = ChatSFTRecipe(**tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path / "run"))
+    result = recipe.run()
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    rows = recipe.data.splits["test"].select(range(recipe.evaluated_rows))
+    fresh = perplexity(base, rows, pad_token_id=recipe.tokenizer.pad_token_id)
+    assert result.metrics_before["scored_tokens"] == fresh["scored_tokens"]
+    assert math.isclose(result.metrics_before["perplexity"], fresh["perplexity"], rel_tol=1e-5)
+    assert result.metrics_after["perplexity"] != result.metrics_before["perplexity"]  # the adapters were really on
+
+
+def test_a_time_budget_cuts_held_out_rows_to_what_fits_and_reports_its_share(tiny_llama_dir, tmp_path):
+    import json
+
+    from finetune import ChatSFTRecipe
+    from tests.conftest import tiny_recipe
+
+    sums = tmp_path / "sums.jsonl"  # 40 distinct conversations: more held out than the budget keeps
+    sums.write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"What is {n} plus {n}?"}, {"role": "assistant", "content": f"{2 * n}."}]}) + "\n"
+        for n in range(40)
+    ))
+    config = tiny_recipe(tiny_llama_dir, sums, tmp_path / "run", evaluation__time_share=1e-6, evaluation__generation_rows=12)
+    config["evaluation"].update(batch_size=2, max_new_tokens=4)
+    config["data"]["test_split"] = 0.5
+    recipe = ChatSFTRecipe(**config)
+    recipe.run()
+    metrics = json.loads((recipe.run_dir / "metrics.json").read_text())
+    # A budget far below one batch keeps exactly the timed first batch of each kind, for both models.
+    assert metrics["evaluation_rows"] == 2 and metrics["evaluation_generations"] == 8
+    assert len(metrics["samples"]["before"]) == len(metrics["samples"]["after"]) == 8
+    assert len(recipe.data.splits["test"]) > 8
+    assert metrics["evaluation_share_of_training"] > 0 and "evaluation_seconds" in metrics

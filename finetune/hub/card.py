@@ -219,9 +219,11 @@ def _metric_lines(metrics: dict[str, Any]) -> list[str]:
         lines += ["", f"Merged model{strategy} vs base + adapter: largest logit difference {metrics['merge_max_logit_diff']:.2e}."]
     fidelity = metrics.get("merge_fidelity") or {}
     if len(fidelity) > 1:
-        lines += ["", "Merge fidelity (held-out perplexity; the merged base closer to the adapter on its 4-bit training base is kept):", ""]
+        lines += ["", "Merge candidates (held-out perplexity):", ""]
         lines += ["| model | perplexity |", "|---|---:|"]
         lines += [f"| {name.replace('_', ' ')} | {value:.4f} |" for name, value in fidelity.items()]
+        if metrics.get("merge_reason"):
+            lines += ["", f"Kept {metrics['merge_reason']}."]
     return lines
 
 

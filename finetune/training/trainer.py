@@ -15,13 +15,14 @@ from typing import Any
 import torch
 from datasets import DatasetDict
 from peft import PeftModel
-from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase, TrainerCallback
+from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTConfig, SFTTrainer
 
 from finetune import distributed
 from finetune.config import TrainingConfig
 from finetune.training.nan_guard import NonFiniteLossGuard
+from finetune.training.progress import TrainingProgress
 from finetune.training.speed import trained_logits_loss, use_packed_attention
 
 
@@ -76,6 +77,7 @@ def sft_config(cfg: TrainingConfig, output_dir: Path, *, train_rows: int, has_va
         bf16=on_cuda and dtype == torch.bfloat16,
         fp16=on_cuda and dtype == torch.float16,
         report_to="none",
+        disable_tqdm=True,  # TrainingProgress shows one line instead of tqdm bars and raw log dicts
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,  # already enforced by data.max_length
         dataloader_num_workers=0,
@@ -114,7 +116,7 @@ def build_trainer(
     if cfg.packing:
         use_packed_attention(model)
     trainer_class = _TrainedLogitsSFTTrainer if cfg.skip_untrained_logits else _SFTTrainer
-    return trainer_class(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=splits["train"].select_columns(columns),
@@ -122,6 +124,9 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    trainer.remove_callback(PrinterCallback)  # it prints every log entry as a dict; TrainingProgress shows them
+    trainer.add_callback(TrainingProgress())
+    return trainer
 
 
 def logged_train_loss(trainer: SFTTrainer) -> float | None:
