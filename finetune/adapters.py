@@ -1,12 +1,16 @@
 """Stage 2: attach LoRA adapters (peft) to a loaded base model.
 
-Entry point: `attach_lora(model, cfg, gradient_checkpointing=...)`.
+Entry points: `attach_lora(model, cfg, gradient_checkpointing=...)` for training, `load_adapter(model, folder)` for a
+trained adapter folder (merge, evaluation, serving).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -39,17 +43,31 @@ def peft_config(cfg: LoraConfig) -> PeftLoraConfig:
     )
 
 
+@contextmanager
+def _peft_quietly() -> Iterator[None]:
+    # peft still reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model; the warning
+    # is about peft's code, not the user's, and would print on every run.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        yield
+
+
+def load_adapter(model: PreTrainedModel, folder: Path | str, *, adapter_name: str = "default") -> PeftModel:
+    with _peft_quietly():
+        return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name)
+
+
 def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointing: bool) -> tuple[PeftModel, TrainableParameters]:
     if getattr(model, "is_quantized", False):
         # Casts norms to fp32 and enables input grads; without the latter, checkpointed quantized models
         # fail with "element 0 of tensors does not require grad".
-        with warnings.catch_warnings():  # peft still asks transformers' deprecated is_gradient_checkpointing
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        with _peft_quietly():
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    peft_model = get_peft_model(model, peft_config(cfg))
+    with _peft_quietly():
+        peft_model = get_peft_model(model, peft_config(cfg))
     if cfg.fast_dropout:
         use_fast_cpu_dropout(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()

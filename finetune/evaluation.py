@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune import atomic, distributed, models
+from finetune.adapters import load_adapter
 from finetune.config import DataConfig, EvaluationConfig, ModelConfig
 from finetune.data import IGNORE_INDEX, end_of_turn_ids, prepare_data, render_prompt
 from finetune.errors import FinetuneError, argument
@@ -317,8 +318,6 @@ def _joined(first: tuple[dict[str, float], list[dict[str, str]]], rest: tuple[di
 
 def evaluate_checkpoint(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: EvaluationConfig, adapter: Path | None = None) -> Evaluation:
     """Score any model (optionally with a LoRA adapter) on every valid conversation of a data config."""
-    from peft import PeftModel
-
     tokenizer = models.load_tokenizer(model_cfg)
     if adapter is not None:
         if not is_adapter(adapter):
@@ -327,7 +326,7 @@ def evaluate_checkpoint(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: Evalu
             tokenizer = models.load_tokenizer(model_cfg, folder=adapter)
     model = models.load_model(model_cfg)
     if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter))
+        model = load_adapter(model, adapter)
     models.configure_generation(model, tokenizer, end_of_turn_ids(tokenizer))
     heldout = prepare_data(data_cfg, tokenizer, split=False).splits["test"]
     return score(model, tokenizer, heldout, cfg, label="Scoring")

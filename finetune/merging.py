@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from peft import PeftModel
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune import atomic
+from finetune.adapters import load_adapter
 from finetune.config import MergeSelect, MergeStrategy, ModelConfig, choices
 from finetune.errors import FinetuneError, argument
 from finetune.evaluation import perplexity
@@ -78,7 +78,7 @@ def _nf4_roundtrip_base(model_cfg: ModelConfig) -> PreTrainedModel:
 
 
 def _merged(base: PreTrainedModel, adapter_dir: Path, probes: list[list[int]], tolerance: float) -> tuple[PreTrainedModel, float]:
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model = load_adapter(base, adapter_dir)
     model.eval()
     expected = _logits(model, probes)
     merged = model.merge_and_unload()
@@ -128,7 +128,7 @@ def merge_adapter(
         reason = f"{name}: {'the only candidate' if len(candidates) == 1 else 'no held-out rows to compare candidates on'}"
     else:
         if reference_perplexity is None:  # a run already scored the adapter on its training base; reuse that
-            reference = PeftModel.from_pretrained(load_model(model_cfg), str(adapter_dir))
+            reference = load_adapter(load_model(model_cfg), adapter_dir)
             reference_perplexity = score(reference)
             del reference
         fidelity["adapter_on_training_base"] = reference_perplexity

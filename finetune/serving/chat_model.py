@@ -27,6 +27,7 @@ from transformers import (
 )
 
 from finetune import models
+from finetune.adapters import load_adapter
 from finetune.config import ModelConfig, Quantization, choices
 from finetune.data import end_of_turn_ids, render_prompt
 from finetune.errors import FinetuneError, argument
@@ -177,7 +178,7 @@ def load_chat_model(
         adapter = f"adapter{index}"  # peft adapter names become module keys, which may not contain dots
         try:
             if index == 0:
-                model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter)
+                model = load_adapter(model, folder, adapter_name=adapter)
             else:
                 model.load_adapter(str(folder), adapter_name=adapter)
         except (RuntimeError, ValueError, KeyError) as exc:
