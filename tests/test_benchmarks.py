@@ -207,7 +207,7 @@ def test_quality_table_marks_where_the_recipe_is_ahead(quality):
     def arm(values):
         curve = [{"cpu_seconds": 0.0, "steps": 0, "conversations": 0, "perplexity": 20.0}]
         curve += [{"cpu_seconds": 15.0 * i, "steps": i, "conversations": 4 * i, "perplexity": v} for i, v in enumerate(values, 1)]
-        return {"settings": {}, "wall_seconds": 1, "curve": curve}
+        return {"settings": quality.PLAIN, "wall_seconds": 1, "curve": curve}
 
     payload = {
         "name": "quality", "command": "python benchmarks/quality.py",
@@ -218,3 +218,10 @@ def test_quality_table_marks_where_the_recipe_is_ahead(quality):
     }
     table = quality.markdown(payload)
     assert "| 15 | 15.00 (4) | 16.00 (4) | **no** |" in table and "| 60 | 10.00 (16) | 8.00 (16) | yes |" in table
+    assert "Summary" not in table  # only with ablation arms
+    payload["results"]["foldoc"]["4bit"]["arms"]["lr 1e-3"] = arm([14, 10, 8, 7]) | {"settings": {
+        "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "batch_size": 4, "learning_rate": 1e-3, "warmup_ratio": 0.03,
+        "gradient_accumulation_steps": 1}}
+    table = quality.markdown(payload)
+    assert "| arm | settings | foldoc 4bit (not tuned on) |" in table
+    assert "| lr 1e-3 | LoRA r=16, alpha 32, dropout 0.05, batch 4, lr 0.001 cosine, warmup 0.03, gradient accumulation 1 | 7.00 (16) |" in table
