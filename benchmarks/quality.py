@@ -231,7 +231,7 @@ def run_unit(args: argparse.Namespace, task: str, quantization: str, tokenizer: 
         raise SystemExit(f"--arms {unknown}: not plain, recipe or a --variant label")
     (unit / "unit.json").write_text(json.dumps({
         "task": task, "quantization": quantization, "budget": args.budget, "max_length": max_length,
-        "train_rows": len(train), "test_rows": len(test), "arms": args.arms, "variants": known,
+        "train_rows": len(train), "test_rows": len(test), "arms": args.arms, "variants": known, "command": command_line(),
     }, indent=1))
     for arm in args.arms:
         print(f"=== {task} {quantization}: training {arm} for {args.budget:.0f} CPU seconds", flush=True)
@@ -266,7 +266,8 @@ def markdown(payload: dict[str, Any]) -> str:
     lines = [
         "# Held-out reply perplexity at equal training time: plain TRL script (a) vs finetune recipe (b)",
         "",
-        machine_markdown(payload["machine"]),
+        machine_markdown(payload["machine"]) + " (Described when this table was built; the load while the arms ran does not",
+        "change their CPU-time budgets.)",
         "",
         "Equal time = the same budget of each arm's own **process CPU time, one thread each** (OMP_NUM_THREADS=1), so",
         "other load on the machine does not shorten either arm. Perplexity (lower is better): the last assistant reply of",
@@ -274,9 +275,12 @@ def markdown(payload: dict[str, Any]) -> str:
         "trained on (NF4 for 4-bit, float32 for 32-bit). Model: SmolLM2-135M-Instruct (bundled GGUF).",
         f"(a) plain TRL script: {_settings(PLAIN)}, loss on every token, TRL defaults otherwise. (b) recipe: the library's",
         "default configuration; other arms (ablations) are the recipe with the overrides in the summary. Every arm runs its "
-        "own cosine schedule over the budget's seconds. Command: "
-        f"`{payload['command']}`.",
+        "own cosine schedule over the budget's seconds. Commands: " + "; ".join(f"`{c}`" for c in payload["commands"]) + ".",
     ]
+    recipe = next((e["arms"]["recipe"]["settings"] for by_q in payload["results"].values() for e in by_q.values() if "recipe" in e["arms"]), None)
+    if recipe:
+        lines.append(f"(b) as run: {_settings(recipe)}, gradient accumulation {recipe['gradient_accumulation_steps']}, "
+                     f"packing {'on' if recipe['packing'] else 'off'}, loss on assistant replies only.")
     for task, by_quantization in payload["results"].items():
         for quantization, entry in by_quantization.items():
             arms = entry["arms"]
@@ -354,14 +358,20 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def command_line() -> str:
+    return " ".join(["python benchmarks/quality.py", *(f"'{a}'" if " " in a or ";" in a else a for a in sys.argv[1:])])
+
+
 def report(args: argparse.Namespace) -> None:
     payload = {
         "name": args.name,
         "machine": machine(),
-        "command": " ".join(["python benchmarks/quality.py", *sys.argv[1:]]),
         "plain_settings": PLAIN,
         "results": collect(args.work / args.name),
     }
+    # The commands that ran the units (a --report-only run rebuilds tables from runs made by others).
+    units = sorted((args.work / args.name).glob("*/unit.json"))
+    payload["commands"] = list(dict.fromkeys(json.loads(u.read_text()).get("command", command_line()) for u in units)) or [command_line()]
     _, md_path = write(args.name, payload, markdown(payload), args.out)
     if payload["results"]:
         plot(payload, args.out / f"{args.name}.png")

@@ -210,14 +210,16 @@ def test_quality_table_marks_where_the_recipe_is_ahead(quality):
         return {"settings": quality.PLAIN, "wall_seconds": 1, "curve": curve}
 
     payload = {
-        "name": "quality", "command": "python benchmarks/quality.py",
+        "name": "quality", "commands": ["python benchmarks/quality.py"],
         "machine": {"cpu": "test", "cores": 2, "torch_threads": 1, "memory_gib": 1, "gpu": None, "load_average_1min": 0,
                     "python": "3", "torch": "2", "transformers": "5", "trl": "1"},
         "results": {"foldoc": {"4bit": {"train_rows": 100, "test_rows": 32, "max_length": 256, "budget_cpu_seconds": 60,
-                                        "base_perplexity": 20.0, "arms": {"plain": arm([15, 12, 11, 10]), "recipe": arm([16, 11, 9, 8])}}}},
+                                        "base_perplexity": 20.0, "arms": {"plain": arm([15, 12, 11, 10]), "recipe": arm([16, 11, 9, 8]) | {"settings": {
+                                            **quality.PLAIN, "learning_rate": 5e-4, "gradient_accumulation_steps": 1, "packing": True}}}}}},
     }
     table = quality.markdown(payload)
     assert "| 15 | 15.00 (4) | 16.00 (4) | **no** |" in table and "| 60 | 10.00 (16) | 8.00 (16) | yes |" in table
+    assert "(b) as run: LoRA r=16, alpha 32, dropout 0.05, batch 4, lr 0.0005 cosine, warmup 0.0, gradient accumulation 1, packing on" in table
     assert "Summary" not in table  # only with ablation arms
     payload["results"]["foldoc"]["4bit"]["arms"]["lr 1e-3"] = arm([14, 10, 8, 7]) | {"settings": {
         "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "batch_size": 4, "learning_rate": 1e-3, "warmup_ratio": 0.03,
