@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import OFFLINE, machine, machine_markdown, plain_trl_trainer, write  # noqa: E402
-import quality_tasks  # noqa: E402
+import quality_tasks
+from _harness import OFFLINE, machine, machine_markdown, plain_trl_trainer, write
 
 os.environ.update({k: os.environ.get(k, v) for k, v in OFFLINE.items()})
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def child(args: argparse.Namespace, kind: str, unit: Path, arm: str | None = Non
     command = [sys.executable, __file__, "--child", kind, "--unit", str(unit), *(["--arm", arm] if arm else [])]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(unit / f"{kind}-{arm or 'all'}.log", "w") as log:
-        done = subprocess.run(command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+        done = subprocess.run(command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode:
         raise SystemExit(f"{kind} {arm or ''} failed; see {unit}/{kind}-{arm or 'all'}.log")
 
@@ -285,8 +285,8 @@ def markdown(payload: dict[str, Any]) -> str:
         for quantization, entry in by_quantization.items():
             arms = entry["arms"]
             lines += ["", f"## {task}, quantization {quantization}", "",
-                      f"{entry['train_rows']} training / {entry['test_rows']} test conversations (max {entry['max_length']} tokens); "
-                      f"base model before training: {entry['base_perplexity']:.2f}.", ""]
+                      (f"{entry['train_rows']} training / {entry['test_rows']} test conversations (max {entry['max_length']} tokens); "
+                       f"base model before training: {entry['base_perplexity']:.2f}."), ""]
             names = list(arms)
             lines += ["| CPU seconds | " + " | ".join(f"{_label(a)}: perplexity (conversations seen)" for a in names) + " | b ahead? |",
                       "|---|" + "---|" * len(names) + "---|"]

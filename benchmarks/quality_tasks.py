@@ -18,8 +18,9 @@ import re
 import shutil
 import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 Chat = list[dict[str, str]]
 
@@ -41,7 +42,7 @@ def debian_package(package: str, cache: Path) -> Path:
     download = cache / f"{package}.download"
     shutil.rmtree(download, ignore_errors=True)
     download.mkdir(parents=True)
-    fetched = subprocess.run(["apt-get", "download", package], cwd=download, capture_output=True, text=True)
+    fetched = subprocess.run(["apt-get", "download", package], cwd=download, capture_output=True, text=True, check=False)
     debs = list(download.glob("*.deb"))
     if fetched.returncode or not debs:
         raise SystemExit(f"`apt-get download {package}` failed ({fetched.stderr.strip()[-300:]}). Fix: apt-get update, then run again.")
