@@ -1,4 +1,5 @@
 """Shared pieces of the benchmarks: the machine's description, its measured matmul rate, peak memory of a phase,
+the plain TRL script every comparison runs against (`plain_trl_trainer`),
 and writing results as JSON plus a Markdown table under benchmarks/results/."""
 
 from __future__ import annotations
@@ -112,4 +113,69 @@ def machine_markdown(info: dict[str, Any]) -> str:
         f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), {info['memory_gib']} GiB RAM, "
         f"GPU: {gpu}; load average at start {info['load_average_1min']}. Python {info['python']}, torch {info['torch']}, "
         f"transformers {info['transformers']}, TRL {info['trl']}."
+    )
+
+
+def plain_trl_trainer(
+    source: Any,
+    messages: list[list[dict[str, str]]],
+    output_dir: Path,
+    *,
+    quantization: str,
+    max_steps: int,
+    batch_size: int,
+    learning_rate: float,
+    lr_scheduler: str,
+    warmup_steps: int,
+    max_length: int,
+    lora_r: int,
+    lora_alpha: float,
+    lora_dropout: float,
+    seed: int,
+    callbacks: tuple[Any, ...] = (),
+) -> Any:
+    """The plain script the benchmarks compare against: TRL's SFTTrainer given a model path, a `messages` dataset
+    and a peft LoraConfig, as TRL's documentation writes it. Everything not passed is TRL's default (gradient
+    checkpointing on, padding per batch, no packing, loss on every token since SmolLM2's template has no
+    `{% generation %}` markers for `assistant_only_loss`). `source` is a resolved model source
+    (`finetune.model_source.resolve`); a GGUF file is read from the library's cached conversion."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from finetune import models
+
+    on_cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if on_cuda else torch.float32
+    init: dict[str, Any] = {"dtype": dtype}
+    if quantization == "4bit":
+        init["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+    elif quantization == "8bit":
+        init["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    return SFTTrainer(
+        model=models.weights_path(source),
+        args=SFTConfig(
+            output_dir=str(output_dir),
+            max_steps=max_steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=learning_rate,
+            lr_scheduler_type=lr_scheduler,
+            warmup_steps=warmup_steps,
+            max_length=max_length,
+            logging_steps=max_steps,
+            save_strategy="no",
+            report_to="none",
+            seed=seed,
+            use_cpu=not on_cuda,
+            bf16=on_cuda,
+            model_init_kwargs=init,
+        ),
+        train_dataset=Dataset.from_dict({"messages": messages}),
+        peft_config=LoraConfig(
+            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear", task_type="CAUSAL_LM",
+        ),
+        callbacks=list(callbacks),
     )

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import OFFLINE, PeakMemory, machine, machine_markdown, matmul_tflops, write  # noqa: E402
+from _harness import OFFLINE, PeakMemory, plain_trl_trainer, machine, machine_markdown, matmul_tflops, write  # noqa: E402
 
 os.environ.update({k: os.environ.get(k, v) for k, v in OFFLINE.items()})
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from datasets import DatasetDict
     from transformers import TrainerCallback
 
-    from finetune import data, evaluation, models, planning, training
+    from finetune import data, evaluation, model_source, models, planning, training
     from finetune.config import RecipeConfig
     from finetune.recipes import ChatSFTRecipe
 
@@ -128,7 +128,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         # The same conversations and held-out split; the baseline loads its model itself, as TRL's documentation does.
         tokenizer = models.load_tokenizer(config.model)
         splits = data.prepare_data(config.data, tokenizer).splits
-        trainer = baseline_trainer(config, splits["train"], run_dir, on_cuda)
+        train_cfg = config.training
+        trainer = plain_trl_trainer(
+            model_source.resolve(config.model), splits["train"]["messages"], run_dir / "baseline",
+            quantization=config.model.quantization, max_steps=train_cfg.max_steps, batch_size=train_cfg.batch_size,
+            learning_rate=train_cfg.learning_rate, lr_scheduler=train_cfg.lr_scheduler,  # same schedule as (b), so only the levers differ
+            warmup_steps=math.ceil(train_cfg.warmup_ratio * train_cfg.max_steps), max_length=config.data.max_length,
+            lora_r=config.lora.r, lora_alpha=config.lora.lora_alpha, lora_dropout=config.lora.dropout, seed=train_cfg.seed,
+        )
         model = trainer.model
         # The harness scores (a) before training, in eval mode; without this, bitsandbytes would repack its 4-bit
         # weights for an inference kernel with no backward (see finetune.models.disable_4bit_cpu_repacking) and the
@@ -192,52 +199,6 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "curve": curve,
         "matmul_params": shape.matmul_params,
     }
-
-
-def baseline_trainer(config: Any, train_split: Any, run_dir: Path, on_cuda: bool) -> Any:
-    """The plain script: TRL's SFTTrainer given a model path, a `messages` dataset and a peft LoraConfig."""
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import BitsAndBytesConfig
-    from trl import SFTConfig, SFTTrainer
-
-    from finetune import model_source, models
-
-    dtype = torch.bfloat16 if on_cuda else torch.float32
-    init = {"dtype": dtype}
-    if config.model.quantization == "4bit":
-        init["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
-        )
-    elif config.model.quantization == "8bit":
-        init["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    train = Dataset.from_dict({"messages": train_split["messages"]})
-    training = config.training
-    return SFTTrainer(
-        model=models.weights_path(model_source.resolve(config.model)),
-        args=SFTConfig(
-            output_dir=str(run_dir / "baseline"),
-            max_steps=training.max_steps,
-            per_device_train_batch_size=training.batch_size,
-            learning_rate=training.learning_rate,
-            lr_scheduler_type=training.lr_scheduler,  # same schedule as (b), so only the levers differ
-            warmup_steps=math.ceil(training.warmup_ratio * training.max_steps),
-            max_length=config.data.max_length,
-            logging_steps=training.max_steps,
-            save_strategy="no",
-            report_to="none",
-            seed=training.seed,
-            use_cpu=not on_cuda,
-            bf16=on_cuda,
-            model_init_kwargs=init,
-        ),
-        train_dataset=train,
-        peft_config=LoraConfig(
-            r=config.lora.r, lora_alpha=config.lora.lora_alpha, lora_dropout=config.lora.dropout,
-            target_modules="all-linear", task_type="CAUSAL_LM",
-        ),
-    )
 
 
 # ---------------------------------------------------------------- parent: runs, ratios, tables

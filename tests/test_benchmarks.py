@@ -4,6 +4,7 @@ are benchmarks, not tests)."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -71,3 +72,158 @@ def test_lever_table_has_a_row_per_run_relative_to_all_on(train_speed):
 def test_child_arguments_drop_the_parents_quantization_list(train_speed):
     argv = ["--steps", "4", "--quantization", "4bit", "none", "--set", "lora.r=8"]
     assert train_speed._without(argv, "--quantization") == ["--steps", "4", "--set", "lora.r=8"]
+
+
+# ---------------------------------------------------------------- benchmarks/quality.py: tasks, split, scoring
+
+
+@pytest.fixture(scope="module")
+def quality():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["quality"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+FOLDOC = """00-database-info
+     This file was converted by dictfmt.
+
+Abend
+\t
+   <operating system> {ABnormal END}.  A program crash.
+
+   Further reading: {crash}.
+
+   (1996-01-01)
+
+A-0
+
+   <language> One of the first compilers, for the {UNIVAC}
+   I (1952).
+
+"""
+
+
+def test_foldoc_entries_keep_the_first_paragraph_without_markup(quality):
+    entries = quality.quality_tasks.foldoc_entries(FOLDOC)
+    assert entries == [("Abend", "ABnormal END.  A program crash."), ("A-0", "One of the first compilers, for the UNIVAC I (1952).")]
+
+
+def mo_file(pairs: dict[str, str], order: str = "<") -> bytes:
+    """A GNU .mo file as msgfmt writes it: header, two (length, offset) tables, then the strings."""
+    import struct
+
+    keys = sorted(pairs)
+    header = 28
+    strings = b""
+    originals, translations = [], []
+    table_end = header + 16 * len(keys)
+    for key in keys:
+        originals.append((len(key.encode()), table_end + len(strings)))
+        strings += key.encode() + b"\0"
+    for key in keys:
+        translations.append((len(pairs[key].encode()), table_end + len(strings)))
+        strings += pairs[key].encode() + b"\0"
+    out = struct.pack(order + "7I", 0x950412DE, 0, len(keys), header, header + 8 * len(keys), 0, 0)
+    for length, offset in originals + translations:
+        out += struct.pack(order + "2I", length, offset)
+    return out + strings
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_mo_catalogue_reads_either_byte_order_and_skips_header_plurals_contexts(quality, order):
+    pairs = {"": "Content-Type: text/plain; charset=UTF-8\n", "missing operand": "opérande manquant",
+             "%d file\0%d files": "%d fichier\0%d fichiers", "menu\x04Open": "Ouvrir"}
+    catalogue = quality.quality_tasks.mo_catalogue(mo_file(pairs, order))
+    assert catalogue == {"missing operand": "opérande manquant"}
+    with pytest.raises(ValueError, match="not a GNU .mo file"):
+        quality.quality_tasks.mo_catalogue(b"\0" * 28)
+
+
+def test_split_is_by_conversation_seeded_and_only_fitting_chats(quality, chatml_tokenizer):
+    tasks = quality.quality_tasks
+    chats = [tasks.exchange(f"question {i}", "answer " * (2 if i % 5 else 200)) for i in range(60)]
+    train, test = tasks.split(chats, chatml_tokenizer, max_length=64, test_rows=8, train_rows=100, seed=0)
+    assert len(test) == 8 and len(train) == 48 - 8  # every fifth chat is too long for 64 tokens
+    assert not {c[0]["content"] for c in test} & {c[0]["content"] for c in train}
+    assert all(len(tasks.reply_tokens(chatml_tokenizer, c)[0]) <= 64 for c in train + test)
+    again = tasks.split(chats, chatml_tokenizer, max_length=64, test_rows=8, train_rows=100, seed=0)
+    assert again == (train, test)
+
+
+def test_reply_perplexity_scores_only_the_last_reply(quality, tiny_llama_dir, chatml_tokenizer):
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tasks = quality.quality_tasks
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    chats = [
+        [*tasks.exchange("hi", "hello there"), *tasks.exchange("and you?", "fine, thanks")],
+        tasks.exchange("What is 2+2?", "4, of course; said at some length to make the rows differ in width"),
+    ]
+    ids, start = tasks.reply_tokens(chatml_tokenizer, chats[0])
+    assert chatml_tokenizer.decode(ids[start:]) == "fine, thanks<|im_end|>\n"
+    # by hand, one conversation at a time: transformers' own shifted loss over the reply's positions only
+    total = count = 0
+    for chat in chats:
+        ids, start = tasks.reply_tokens(chatml_tokenizer, chat)
+        labels = torch.tensor([[-100] * start + ids[start:]])
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ids]), labels=labels).loss
+        total, count = total + float(loss) * (len(ids) - start), count + len(ids) - start
+    assert tasks.reply_perplexity(model, chatml_tokenizer, chats, batch_size=2) == pytest.approx(math.exp(total / count), rel=1e-4)
+
+
+def test_budget_schedule_runs_warmup_and_cosine_over_cpu_seconds_and_saves_at_quarters(quality, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    clock = {"now": 100.0}
+    monkeypatch.setattr(quality.time, "process_time", lambda: clock["now"])
+    budget = quality.budget_callback(40.0, 1e-3, 0.1, tmp_path, conversations_per_step=4)
+    optimizer = SimpleNamespace(param_groups=[{"lr": 0.0}])
+    saved = []
+    model = SimpleNamespace(save_pretrained=saved.append)
+    budget.on_train_begin()
+    rates = []
+    for step, seconds in enumerate([2, 4, 20, 31, 40], start=1):
+        clock["now"] = 100.0 + seconds
+        budget.on_pre_optimizer_step(None, None, None, optimizer=optimizer)
+        rates.append(optimizer.param_groups[0]["lr"])
+        control = SimpleNamespace(should_training_stop=False)
+        budget.on_step_end(None, SimpleNamespace(global_step=step), control, model=model)
+    assert rates[0] == pytest.approx(5e-4) and rates[1] == pytest.approx(1e-3)  # warmup: 10% of 40 s
+    assert rates[2] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (0.5 - 0.1) / 0.9)))
+    assert rates[4] == pytest.approx(0.0, abs=1e-12)
+    # 10 s and 20 s are passed at the step ending at 20 s; 30 s at 31 s; 40 s at the end, which stops training
+    assert [p["steps"] for p in budget.saved] == [3, 3, 4, 5] and [p["conversations"] for p in budget.saved] == [12, 12, 16, 20]
+    assert saved == [tmp_path / f"point{i}" for i in range(1, 5)] and control.should_training_stop
+
+
+def test_quality_table_marks_where_the_recipe_is_ahead(quality):
+    def arm(values):
+        curve = [{"cpu_seconds": 0.0, "steps": 0, "conversations": 0, "perplexity": 20.0}]
+        curve += [{"cpu_seconds": 15.0 * i, "steps": i, "conversations": 4 * i, "perplexity": v} for i, v in enumerate(values, 1)]
+        return {"settings": quality.PLAIN, "wall_seconds": 1, "curve": curve}
+
+    payload = {
+        "name": "quality", "commands": ["python benchmarks/quality.py"],
+        "machine": {"cpu": "test", "cores": 2, "torch_threads": 1, "memory_gib": 1, "gpu": None, "load_average_1min": 0,
+                    "python": "3", "torch": "2", "transformers": "5", "trl": "1"},
+        "results": {"foldoc": {"4bit": {"train_rows": 100, "test_rows": 32, "max_length": 256, "budget_cpu_seconds": 60,
+                                        "base_perplexity": 20.0, "arms": {"plain": arm([15, 12, 11, 10]), "recipe": arm([16, 11, 9, 8]) | {"settings": {
+                                            **quality.PLAIN, "learning_rate": 5e-4, "gradient_accumulation_steps": 1, "packing": True}}}}}},
+    }
+    table = quality.markdown(payload)
+    assert "| 15 | 15.00 (4) | 16.00 (4) | **no** |" in table and "| 60 | 10.00 (16) | 8.00 (16) | yes |" in table
+    assert "(b) as run: LoRA r=16, alpha 32, dropout 0.05, batch 4, lr 0.0005 cosine, warmup 0.0, gradient accumulation 1, packing on" in table
+    assert "Summary" not in table  # only with ablation arms
+    payload["results"]["foldoc"]["4bit"]["arms"]["lr 1e-3"] = arm([14, 10, 8, 7]) | {"settings": {
+        "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "batch_size": 4, "learning_rate": 1e-3, "warmup_ratio": 0.03,
+        "gradient_accumulation_steps": 1}}
+    table = quality.markdown(payload)
+    assert "| arm | settings | foldoc 4bit (not tuned on) |" in table
+    assert "| lr 1e-3 | LoRA r=16, alpha 32, dropout 0.05, batch 4, lr 0.001 cosine, warmup 0.03, gradient accumulation 1 | 7.00 (16) |" in table
