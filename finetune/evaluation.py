@@ -326,6 +326,7 @@ def evaluate_checkpoint(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: Evalu
         if (adapter / "tokenizer_config.json").is_file():  # the adapter's own tokenizer carries its chat template
             tokenizer = models.load_tokenizer(model_cfg, folder=adapter)
     model = models.load_model(model_cfg)
+    models.fit_vocabulary(model, tokenizer)  # rows for tokens training added; the adapter holds their trained values
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
     models.configure_generation(model, tokenizer, end_of_turn_ids(tokenizer))
