@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from peft import PeftModel
 from rich.table import Table
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune import atomic, distributed, models
+from finetune import atomic, chunked_loss, distributed, models
 from finetune.config import DataConfig, EvaluationConfig, ModelConfig
 from finetune.data import IGNORE_INDEX, end_of_turn_ids, prepare_data, render_prompt
 from finetune.errors import FinetuneError, argument
@@ -88,11 +87,16 @@ def nll(
             labels[i, : len(lab)] = torch.tensor(lab)
             attention[i, : len(ids)] = 1
         input_ids, labels, attention = input_ids.to(device), labels.to(device), attention.to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-        every_token = input_ids[:, 1:].masked_fill(attention[:, 1:] == 0, IGNORE_INDEX)
-        for name, targets in (("assistant", labels[:, 1:]), ("all", every_token)):
-            sums[name] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
-            counts[name] += int((targets != IGNORE_INDEX).sum())
+        real = attention[:, 1:] == 1  # position i predicts token i + 1
+        hidden = chunked_loss.final_hidden_states(model, {"input_ids": input_ids, "attention_mask": attention})[:, :-1][real]
+        # Through the output layer in chunks (finetune.chunked_loss): the whole batch's logits would be
+        # rows x tokens x vocabulary floats (4 GiB for 16 rows of 256 tokens over Gemma 3's vocabulary).
+        token_nll = chunked_loss.token_nll(model, hidden, input_ids[:, 1:][real])
+        assistant = labels[:, 1:][real] != IGNORE_INDEX  # labels are the input tokens wherever they are set
+        sums["assistant"] += token_nll[assistant].sum().item()
+        sums["all"] += token_nll.sum().item()
+        counts["assistant"] += int(assistant.sum())
+        counts["all"] += len(token_nll)
     model.train(was_training)
     total = NLL(sums["assistant"], counts["assistant"], sums["all"], counts["all"])
     if across_processes:

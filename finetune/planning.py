@@ -44,6 +44,15 @@ _CPU_HEAP_RETENTION = 1.17
 # Resident memory of a process that imported torch, transformers, TRL, peft and datasets and holds a tokenizer
 # and a tokenized dataset (measured on CPU), and the CUDA context plus allocator slack on a GPU.
 _OVERHEAD = {"cpu": 0.6 * GiB, "cuda": 0.8 * GiB}
+# The loss runs the output layer over at most this many (position x vocabulary) logits at once (finetune.chunked_loss):
+# 256 MiB in float32, 256 positions of Gemma 3's 262k vocabulary, 1365 of SmolLM2's 49k.
+LOGITS_PER_CHUNK = 1 << 26
+
+
+def loss_chunk_positions(vocab: int) -> int:
+    return max(1, LOGITS_PER_CHUNK // vocab)
+
+
 # Families whose MLP has two matrices (fc, proj) instead of Llama's three (gate, up, down).
 _TWO_MATRIX_MLP = {"gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "phi", "falcon", "bloom", "starcoder2"}
 
@@ -257,10 +266,11 @@ def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Bat
 
     # Logits: the (positions x vocabulary) output-layer product.
     if training.skip_untrained_logits:
-        positions = int(tokens * trained_share)
+        labelled = int(tokens * trained_share)
+        positions = min(labelled, loss_chunk_positions(shape.vocab))  # one chunk at a time, recomputed in backward
         # fp32 logits, log-softmax kept for backward, and their gradient (plus the 16-bit head output on GPU)
         logits = positions * shape.vocab * (12 + (compute_bytes if compute_bytes < 4 else 0))
-        logits_detail = f"{positions} labelled positions x {shape.vocab} vocabulary"
+        logits_detail = f"{positions} of {labelled} labelled positions at a time x {shape.vocab} vocabulary"
     elif device == "cuda":  # TRL's tiled log-probabilities: one (4096 x 32768) tile at a time
         logits = min(int(tokens * trained_share), 4096) * min(shape.vocab, 32768) * max(compute_bytes, 4) * 2
         logits_detail = "TRL's tiled log-probabilities"

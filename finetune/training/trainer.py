@@ -210,7 +210,7 @@ class _SFTTrainer(SFTTrainer):
 
 
 class _TrainedLogitsSFTTrainer(_SFTTrainer):
-    """SFTTrainer whose loss projects through the output layer only at positions that carry loss.
+    """SFTTrainer whose loss projects through the output layer only at positions that carry loss, in chunks.
 
     TRL's loss projects every position onto the vocabulary (in tiles; off CUDA it also recomputes them in
     backward and derives the entropy from them). For a small model with a large vocabulary that projection is
@@ -221,16 +221,15 @@ class _TrainedLogitsSFTTrainer(_SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:  # only compute_metrics needs the full logits; TRL's path builds them
             return super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        loss, logits, targets = trained_logits_loss(model, inputs, num_items_in_batch)
+        loss, hits, labelled = trained_logits_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the token count is global
         mode = "train" if model.training else "eval"
-        with torch.no_grad():
-            counts = torch.stack([(logits.argmax(-1) == targets).sum(), torch.tensor(targets.numel(), device=logits.device)])
+        counts = torch.stack([hits.detach(), torch.tensor(labelled, device=hits.device)])
         correct, labelled = self.accelerator.gather_for_metrics(counts.unsqueeze(0)).sum(0).tolist()
         self._metrics[mode]["mean_token_accuracy"].append(correct / labelled if labelled else 0.0)
         if mode == "train":  # TRL's running count of processed tokens (padding excluded)
             real = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(inputs["input_ids"].numel())
-            self._total_train_tokens += int(self.accelerator.gather_for_metrics(real.to(logits.device).unsqueeze(0)).sum())
+            self._total_train_tokens += int(self.accelerator.gather_for_metrics(real.to(hits.device).unsqueeze(0)).sum())
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return loss
