@@ -135,3 +135,20 @@ def _greedy():
     from finetune.serving.chat_model import Decoding
 
     return Decoding(max_new_tokens=20, temperature=0)
+
+
+def test_a_4bit_base_gets_rows_for_the_added_tokens_and_trains_them(base):
+    from finetune import adapters, models
+    from finetune.config import LoraConfig
+
+    folder, _ = base
+    cfg = ModelConfig(source=str(folder), chat_template="chatml", quantization="4bit")
+    tokenizer = load_tokenizer(cfg)
+    model = models.load_model(cfg)
+    new = models.fit_vocabulary(model, tokenizer)
+    assert new == [len(tokenizer) - 2, len(tokenizer) - 1] and model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    model, _ = adapters.attach_lora(model, LoraConfig(r=4), gradient_checkpointing=False, new_tokens=new)
+    ids = tokenizer.apply_chat_template(ROWS[0]["messages"], tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
+    model(input_ids=ids, labels=ids).loss.backward()
+    rows = [p for name, p in model.named_parameters() if "trainable_tokens_delta" in name]
+    assert rows and all(p.grad is not None and p.grad.abs().sum() > 0 for p in rows)
