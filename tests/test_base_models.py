@@ -92,6 +92,7 @@ def test_the_added_tokens_are_trained_and_saved_in_the_adapter_without_the_whole
     assert list(config["trainable_token_indices"].values())[0] == [vocab, vocab + 1]
     with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as weights:
         rows = {key: weights.get_tensor(key) for key in weights.keys() if "trainable_tokens" in key}
+        assert not [key for key in weights.keys() if key.endswith(".weight") and "lora_" not in key]
     assert rows and all(t.shape[0] == 2 for t in rows.values())  # two rows, never the whole (vocab x hidden) matrix
     embeddings = AutoModelForCausalLM.from_pretrained(base[0]).get_input_embeddings().weight
     for trained in rows.values():  # moved away from where they started (the mean of the existing rows)
@@ -152,3 +153,21 @@ def test_a_4bit_base_gets_rows_for_the_added_tokens_and_trains_them(base):
     model(input_ids=ids, labels=ids).loss.backward()
     rows = [p for name, p in model.named_parameters() if "trainable_tokens_delta" in name]
     assert rows and all(p.grad is not None and p.grad.abs().sum() > 0 for p in rows)
+
+
+def test_checkpoints_hold_the_trained_rows_not_the_whole_embedding(base, tmp_path):
+    folder, data = base
+    recipe = ChatSFTRecipe(
+        name="checkpoints",
+        model={"source": str(folder), "quantization": "none", "chat_template": "chatml"},
+        data={"sources": [{"type": "file", "path": str(data)}], "max_length": 64, "validation_split": 0, "test_split": 0},
+        training={"max_steps": 1, "batch_size": 4, "save_steps": 1},
+        output={"dir": str(tmp_path / "run")},
+    )
+    recipe.setup()
+    recipe.train()
+    [checkpoint] = recipe.folder.checkpoints.glob("checkpoint-*")
+    with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as weights:
+        keys = list(weights.keys())
+    assert any("trainable_tokens" in key for key in keys)
+    assert not [key for key in keys if key.endswith(".weight") and "lora_" not in key], keys  # no whole embedding matrix
