@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from peft import PeftModel
 from rich.table import Table
@@ -88,10 +89,15 @@ def nll(
             attention[i, : len(ids)] = 1
         input_ids, labels, attention = input_ids.to(device), labels.to(device), attention.to(device)
         real = attention[:, 1:] == 1  # position i predicts token i + 1
-        hidden = chunked_loss.final_hidden_states(model, {"input_ids": input_ids, "attention_mask": attention})[:, :-1][real]
-        # Through the output layer in chunks (finetune.chunked_loss): the whole batch's logits would be
-        # rows x tokens x vocabulary floats (4 GiB for 16 rows of 256 tokens over Gemma 3's vocabulary).
-        token_nll = chunked_loss.token_nll(model, hidden, input_ids[:, 1:][real])
+        targets = input_ids[:, 1:][real]
+        if distributed.weights_sharded():  # the output layer's weights are whole only inside the forward (FSDP, ZeRO-3)
+            logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1][real].float()
+            token_nll = F.cross_entropy(logits, targets, reduction="none")
+        else:
+            # Through the output layer in chunks (finetune.chunked_loss): the whole batch's logits would be
+            # rows x tokens x vocabulary floats (4 GiB for 16 rows of 256 tokens over Gemma 3's vocabulary).
+            hidden = chunked_loss.final_hidden_states(model, {"input_ids": input_ids, "attention_mask": attention})[:, :-1][real]
+            token_nll = chunked_loss.token_nll(model, hidden, targets)
         assistant = labels[:, 1:][real] != IGNORE_INDEX  # labels are the input tokens wherever they are set
         sums["assistant"] += token_nll[assistant].sum().item()
         sums["all"] += token_nll.sum().item()
@@ -330,7 +336,7 @@ def evaluate_checkpoint(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: Evalu
         if (adapter / "tokenizer_config.json").is_file():  # the adapter's own tokenizer carries its chat template
             tokenizer = models.load_tokenizer(model_cfg, folder=adapter)
     model = models.load_model(model_cfg)
-    models.fit_vocabulary(model, tokenizer)  # rows for tokens training added; the adapter holds their trained values
+    models.fit_vocabulary(model, tokenizer, for_adapter=adapter is not None)  # rows for tokens training added; the adapter holds their trained values
     if adapter is not None:
         model = PeftModel.from_pretrained(model, str(adapter))
     models.configure_generation(model, tokenizer, end_of_turn_ids(tokenizer))

@@ -129,7 +129,7 @@ def merge_adapter(
     else:
         if reference_perplexity is None:  # a run already scored the adapter on its training base; reuse that
             reference = load_model(model_cfg)
-            fit_vocabulary(reference, tokenizer)
+            fit_vocabulary(reference, tokenizer, for_adapter=True)
             reference = PeftModel.from_pretrained(reference, str(adapter_dir))
             reference_perplexity = score(reference)
             del reference
@@ -169,5 +169,5 @@ def _base(model_cfg: ModelConfig, strategy: str, tokenizer: PreTrainedTokenizerB
     """The base to merge into, with rows for any tokens training added (the adapter holds their trained values); the
     merged model is saved with that vocabulary and the tokenizer that has them."""
     base = _nf4_roundtrip_base(model_cfg) if strategy == "nf4_roundtrip" else load_model(model_cfg, quantized=False)
-    fit_vocabulary(base, tokenizer)
+    fit_vocabulary(base, tokenizer, for_adapter=True)
     return base

@@ -120,17 +120,18 @@ def added_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return list(_added_markers.get(tokenizer, []))
 
 
-def fit_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def fit_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, for_adapter: bool = False) -> list[int]:
     """Give the model an embedding row for every token of `tokenizer`; returns the ids whose rows it never trained
     (the turn markers `load_tokenizer` added, and any rows this appends), which LoRA then trains.
 
-    New rows start at the mean of the existing ones (transformers' `mean_resizing`), where a new token's logit starts
-    near the average token's instead of at random. Call it after `load_model` wherever a tokenizer with added tokens
-    meets a base: before training, and before loading an adapter or merging one (the adapter holds the trained rows).
+    Call it after `load_model` wherever a tokenizer with added tokens meets a base: before training, where new rows
+    start at the mean of the existing ones (transformers' `mean_resizing`: a new token's logit starts near the average
+    token's instead of at random), and before loading or merging an adapter (`for_adapter=True`), which holds the
+    trained rows, so the rows only need to exist (the mean's covariance takes ~7 s over Gemma 3's 262k rows).
     """
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=not for_adapter)
     added = {tokenizer.convert_tokens_to_ids(token) for token in added_tokens(tokenizer)}
     return sorted(added | set(range(rows, len(tokenizer))))
 

@@ -104,7 +104,7 @@ class ChatSFTRecipe:
         if self.new_tokens:
             self._say(f"  added tokens {', '.join(self.tokenizer.convert_ids_to_tokens(self.new_tokens))}: embedding rows trained with LoRA")
         if cfg.training.gradient_checkpointing == "auto":
-            needed, memory = planning.needs_checkpointing(cfg, train=self.data.splits["train"])
+            needed, memory = planning.needs_checkpointing(cfg, train=self.data.splits["train"], added_tokens=len(self.new_tokens))
             cfg.training.gradient_checkpointing = needed  # recipe.yaml records what ran
             self._say(f"  memory plan: {memory.summary()}; gradient checkpointing {'on' if needed else 'off'}")
         self.model, trainable = adapters.attach_lora(

@@ -27,7 +27,8 @@ def test_final_hidden_states_through_the_head_are_the_models_logits(name):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_chunked_perplexity_equals_the_full_logits_one(tiny_llama_dir, chatml_tokenizer, monkeypatch):
+@pytest.mark.parametrize("sharded", [False, True], ids=["chunks-of-5", "in-forward-for-sharded-weights"])
+def test_chunked_perplexity_equals_the_full_logits_one(tiny_llama_dir, monkeypatch, sharded):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
@@ -43,6 +44,8 @@ def test_chunked_perplexity_equals_the_full_logits_one(tiny_llama_dir, chatml_to
             every += F.cross_entropy(logits, torch.tensor(row["input_ids"][1:]), reduction="sum").item()
             assistant += F.cross_entropy(logits, torch.tensor(row["labels"][1:]), reduction="sum").item()
     monkeypatch.setattr(chunked_loss, "loss_chunk_positions", lambda vocab: 5)
+    if sharded:
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     result = nll(model, Dataset.from_list(rows), pad_token_id=0, batch_size=2)
     assert result.every == pytest.approx(every, rel=1e-5) and result.every_tokens == sum(len(r["input_ids"]) - 1 for r in rows)
     assert result.assistant == pytest.approx(assistant, rel=1e-5)

@@ -90,12 +90,15 @@ def test_packed_conversations_never_attend_to_each_other(lora_model, rows, chatm
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
-@pytest.mark.parametrize("chunk", [None, 7], ids=["one-chunk", "chunks-of-7"])
+@pytest.mark.parametrize("chunk", [None, 7, "sharded"], ids=["one-chunk", "chunks-of-7", "in-forward-for-sharded-weights"])
 def test_trained_logits_loss_has_the_full_projection_loss_and_gradients(lora_model, rows, chatml_tokenizer, padding_free, chunk, monkeypatch):
-    """In one chunk, or in chunks of 7 positions, each recomputed in backward: the loss and gradients of the full logits."""
+    """In one chunk, in chunks of 7 positions (each recomputed in backward), or inside the forward as FSDP/ZeRO-3 need:
+    the loss and gradients of the full logits."""
     from finetune import chunked_loss
 
-    if chunk:
+    if chunk == "sharded":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    elif chunk:
         monkeypatch.setattr(chunked_loss, "loss_chunk_positions", lambda vocab: chunk)
     lora_model.train()  # dropout is 0, so train mode is deterministic
     batch = collate(rows, chatml_tokenizer, padding_free=padding_free)

@@ -11,6 +11,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from finetune import distributed
 from finetune.chunked_loss import cross_entropy_sum, final_hidden_states
 
 # ---------------------------------------------------------------- attention per packed conversation
@@ -62,8 +63,16 @@ def trained_logits_loss(model: torch.nn.Module, inputs: dict[str, Any], num_item
     labels = inputs["labels"]
     keep = labels[:, 1:] != -100  # position i predicts token i + 1
     targets = labels[:, 1:][keep]
-    hidden = final_hidden_states(model, {key: value for key, value in inputs.items() if key != "labels"})
-    total, hits = cross_entropy_sum(model, hidden[:, :-1][keep], targets)
+    model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+    if distributed.weights_sharded():
+        # FSDP and ZeRO-3 make the output layer's weights whole only inside the model's forward: run it there, on
+        # every labelled position at once (transformers' boolean `logits_to_keep` selects them before the head).
+        selected = torch.nn.functional.pad(keep, (0, 1))
+        logits = model(**model_inputs, use_cache=False, logits_to_keep=selected).logits.float()
+        total, hits = torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
+    else:
+        hidden = final_hidden_states(model, model_inputs)
+        total, hits = cross_entropy_sum(model, hidden[:, :-1][keep], targets)
     # Like transformers: with gradient accumulation, divide by the labelled tokens of the whole optimizer step.
     denominator = targets.numel() if num_items_in_batch is None else num_items_in_batch
     return total / torch.as_tensor(denominator, device=total.device).clamp(min=1), hits, targets.numel()
