@@ -42,6 +42,7 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py --levers --quantization none
 	$(BIN)/python benchmarks/eval_speed.py
 	$(BIN)/python benchmarks/memory_plan.py
+	$(BIN)/python benchmarks/memory_gemma.py
 
 clean:
 	rm -rf $(VENV) runs
