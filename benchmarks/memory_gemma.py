@@ -65,12 +65,16 @@ def markdown(payload: dict[str, Any]) -> str:
         "the full max_length (262,146-token vocabulary after the two ChatML tokens). Measured: peak resident memory of the",
         "training phase. Command: `python benchmarks/memory_gemma.py`.",
         "",
-        "| loss | tokens per batch | logits at once (GiB, planner) | estimate (GiB) | measured (GiB) |",
-        "|---|---|---|---|---|",
+        "| loss | tokens per batch | logits at once (GiB, planner) | added tokens' rows (GiB, planner) | estimate (GiB) | measured (GiB) | error |",
+        "|---|---|---|---|---|---|---|",
     ]
     for variant, label in (("whole", "whole logits (before)"), ("chunked", "chunked (default)")):
         row = rows[variant]
-        lines.append(f"| {label} | {row['tokens']} | {row['estimate']['logits'] / 1024**3:.2f} | {row['estimate_gib']:.2f} | {row['measured_gib']:.2f} |")
+        parts = row["estimate"]
+        lines.append(
+            f"| {label} | {row['tokens']} | {parts['logits'] / 1024**3:.2f} | {parts.get('added tokens', 0) / 1024**3:.2f} "
+            f"| {row['estimate_gib']:.2f} | {row['measured_gib']:.2f} | {row['estimate_gib'] / row['measured_gib'] - 1:+.0%} |"
+        )
     lines += ["", f"Chunked / whole measured peak: {payload['ratio']:.2f}x."]
     return "\n".join(lines) + "\n"
 

@@ -298,7 +298,7 @@ def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Bat
         "optimizer": lora_params * optimizer_bytes,
         "activations": int(activations),
         "logits": int(logits),
-        "added tokens": tokens_rows,
+        **({"added tokens": tokens_rows} if tokens_rows else {}),
         "allocator": int(retained),
     }
     details = {

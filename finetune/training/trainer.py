@@ -191,8 +191,8 @@ class _SFTTrainer(SFTTrainer):
                 param.data = adapter_weights[name]
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        # A vocabulary resized for added tokens makes peft write the whole embedding matrix into every checkpoint
-        # (671 MB for Gemma 3's 262k rows); the rows training changes are already in the adapter (trainable tokens).
+        # A vocabulary resized for added tokens makes peft write the whole embedding and output matrices into every
+        # checkpoint (2 x 671 MB for Gemma 3's 262k rows); the rows training changes are in the adapter already.
         model = self.accelerator.unwrap_model(self.model)
         if not isinstance(model, PeftModel):
             return super()._save(output_dir, state_dict)
