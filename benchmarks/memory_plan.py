@@ -11,6 +11,7 @@ runs on CPU). Results: benchmarks/results/memory_plan.{json,md}; the table is co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -99,7 +100,8 @@ def child(overrides: list[str], steps: int) -> dict[str, Any]:
     recipe = ChatSFTRecipe(config)
     recipe.setup()  # resolves gradient_checkpointing: auto with the planner, as a run does
     train = recipe.data.splits["train"]
-    estimate = planning.plan(config, "cpu", batch=planning.Batch.from_data(train, config))
+    shape = dataclasses.replace(planning.model_shape(config), added_tokens=len(recipe.new_tokens))
+    estimate = planning.plan(config, "cpu", batch=planning.Batch.from_data(train, config), shape=shape)
     trainer = training.build_trainer(
         recipe.model, recipe.tokenizer, DatasetDict(train=train), config.training, folder / "checkpoints",
         dtype=models.compute_dtype(config.model),

@@ -30,8 +30,9 @@ class TrainableParameters:
         return f"{self.trainable:,} trainable of {self.total:,} parameters ({100 * self.trainable / self.total:.2f}%)"
 
 
-def peft_config(cfg: LoraConfig) -> PeftLoraConfig:
+def peft_config(cfg: LoraConfig, trainable_tokens: dict[str, list[int]] | None = None) -> PeftLoraConfig:
     return PeftLoraConfig(
+        trainable_token_indices=trainable_tokens or None,
         r=cfg.r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.dropout,
@@ -57,7 +58,12 @@ def load_adapter(model: PreTrainedModel, folder: Path | str, *, adapter_name: st
         return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name)
 
 
-def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointing: bool) -> tuple[PeftModel, TrainableParameters]:
+def attach_lora(
+    model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointing: bool, new_tokens: list[int] = ()
+) -> tuple[PeftModel, TrainableParameters]:
+    """`new_tokens`: ids whose embedding rows the base never trained (`models.fit_vocabulary`), trained as whole rows
+    beside LoRA (peft's trainable tokens, saved in the adapter), in the output layer too unless it is tied to the
+    input embeddings (peft then trains the shared rows once)."""
     if getattr(model, "is_quantized", False):
         # Casts norms to fp32 and enables input grads; without the latter, checkpointed quantized models
         # fail with "element 0 of tensors does not require grad".
@@ -67,11 +73,24 @@ def attach_lora(model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointi
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     with _peft_quietly():
-        peft_model = get_peft_model(model, peft_config(cfg))
+        peft_model = get_peft_model(model, peft_config(cfg, _token_layers(model, list(new_tokens))))
     if cfg.fast_dropout:
         use_fast_cpu_dropout(peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()
     return peft_model, TrainableParameters(trainable=trainable, total=total)
+
+
+def _token_layers(model: PreTrainedModel, tokens: list[int]) -> dict[str, list[int]]:
+    """{embedding module name: token ids} for peft's trainable_token_indices: the input embeddings, and the output
+    layer when it has weights of its own (a head left at its mean rows would never predict the new tokens)."""
+    if not tokens:
+        return {}
+    names = {id(module): name for name, module in model.named_modules()}
+    layers = {names[id(model.get_input_embeddings())]: tokens}
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not model.get_input_embeddings().weight:
+        layers[names[id(output)]] = tokens
+    return layers
 
 
 # ---------------------------------------------------------------- speed: cheaper dropout masks on CPU

@@ -235,8 +235,8 @@ class TrainingConfig(_Section):
     )
     skip_untrained_logits: bool = Field(
         True,
-        description="Run the output layer (tokens x vocabulary) only where a token carries loss, not on prompts: same "
-        "loss and gradients, less time and memory.",
+        description="Run the output layer (tokens x vocabulary) only where a token carries loss, not on prompts, a chunk "
+        "of positions at a time (bounded memory for large vocabularies): same loss and gradients, less time and memory.",
     )
     neftune_noise_alpha: float | None = Field(
         None, gt=0, description="NEFTune: noise on input embeddings while training (TRL), e.g. 5; often helps small instruction sets."

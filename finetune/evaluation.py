@@ -22,7 +22,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune import atomic, distributed, models
+from finetune import atomic, chunked_loss, distributed, models
 from finetune.adapters import load_adapter
 from finetune.config import DataConfig, EvaluationConfig, ModelConfig
 from finetune.data import IGNORE_INDEX, end_of_turn_ids, prepare_data, render_prompt
@@ -89,11 +89,21 @@ def nll(
             labels[i, : len(lab)] = torch.tensor(lab)
             attention[i, : len(ids)] = 1
         input_ids, labels, attention = input_ids.to(device), labels.to(device), attention.to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-        every_token = input_ids[:, 1:].masked_fill(attention[:, 1:] == 0, IGNORE_INDEX)
-        for name, targets in (("assistant", labels[:, 1:]), ("all", every_token)):
-            sums[name] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum").item()
-            counts[name] += int((targets != IGNORE_INDEX).sum())
+        real = attention[:, 1:] == 1  # position i predicts token i + 1
+        targets = input_ids[:, 1:][real]
+        if distributed.weights_sharded():  # the output layer's weights are whole only inside the forward (FSDP, ZeRO-3)
+            logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1][real].float()
+            token_nll = F.cross_entropy(logits, targets, reduction="none")
+        else:
+            # Through the output layer in chunks (finetune.chunked_loss): the whole batch's logits would be
+            # rows x tokens x vocabulary floats (4 GiB for 16 rows of 256 tokens over Gemma 3's vocabulary).
+            hidden = chunked_loss.final_hidden_states(model, {"input_ids": input_ids, "attention_mask": attention})[:, :-1][real]
+            token_nll = chunked_loss.token_nll(model, hidden, targets)
+        assistant = labels[:, 1:][real] != IGNORE_INDEX  # labels are the input tokens wherever they are set
+        sums["assistant"] += token_nll[assistant].sum().item()
+        sums["all"] += token_nll.sum().item()
+        counts["assistant"] += int(assistant.sum())
+        counts["all"] += len(token_nll)
     model.train(was_training)
     total = NLL(sums["assistant"], counts["assistant"], sums["all"], counts["all"])
     if across_processes:
@@ -325,6 +335,7 @@ def evaluate_checkpoint(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: Evalu
         if (adapter / "tokenizer_config.json").is_file():  # the adapter's own tokenizer carries its chat template
             tokenizer = models.load_tokenizer(model_cfg, folder=adapter)
     model = models.load_model(model_cfg)
+    models.fit_vocabulary(model, tokenizer, for_adapter=adapter is not None)  # rows for tokens training added; the adapter holds their trained values
     if adapter is not None:
         model = load_adapter(model, adapter)
     models.configure_generation(model, tokenizer, end_of_turn_ids(tokenizer))

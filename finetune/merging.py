@@ -28,7 +28,7 @@ from finetune.config import MergeSelect, MergeStrategy, ModelConfig, choices
 from finetune.errors import FinetuneError, argument
 from finetune.evaluation import perplexity
 from finetune.model_source import resolve
-from finetune.models import configure_generation, load_model, weights_path
+from finetune.models import configure_generation, fit_vocabulary, load_model, weights_path
 
 STRATEGIES = choices(MergeStrategy)
 
@@ -124,15 +124,17 @@ def merge_adapter(
 
     if len(candidates) == 1 or heldout is None:
         name = candidates[0]
-        merged, diff = _merged(_base(model_cfg, name), adapter_dir, probes, tolerance)
+        merged, diff = _merged(_base(model_cfg, name, tokenizer), adapter_dir, probes, tolerance)
         reason = f"{name}: {'the only candidate' if len(candidates) == 1 else 'no held-out rows to compare candidates on'}"
     else:
         if reference_perplexity is None:  # a run already scored the adapter on its training base; reuse that
-            reference = load_adapter(load_model(model_cfg), adapter_dir)
+            reference = load_model(model_cfg)
+            fit_vocabulary(reference, tokenizer, for_adapter=True)
+            reference = load_adapter(reference, adapter_dir)
             reference_perplexity = score(reference)
             del reference
         fidelity["adapter_on_training_base"] = reference_perplexity
-        merged, diff = _merged(_base(model_cfg, "full_precision"), adapter_dir, probes, tolerance)
+        merged, diff = _merged(_base(model_cfg, "full_precision", tokenizer), adapter_dir, probes, tolerance)
         fidelity["full_precision"] = score(merged)
         better = fidelity["full_precision"] <= reference_perplexity
         if select == "perplexity" and better:
@@ -144,7 +146,7 @@ def merge_adapter(
         else:
             del merged
             name = "nf4_roundtrip"
-            merged, diff = _merged(_base(model_cfg, name), adapter_dir, probes, tolerance)
+            merged, diff = _merged(_base(model_cfg, name, tokenizer), adapter_dir, probes, tolerance)
             fidelity[name] = reference_perplexity  # the same function, by the logit check just passed
             reason = (
                 f"nf4_roundtrip: held-out perplexity {reference_perplexity:.4f} (the adapter on its 4-bit base, reproduced) "
@@ -163,5 +165,9 @@ def merge_adapter(
     )
 
 
-def _base(model_cfg: ModelConfig, strategy: str) -> PreTrainedModel:
-    return _nf4_roundtrip_base(model_cfg) if strategy == "nf4_roundtrip" else load_model(model_cfg, quantized=False)
+def _base(model_cfg: ModelConfig, strategy: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The base to merge into, with rows for any tokens training added (the adapter holds their trained values); the
+    merged model is saved with that vocabulary and the tokenizer that has them."""
+    base = _nf4_roundtrip_base(model_cfg) if strategy == "nf4_roundtrip" else load_model(model_cfg, quantized=False)
+    fit_vocabulary(base, tokenizer, for_adapter=True)
+    return base

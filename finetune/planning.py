@@ -12,6 +12,7 @@ weights only, while for small models with large vocabularies activations and log
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from collections.abc import Callable
@@ -44,6 +45,15 @@ _CPU_HEAP_RETENTION = 1.17
 # Resident memory of a process that imported torch, transformers, TRL, peft and datasets and holds a tokenizer
 # and a tokenized dataset (measured on CPU), and the CUDA context plus allocator slack on a GPU.
 _OVERHEAD = {"cpu": 0.6 * GiB, "cuda": 0.8 * GiB}
+# The loss runs the output layer over at most this many (position x vocabulary) logits at once (finetune.chunked_loss):
+# 256 MiB in float32, 256 positions of Gemma 3's 262k vocabulary, 1365 of SmolLM2's 49k.
+LOGITS_PER_CHUNK = 1 << 26
+
+
+def loss_chunk_positions(vocab: int) -> int:
+    return max(1, LOGITS_PER_CHUNK // vocab)
+
+
 # Families whose MLP has two matrices (fc, proj) instead of Llama's three (gate, up, down).
 _TWO_MATRIX_MLP = {"gpt2", "gpt_neox", "gptj", "gpt_bigcode", "opt", "phi", "falcon", "bloom", "starcoder2"}
 
@@ -62,6 +72,7 @@ class ModelShape:
     vocab: int
     tied_embeddings: bool
     attention_dropout: float
+    added_tokens: int = 0  # tokens added to the vocabulary, whose embedding rows train (models.fit_vocabulary)
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
@@ -257,16 +268,22 @@ def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Bat
 
     # Logits: the (positions x vocabulary) output-layer product.
     if training.skip_untrained_logits:
-        positions = int(tokens * trained_share)
+        labelled = int(tokens * trained_share)
+        positions = min(labelled, loss_chunk_positions(shape.vocab))  # one chunk at a time, recomputed in backward
         # fp32 logits, log-softmax kept for backward, and their gradient (plus the 16-bit head output on GPU)
         logits = positions * shape.vocab * (12 + (compute_bytes if compute_bytes < 4 else 0))
-        logits_detail = f"{positions} labelled positions x {shape.vocab} vocabulary"
+        logits_detail = f"{positions} of {labelled} labelled positions at a time x {shape.vocab} vocabulary"
     elif device == "cuda":  # TRL's tiled log-probabilities: one (4096 x 32768) tile at a time
         logits = min(int(tokens * trained_share), 4096) * min(shape.vocab, 32768) * max(compute_bytes, 4) * 2
         logits_detail = "TRL's tiled log-probabilities"
     else:  # off CUDA TRL tiles every position and keeps ~5 tile-sized temporaries
         logits = min(tokens, 4096) * min(shape.vocab, 32768) * 4 * 5
         logits_detail = "TRL's tiled log-probabilities over every position"
+
+    # Trained rows of added tokens (peft's trainable tokens): each forward writes them into a copy of the whole
+    # (vocabulary x hidden) output layer, kept for backward with its dense gradient, and the input embedding's dense
+    # gradient overlaps them. 2.5 matrices of float32, fitted on Gemma 3 270M (benchmarks/results/memory_gemma.md).
+    tokens_rows = int(2.5 * shape.vocab * shape.hidden * 4) if shape.added_tokens else 0
 
     if device == "cpu":
         without_dropout = _activation_bytes_per_token(shape, adapted, lora.r, 0.0, compute_bytes, 0.0)
@@ -281,6 +298,7 @@ def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Bat
         "optimizer": lora_params * optimizer_bytes,
         "activations": int(activations),
         "logits": int(logits),
+        **({"added tokens": tokens_rows} if tokens_rows else {}),
         "allocator": int(retained),
     }
     details = {
@@ -291,6 +309,7 @@ def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Bat
         "optimizer": f"{training.optimizer}",
         "activations": activations_detail,
         "logits": logits_detail,
+        "added tokens": f"{shape.added_tokens} trained embedding rows: copies of the {shape.vocab} x {shape.hidden} output layer",
         "allocator": "freed blocks glibc keeps for reuse" if device == "cpu" else "in overhead",
     }
     settings = {"tokens": tokens, "checkpointing": checkpointing, "compute_bytes": compute_bytes}
@@ -326,14 +345,16 @@ def plan(config: RecipeConfig, device: str | None = None, *, shape: ModelShape |
     return result
 
 
-def needs_checkpointing(config: RecipeConfig, device: str | None = None, *, train: Any = None) -> tuple[bool, MemoryPlan]:
+def needs_checkpointing(config: RecipeConfig, device: str | None = None, *, train: Any = None, added_tokens: int = 0) -> tuple[bool, MemoryPlan]:
     """What `gradient_checkpointing: auto` resolves to: True when training only fits with it.
 
-    `train` (a tokenized split with input_ids and labels) replaces the worst case by this data's largest batch.
-    Returns the plan without checkpointing too, for the record.
+    `train` (a tokenized split with input_ids and labels) replaces the worst case by this data's largest batch;
+    `added_tokens` counts the tokens `models.fit_vocabulary` gave new, trained rows. Returns the plan without
+    checkpointing too, for the record.
     """
     batch = Batch.from_data(train, config) if train is not None else None
-    without = plan(_resolved(config, checkpointing=False), device, batch=batch)
+    shape = dataclasses.replace(model_shape(config), added_tokens=added_tokens)
+    without = plan(_resolved(config, checkpointing=False), device, batch=batch, shape=shape)
     return not without.fits, without
 
 

@@ -99,12 +99,17 @@ class ChatSFTRecipe:
         self._say(f"Loading model (quantization: {cfg.model.quantization})")
         base = models.load_model(cfg.model)
         models.configure_generation(base, self.tokenizer, self.stop_ids)
-        set_seed(cfg.training.seed)  # LoRA's initial weights: same seed, same run
+        set_seed(cfg.training.seed)  # LoRA's initial weights (and new tokens' embedding rows): same seed, same run
+        self.new_tokens = models.fit_vocabulary(base, self.tokenizer)
+        if self.new_tokens:
+            self._say(f"  added tokens {', '.join(self.tokenizer.convert_ids_to_tokens(self.new_tokens))}: embedding rows trained with LoRA")
         if cfg.training.gradient_checkpointing == "auto":
-            needed, memory = planning.needs_checkpointing(cfg, train=self.data.splits["train"])
+            needed, memory = planning.needs_checkpointing(cfg, train=self.data.splits["train"], added_tokens=len(self.new_tokens))
             cfg.training.gradient_checkpointing = needed  # recipe.yaml records what ran
             self._say(f"  memory plan: {memory.summary()}; gradient checkpointing {'on' if needed else 'off'}")
-        self.model, trainable = adapters.attach_lora(base, cfg.lora, gradient_checkpointing=cfg.training.gradient_checkpointing)
+        self.model, trainable = adapters.attach_lora(
+            base, cfg.lora, gradient_checkpointing=cfg.training.gradient_checkpointing, new_tokens=self.new_tokens
+        )
         self._say(f"  LoRA r={cfg.lora.r} alpha={cfg.lora.lora_alpha:g}: {trainable}")
         self.history: dict[str, list[tuple[int, float]]] = {"train_loss": [], "eval_loss": []}
         self.train_loss: float | None = None
@@ -172,7 +177,8 @@ class ChatSFTRecipe:
 
     def _write_adapter(self, state_dict: dict[str, Any] | None) -> Path:
         with atomic.replacing_dir(self.folder.adapter) as partial:
-            self.model.save_pretrained(partial, state_dict=state_dict)
+            # The trained rows of added tokens are in the adapter; peft would otherwise add the whole resized embedding.
+            self.model.save_pretrained(partial, state_dict=state_dict, save_embedding_layers=False)
             self.tokenizer.save_pretrained(partial)
         return self.folder.adapter
 
@@ -291,6 +297,7 @@ class ChatSFTRecipe:
             "base_model": self.config.model.source,
             "quantization": self.config.model.quantization,
             "train_rows": self.data.report.splits.get("train"),
+            "added_tokens": self.tokenizer.convert_ids_to_tokens(getattr(self, "new_tokens", [])),
             "heldout_split": self.heldout_split,
             "train_loss": result.train_loss,
             "train_seconds": round(getattr(self, "train_seconds", 0.0), 1),

@@ -68,7 +68,9 @@ def test_packed_batch_has_the_loss_of_the_padded_batch(lora_model, rows, chatml_
 @pytest.mark.parametrize("attention", ["sdpa", training.PACKED_ATTENTION])
 def test_packed_conversations_never_attend_to_each_other(lora_model, rows, chatml_tokenizer, attention):
     """transformers' block-diagonal mask (sdpa) and our per-conversation attention both keep conversations apart."""
-    lora_model.get_base_model().set_attn_implementation(attention)
+    lora_model.get_base_model().set_attn_implementation("sdpa")
+    if attention == training.PACKED_ATTENTION:
+        training.use_packed_attention(lora_model)  # registers the kernel, as training does
     lora_model.eval()
     changed = [dict(rows[0], input_ids=[(t + 7) % 50000 for t in rows[0]["input_ids"]]), *rows[1:]]
     first, second = len(rows[0]["input_ids"]), len(rows[1]["input_ids"])
@@ -88,17 +90,29 @@ def test_packed_conversations_never_attend_to_each_other(lora_model, rows, chatm
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
-def test_trained_logits_loss_has_the_full_projection_loss_and_gradients(lora_model, rows, chatml_tokenizer, padding_free):
+@pytest.mark.parametrize("chunk", [None, 7, "sharded"], ids=["one-chunk", "chunks-of-7", "in-forward-for-sharded-weights"])
+def test_trained_logits_loss_has_the_full_projection_loss_and_gradients(lora_model, rows, chatml_tokenizer, padding_free, chunk, monkeypatch):
+    """In one chunk, in chunks of 7 positions (each recomputed in backward), or inside the forward as FSDP/ZeRO-3 need:
+    the loss and gradients of the full logits."""
+    from finetune import chunked_loss
+
+    if chunk == "sharded":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    elif chunk:
+        monkeypatch.setattr(chunked_loss, "loss_chunk_positions", lambda vocab: chunk)
     lora_model.train()  # dropout is 0, so train mode is deterministic
     batch = collate(rows, chatml_tokenizer, padding_free=padding_free)
     trainable = [p for p in lora_model.parameters() if p.requires_grad]
 
-    full = lora_model(**batch, use_cache=False).loss  # transformers' own loss over the full logits
+    output = lora_model(**batch, use_cache=False)  # transformers' own loss over the full logits
+    full, logits = output.loss, output.logits[:, :-1][batch["labels"][:, 1:] != -100]
     full_grads = torch.autograd.grad(full, trainable)
-    fast, logits, targets = training.trained_logits_loss(lora_model, batch)
+    fast, hits, labelled = training.trained_logits_loss(lora_model, batch)
     fast_grads = torch.autograd.grad(fast, trainable)
 
-    assert logits.shape == (int((batch["labels"][:, 1:] != -100).sum()), lora_model.config.vocab_size)
+    targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != -100]
+    assert labelled == len(targets) > 7 * 3
+    assert hits.item() == (logits.argmax(-1) == targets).sum().item()
     assert fast.item() == pytest.approx(full.item(), abs=1e-5)
     for a, b in zip(full_grads, fast_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

@@ -36,6 +36,7 @@ from finetune.data.masks import (
     IGNORE_INDEX,
     REASONING_POLICIES,
     end_of_turn_ids,
+    missing_turn_markers,
     render_chat,
     render_prompt,
     template_messages,
@@ -50,7 +51,7 @@ from finetune.errors import FinetuneError
 
 __all__ = [
     "IGNORE_INDEX", "REASONING_POLICIES", "ROLES", "DataReport", "Finding", "Inspection", "PreparedData", "RowError", "audit",
-    "chat_messages", "chat_tools", "chatterbot_files", "detect_format", "end_of_turn_ids", "inspect_data", "load_conversations",
+    "chat_messages", "chat_tools", "chatterbot_files", "detect_format", "end_of_turn_ids", "inspect_data", "load_conversations", "missing_turn_markers",
     "prepare_data", "render_chat", "render_prompt", "source_files", "split_conversations", "template_messages", "template_traits",
     "to_messages", "tokenize_conversation", "tokenize_splits", "tools_json", "truncate_at_turn", "validate_messages",
 ]

@@ -42,7 +42,8 @@ def audit(tokenizer: PreTrainedTokenizerBase, splits: DatasetDict, report: DataR
         findings.append(Finding(
             "serious", "end of turn trained",
             "the chat template closes an assistant turn with no special token, so the model cannot learn to stop. "
-            "Set model.chat_template to 'chatml' or a template that ends turns with an EOS-like token.",
+            "Set model.chat_template to 'chatml' (on a base model its <|im_start|>/<|im_end|> are added as special tokens and "
+            "trained) or to a template that ends turns with an EOS-like token.",
         ))
     elif chats:
         allowed = set(stops) | {tokenizer.eos_token_id}

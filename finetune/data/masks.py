@@ -24,6 +24,7 @@ its own that ends with it (`DataReport.samples_added` counts them). Two causes:
 
 from __future__ import annotations
 
+import re
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,9 @@ _PROBE_REPLY = "finetune-probe-reply"
 _PROBE_REASONING = "finetune-probe-reasoning"
 _SENTINEL = "finetune-turn-sentinel"
 _PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_REPLY}]
+# What templates write to mark turns: <|im_start|>, <|eot_id|>, <start_of_turn>, [INST]. Plain tags such as <think>
+# are left out: templates write those as text that tokenizers are meant to split.
+_TURN_MARKER = re.compile(r"<\|[^|<>\s]+\|>|<[a-z]+(?:_[a-z]+)+>|\[/?[A-Z]+(?:_[A-Z]+)*\]")
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,14 @@ def template_traits(tokenizer: PreTrainedTokenizerBase) -> TemplateTraits:
     traits = TemplateTraits(end_of_turn, renders_field, renders, keeps, merges)
     _traits[tokenizer] = (tokenizer.chat_template, traits)
     return traits
+
+
+def missing_turn_markers(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The turn markers this chat template writes that are not special tokens of the tokenizer, in order of first
+    appearance: ChatML's <|im_start|> and <|im_end|> given to a base model whose vocabulary never had them."""
+    rendered = _apply(tokenizer, _PROBE) + _apply(tokenizer, _PROBE[:1], generation_prompt=True)
+    special = set(tokenizer.all_special_tokens)
+    return [marker for marker in dict.fromkeys(_TURN_MARKER.findall(rendered)) if marker not in special]
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

