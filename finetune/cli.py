@@ -9,21 +9,24 @@ from typing import Annotated, Optional
 
 import typer
 
-from finetune.config import Dtype, MergeStrategy, Quantization
+from finetune.config import Dtype, ExportFormat, ExportQuant, MergeStrategy, Quantization
 from finetune.errors import FinetuneError, Interrupted
 
 # Python arguments named in error messages -> this CLI's flags (see finetune.errors.argument).
 FLAGS = {
     "adapter": "--adapter",
+    "adapter_only": "--adapter-only",
     "api_key": "--api-key",
     "device": "--device",
     "dry_run": "--dry-run",
+    "format": "--format",
     "merged": "--merged",
     "metric": "--metric",
     "num_processes": "--num-processes",
     "out": "--out",
     "overrides": "--set",
     "overwrite": "--overwrite",
+    "quant": "--quant",
     "repo_id": "--repo",
     "resume": "--resume",
     "space": "--space",
@@ -152,6 +155,20 @@ def merge(
     from finetune.recipes import ChatSFTRecipe
 
     ChatSFTRecipe.from_run_dir(run_dir).merge(strategy=strategy, dtype=dtype, out_dir=out)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder (runs/NAME).")],
+    format: Annotated[ExportFormat, typer.Option(help="Export format; gguf: one file for llama.cpp, Ollama and LM Studio.")] = "gguf",
+    quant: Annotated[ExportQuant, typer.Option(help="GGUF weight type: f16 and bf16 keep the weights, q8_0 ... q4_0 shrink them.")] = "f16",
+    adapter_only: Annotated[bool, typer.Option(help="Write the LoRA adapter as a llama.cpp LoRA GGUF instead of the merged model.")] = False,
+) -> None:
+    """Write RUN_DIR/export/: model-<quant>.gguf (or adapter.gguf), an Ollama Modelfile and export.json, each file
+    kept only after transformers and llama.cpp both ran it and agreed with the run's model (docs/deployment.md)."""
+    from finetune.recipes import ChatSFTRecipe
+
+    ChatSFTRecipe.from_run_dir(run_dir).export(format=format, quant=quant, adapter_only=adapter_only)
 
 
 @app.command("eval")

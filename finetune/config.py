@@ -24,6 +24,9 @@ Quantization = Literal["none", "8bit", "4bit"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 MergeStrategy = Literal["auto", "full_precision", "nf4_roundtrip"]
 MergeSelect = Literal["perplexity", "fidelity"]
+# GGUF tensor types `finetune export` writes: those the gguf package quantizes in numpy (no compiler needed).
+ExportFormat = Literal["gguf"]
+ExportQuant = Literal["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:

@@ -182,7 +182,7 @@ def load_model(cfg: ModelConfig, *, quantized: bool = True) -> PreTrainedModel:
     # One device per process (never "auto"): quantized weights cannot be trained across devices.
     device = distributed.state().device
     try:
-        with _no_loading_bar():
+        with no_loading_bar():
             model = AutoModelForCausalLM.from_pretrained(
                 path,
                 revision=cfg.revision,
@@ -197,7 +197,7 @@ def load_model(cfg: ModelConfig, *, quantized: bool = True) -> PreTrainedModel:
 
 
 @contextmanager
-def _no_loading_bar() -> Iterator[None]:
+def no_loading_bar() -> Iterator[None]:
     """transformers draws a bar over every tensor it loads (hundreds of lines in a log file for a second's work);
     a run already says what it loads. The caller's setting is put back."""
     from transformers.utils import logging as transformers_logging

@@ -18,8 +18,8 @@ from rich.console import Console
 
 from transformers import TrainerCallback, set_seed
 
-from finetune import adapters, atomic, data, distributed, evaluation, hub, merging, models, planning, preflight, training
-from finetune.config import RecipeConfig
+from finetune import adapters, atomic, data, distributed, evaluation, export, hub, merging, models, planning, preflight, training
+from finetune.config import ExportFormat, RecipeConfig, choices
 from finetune.errors import FinetuneError, Interrupted, argument
 from finetune.run_folder import RunFolder
 
@@ -43,7 +43,7 @@ class ChatSFTRecipe:
 
     Build it from a YAML file (`from_yaml`), a `RecipeConfig`, or section keyword arguments
     (`ChatSFTRecipe(model={"source": ...}, training={"max_steps": 20})`). Call `run()` for the whole pipeline,
-    or `setup()`, `evaluate()`, `train()`, `save()`, `merge()` one at a time.
+    or `setup()`, `evaluate()`, `train()`, `save()`, `merge()` one at a time; `export()` writes GGUF for llama.cpp.
 
     Raises:
         FinetuneError: invalid config, missing files, unusable data or a failed merge check, with the fix.
@@ -217,6 +217,30 @@ class ChatSFTRecipe:
         if out_dir is None and self.folder.is_finished():
             distributed.on_main(lambda: self._record_merge(report))
         return report
+
+    def export(self, format: str = "gguf", quant: str = "f16", adapter_only: bool = False, check_rows: int = 3) -> export.ExportResult:
+        """Export the merged model (or with `adapter_only` the LoRA adapter) for llama.cpp, Ollama and LM Studio,
+        verified on `check_rows` held-out conversations before it is kept (see `finetune.export`)."""
+        if format not in choices(ExportFormat):
+            raise FinetuneError(f"{argument('format', format)}: unknown export format; choose one of {', '.join(choices(ExportFormat))}.")
+        heldout = self.data.splits[self.heldout_split]
+        tools = heldout["tools"] if "tools" in heldout.column_names else [""] * len(heldout)
+        conversations = [m for m, t in zip(heldout["messages"], tools) if not t and len(m) > 1 and m[-1]["role"] == "assistant"]
+        prompts = [data.render_prompt(self.tokenizer, messages[:-1]) for messages in conversations[:check_rows]]
+        self._say(f"Exporting {'the adapter' if adapter_only else 'the merged model'} as GGUF ({quant}), checked on {len(prompts)} held-out prompts")
+        result = export.export_gguf(
+            self.folder,
+            self.config.model,
+            self.tokenizer,
+            prompts,
+            stop_ids=self.stop_ids,
+            quant=quant,
+            adapter_only=adapter_only,
+            system_prompt=self.config.data.system_prompt,
+        )
+        for line in result.lines():
+            self._say(f"  {line}")
+        return result
 
     def push(self, repo_id: str, **options: Any) -> hub.PushReport:
         """Publish this run's adapter (or merged model, `merged=True`) to the Hub; see `finetune.hub.push`."""

@@ -10,6 +10,7 @@
       report.md         the same as tables, beside loss_curves.png and metrics.png
       run.json          the manifest: versions, hashes of data and weights, recipe, metrics
       inspect/          what `finetune data inspect` wrote
+      export/           what `finetune export` wrote: model-<quant>.gguf (or adapter.gguf), Modelfile, export.json
 
 Torch-free, so the CLI, the card writer and the planner can read a run without loading a model.
 """
@@ -78,6 +79,20 @@ class RunFolder:
     @property
     def inspect(self) -> Path:
         return self.path / "inspect"
+
+    @property
+    def export(self) -> Path:
+        return self.path / "export"
+
+    @property
+    def modelfile(self) -> Path:
+        """The Ollama Modelfile of the newest export."""
+        return self.export / "Modelfile"
+
+    @property
+    def export_record(self) -> Path:
+        """export.json: every GGUF file in export/ with the checks it passed."""
+        return self.export / "export.json"
 
     @property
     def weight_folders(self) -> tuple[Path, Path]:
