@@ -165,7 +165,7 @@ def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, heldout: D
     """
     rows = heldout.select(range(min(cfg.max_rows or len(heldout), len(heldout))))
     metrics = _nll(model, tokenizer, rows, cfg, label).metrics()
-    prompts = _prompts(heldout, cfg.generation_rows) if cfg.generation else None
+    prompts = reply_prompts(heldout, cfg.generation_rows) if cfg.generation else None
     if not prompts:
         return Evaluation(metrics)
     scores, samples = _generation(model, tokenizer, prompts, cfg)
@@ -224,7 +224,7 @@ def before_and_after(
     started = time.perf_counter()
     budget = cfg.time_share * train_seconds if cfg.time_share and train_seconds else None
     passes = 2 if cfg.before_and_after else 1
-    prompts = _prompts(heldout, cfg.generation_rows) if cfg.generation else []
+    prompts = reply_prompts(heldout, cfg.generation_rows) if cfg.generation else []
     rows = heldout.select(range(min(cfg.max_rows or len(heldout), len(heldout))))
 
     # Perplexity: time the first batch of the trained model, keep the rows that fit, score them with and without LoRA.
@@ -292,7 +292,7 @@ def _nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Datas
 Prompt = tuple[list[dict[str, Any]], str]
 
 
-def _prompts(heldout: Dataset, limit: int) -> list[Prompt]:
+def reply_prompts(heldout: Dataset, limit: int | None = None) -> list[Prompt]:
     """Held-out conversations whose last reply can be generated and compared, at most `limit`: raw text rows have no
     reply, and a reply that only calls tools has no text to compare with."""
     tools = heldout["tools"] if "tools" in heldout.column_names else [""] * len(heldout)

@@ -33,6 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune import atomic
+from finetune.adapters import load_adapter
 from finetune.config import ExportQuant, ModelConfig, choices
 from finetune.errors import FinetuneError, argument
 from finetune.model_source import resolve
@@ -168,8 +169,6 @@ def _export_merged(folder, tokenizer, prompts, ids, stop_ids, quant, staging, ma
 
 
 def _export_adapter(folder, model_cfg, tokenizer, prompts, ids, stop_ids, quant, staging, max_new_tokens):
-    from peft import PeftModel
-
     adapter_path = staging / "adapter.gguf"
     source = resolve(model_cfg)
     base_model = load_model(model_cfg, quantized=False)
@@ -182,7 +181,7 @@ def _export_adapter(folder, model_cfg, tokenizer, prompts, ids, stop_ids, quant,
         checks["transformers_reload"] = _reload_check(base, base_model, ids, quant)
         base_model = _load_gguf(base)  # the adapter is then checked on the very base weights llama.cpp runs
     write_adapter_gguf(adapter_path, folder.adapter, base_model)
-    reference = PeftModel.from_pretrained(base_model, str(folder.adapter)).eval()
+    reference = load_adapter(base_model, folder.adapter).eval()
     checks.update(_llama_cpp_checks(base, adapter_path, reference, tokenizer, prompts, ids, stop_ids, quant, max_new_tokens))
     return adapter_path, base, checks, warnings
 

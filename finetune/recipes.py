@@ -223,9 +223,8 @@ class ChatSFTRecipe:
         verified on `check_rows` held-out conversations before it is kept (see `finetune.export`)."""
         if format not in choices(ExportFormat):
             raise FinetuneError(f"{argument('format', format)}: unknown export format; choose one of {', '.join(choices(ExportFormat))}.")
-        heldout = self.data.splits[self.heldout_split]
-        tools = heldout["tools"] if "tools" in heldout.column_names else [""] * len(heldout)
-        conversations = [m for m, t in zip(heldout["messages"], tools) if not t and len(m) > 1 and m[-1]["role"] == "assistant"]
+        replies = evaluation.reply_prompts(self.data.splits[self.heldout_split])
+        conversations = [m for m, tools in replies if not tools and len(m) > 1 and m[-1]["role"] == "assistant"]
         prompts = [data.render_prompt(self.tokenizer, messages[:-1]) for messages in conversations[:check_rows]]
         self._say(f"Exporting {'the adapter' if adapter_only else 'the merged model'} as GGUF ({quant}), checked on {len(prompts)} held-out prompts")
         result = export.export_gguf(
