@@ -27,7 +27,9 @@ def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     info = {
         "cpu": cpu,
@@ -175,7 +177,11 @@ def plain_trl_trainer(
         ),
         train_dataset=Dataset.from_dict({"messages": messages}),
         peft_config=LoraConfig(
-            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear", task_type="CAUSAL_LM",
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
         ),
         callbacks=list(callbacks),
     )

@@ -41,7 +41,9 @@ def main() -> None:
     from finetune.config import RecipeConfig
     from finetune.metrics import score_generations
 
-    config = RecipeConfig.from_yaml(ROOT / "recipes" / "quickstart.yaml", [f"model.source={args.model}", f"model.quantization={args.quantization}"])
+    config = RecipeConfig.from_yaml(
+        ROOT / "recipes" / "quickstart.yaml", [f"model.source={args.model}", f"model.quantization={args.quantization}"]
+    )
     info = machine()
     tokenizer = models.load_tokenizer(config.model)
     heldout = data.prepare_data(config.data, tokenizer).splits["test"]
@@ -55,7 +57,9 @@ def main() -> None:
     runs: dict[str, dict[str, Any]] = {}
     for label, batch_size in (("one_at_a_time", 1), ("batched", args.batch_size)):
         start = time.perf_counter()
-        replies = evaluation.generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=batch_size)
+        replies = evaluation.generate(
+            model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=batch_size
+        )
         seconds = time.perf_counter() - start
         predictions = [tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
         runs[label] = {

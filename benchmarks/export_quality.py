@@ -30,7 +30,9 @@ def arguments() -> argparse.Namespace:
     from finetune.config import ExportQuant, choices
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--run-dir", type=Path, help="A finished run with merged/ (default: a 4-step quickstart run, made first).")
+    parser.add_argument(
+        "--run-dir", type=Path, help="A finished run with merged/ (default: a 4-step quickstart run, made first)."
+    )
     parser.add_argument("--quants", nargs="+", default=list(choices(ExportQuant)), choices=choices(ExportQuant))
     parser.add_argument("--rows", type=int, default=60, help="Held-out conversations scored.")
     parser.add_argument("--name", default="export_quality", help="Results file name under benchmarks/results/.")
@@ -55,7 +57,14 @@ def llama_cpp_perplexity(path: Path, rows: list[dict[str, Any]]) -> float:
     import llama_cpp
 
     longest = max(len(row["input_ids"]) for row in rows)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=longest + 8, n_batch=longest + 8, logits_all=True, n_threads=os.cpu_count(), verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=longest + 8,
+        n_batch=longest + 8,
+        logits_all=True,
+        n_threads=os.cpu_count(),
+        verbose=False,
+    )
     total, count = 0.0, 0
     for row in rows:
         llm.reset()
@@ -91,12 +100,21 @@ def main() -> None:
         started = time.perf_counter()
         ChatSFTRecipe.from_yaml(
             ROOT / "recipes" / "quickstart.yaml",
-            ["training.max_steps=4", f"output.dir={run_dir}", "output.overwrite=true", "evaluation.before_and_after=false", "evaluation.generation=false"],
+            [
+                "training.max_steps=4",
+                f"output.dir={run_dir}",
+                "output.overwrite=true",
+                "evaluation.before_and_after=false",
+                "evaluation.generation=false",
+            ],
         ).run()
         print(f"run made in {time.perf_counter() - started:.0f} s")
     recipe = ChatSFTRecipe.from_run_dir(run_dir)
     heldout = recipe.data.splits[recipe.heldout_split]
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in heldout.select(range(min(args.rows, len(heldout))))]
+    rows = [
+        {"input_ids": r["input_ids"], "labels": r["labels"]}
+        for r in heldout.select(range(min(args.rows, len(heldout))))
+    ]
     tokens = sum(sum(label != -100 for label in row["labels"][1:]) for row in rows)
     baseline = transformers_perplexity(recipe.folder.merged, rows)
     merged_bytes = sum(f.stat().st_size for f in recipe.folder.merged.glob("*.safetensors"))
@@ -105,19 +123,26 @@ def main() -> None:
         exported = recipe.export(quant=quant)
         started = time.perf_counter()
         ppl = llama_cpp_perplexity(exported.path, rows)
-        results.append({
-            "quant": quant,
-            "size_bytes": exported.size_bytes,
-            "perplexity": ppl,
-            "perplexity_vs_merged": ppl / baseline,
-            "export_seconds": exported.seconds,
-            "scoring_seconds": round(time.perf_counter() - started, 1),
-            "checks": exported.checks,
-        })
+        results.append(
+            {
+                "quant": quant,
+                "size_bytes": exported.size_bytes,
+                "perplexity": ppl,
+                "perplexity_vs_merged": ppl / baseline,
+                "export_seconds": exported.seconds,
+                "scoring_seconds": round(time.perf_counter() - started, 1),
+                "checks": exported.checks,
+            }
+        )
         print(f"{quant}: {exported.size_bytes / 2**20:.1f} MiB, perplexity {ppl:.4f} ({ppl / baseline:.4f} x merged)")
     payload = {
-        "machine": info, "run_dir": str(run_dir), "base_model": recipe.config.model.source, "rows": len(rows),
-        "scored_tokens": tokens, "merged": {"size_bytes": merged_bytes, "perplexity": baseline}, "results": results,
+        "machine": info,
+        "run_dir": str(run_dir),
+        "base_model": recipe.config.model.source,
+        "rows": len(rows),
+        "scored_tokens": tokens,
+        "merged": {"size_bytes": merged_bytes, "perplexity": baseline},
+        "results": results,
     }
     table = [
         "| type | size (MiB) | vs merged/ size | held-out perplexity (llama.cpp) | vs merged/ | reload logit diff (x std) | llama.cpp vs transformers logit diff (x std) | export (s) |",

@@ -23,8 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import machine, machine_markdown, write  # noqa: E402
 from memory_plan import ROOT, child  # noqa: E402
 
-OVERRIDES = ["model.source=gemma3-270m", "model.chat_template=chatml", "model.quantization=none", "lora.dropout=0",
-             "training.batch_size=4", "data.max_length=256"]
+OVERRIDES = [
+    "model.source=gemma3-270m",
+    "model.chat_template=chatml",
+    "model.quantization=none",
+    "lora.dropout=0",
+    "training.batch_size=4",
+    "data.max_length=256",
+]
 
 
 def main() -> None:
@@ -45,11 +51,22 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             result = Path(folder) / "result.json"
             print(f"\n=== {variant} ===", flush=True)
-            subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--result", str(result), "--child", variant], check=True, cwd=ROOT)
+            subprocess.run(
+                [sys.executable, __file__, "--steps", str(args.steps), "--result", str(result), "--child", variant],
+                check=True,
+                cwd=ROOT,
+            )
             rows[variant] = json.loads(result.read_text())
-        print(f"{variant}: measured {rows[variant]['measured_gib']:.2f} GiB, estimate {rows[variant]['estimate_gib']:.2f} GiB")
-    payload = {"machine": machine(), "overrides": OVERRIDES, "steps": args.steps, "rows": rows,
-               "ratio": rows["chunked"]["measured_gib"] / rows["whole"]["measured_gib"]}
+        print(
+            f"{variant}: measured {rows[variant]['measured_gib']:.2f} GiB, estimate {rows[variant]['estimate_gib']:.2f} GiB"
+        )
+    payload = {
+        "machine": machine(),
+        "overrides": OVERRIDES,
+        "steps": args.steps,
+        "rows": rows,
+        "ratio": rows["chunked"]["measured_gib"] / rows["whole"]["measured_gib"],
+    }
     write("memory_gemma", payload, markdown(payload))
     print(markdown(payload))
 

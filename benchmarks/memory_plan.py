@@ -34,14 +34,30 @@ CONFIGS = [
     ("4-bit, batch 8 x 256", ["model.quantization=4bit"]),
     ("4-bit, batch 8 x 256, no LoRA dropout", ["model.quantization=4bit", "lora.dropout=0"]),
     ("4-bit, batch 4 x 512", ["model.quantization=4bit", "training.batch_size=4", "data.max_length=512"]),
-    ("fp32, batch 4 x 512, checkpointing", ["model.quantization=none", "training.batch_size=4", "data.max_length=512", "training.gradient_checkpointing=true"]),
-    ("4-bit, batch 16 x 128, no LoRA dropout", ["model.quantization=4bit", "training.batch_size=16", "data.max_length=128", "lora.dropout=0"]),
-    ("fp32, batch 8 x 256, TRL's loss (levers off)", ["model.quantization=none", "training.skip_untrained_logits=false", "training.packing=false"]),
+    (
+        "fp32, batch 4 x 512, checkpointing",
+        [
+            "model.quantization=none",
+            "training.batch_size=4",
+            "data.max_length=512",
+            "training.gradient_checkpointing=true",
+        ],
+    ),
+    (
+        "4-bit, batch 16 x 128, no LoRA dropout",
+        ["model.quantization=4bit", "training.batch_size=16", "data.max_length=128", "lora.dropout=0"],
+    ),
+    (
+        "fp32, batch 8 x 256, TRL's loss (levers off)",
+        ["model.quantization=none", "training.skip_untrained_logits=false", "training.packing=false"],
+    ),
     ("4-bit, batch 4 x 256", ["model.quantization=4bit", "training.batch_size=4"]),
     ("fp32, batch 8 x 512", ["model.quantization=none", "data.max_length=512"]),
 ]
-WORDS = ("river stone light garden winter music paper window bridge forest morning silver market harbour "
-         "letter candle mountain village orchard lantern meadow thunder pebble willow compass").split()
+WORDS = (
+    "river stone light garden winter music paper window bridge forest morning silver market harbour "
+    "letter candle mountain village orchard lantern meadow thunder pebble willow compass"
+).split()
 
 
 def arguments() -> argparse.Namespace:
@@ -49,7 +65,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--only", type=int, nargs="*", help="Indices of CONFIGS to run (default: all).")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="Override for every configuration.")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="Override for every configuration."
+    )
     parser.add_argument("--name", default="memory_plan")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
@@ -69,12 +87,22 @@ def full_length_conversations(tokenizer: Any, length: int, count: int, seed: int
         low, high = 1, length
         while low < high:  # the longest reply that keeps the conversation within `length` tokens
             middle = (low + high + 1) // 2
-            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": " ".join(words[:middle])}]
+            messages = [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": " ".join(words[:middle])},
+            ]
             if len(tokenize_conversation(tokenizer, messages)[-1]["input_ids"]) <= length:
                 low = middle
             else:
                 high = middle - 1
-        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": " ".join(words[:low])}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": " ".join(words[:low])},
+                ]
+            }
+        )
     return rows
 
 
@@ -92,18 +120,31 @@ def child(overrides: list[str], steps: int) -> dict[str, Any]:
     rows = full_length_conversations(tokenizer, config.data.max_length, count=config.training.batch_size * (steps + 2))
     data_file = folder / "data.jsonl"
     data_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    config = RecipeConfig.from_yaml(ROOT / "recipes" / "quickstart.yaml", [
-        *overrides, f"data.sources=[{{type: file, path: {data_file}}}]", "data.validation_split=0", "data.test_split=0.05",
-        f"training.max_steps={steps}", f"training.save_steps={steps}", "training.keep_best=false",
-        f"output.dir={folder / 'run'}", "output.overwrite=true",
-    ])
+    config = RecipeConfig.from_yaml(
+        ROOT / "recipes" / "quickstart.yaml",
+        [
+            *overrides,
+            f"data.sources=[{{type: file, path: {data_file}}}]",
+            "data.validation_split=0",
+            "data.test_split=0.05",
+            f"training.max_steps={steps}",
+            f"training.save_steps={steps}",
+            "training.keep_best=false",
+            f"output.dir={folder / 'run'}",
+            "output.overwrite=true",
+        ],
+    )
     recipe = ChatSFTRecipe(config)
     recipe.setup()  # resolves gradient_checkpointing: auto with the planner, as a run does
     train = recipe.data.splits["train"]
     shape = dataclasses.replace(planning.model_shape(config), added_tokens=len(recipe.new_tokens))
     estimate = planning.plan(config, "cpu", batch=planning.Batch.from_data(train, config), shape=shape)
     trainer = training.build_trainer(
-        recipe.model, recipe.tokenizer, DatasetDict(train=train), config.training, folder / "checkpoints",
+        recipe.model,
+        recipe.tokenizer,
+        DatasetDict(train=train),
+        config.training,
+        folder / "checkpoints",
         dtype=models.compute_dtype(config.model),
     )
     memory = PeakMemory()
@@ -130,13 +171,24 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             result = Path(folder) / "result.json"
             print(f"\n=== {label} ===", flush=True)
-            command = [sys.executable, __file__, "--steps", str(args.steps), "--result", str(result), "--child", *overrides]
+            command = [
+                sys.executable,
+                __file__,
+                "--steps",
+                str(args.steps),
+                "--result",
+                str(result),
+                "--child",
+                *overrides,
+            ]
             subprocess.run(command, check=True, cwd=ROOT)
             measured = json.loads(result.read_text())
         measured["label"] = label
         measured["error"] = measured["estimate_gib"] / measured["measured_gib"] - 1
         rows.append(measured)
-        print(f"{label}: estimate {measured['estimate_gib']:.2f} GiB, measured {measured['measured_gib']:.2f} GiB ({measured['error']:+.0%})")
+        print(
+            f"{label}: estimate {measured['estimate_gib']:.2f} GiB, measured {measured['measured_gib']:.2f} GiB ({measured['error']:+.0%})"
+        )
     payload = {"machine": machine(), "model": args.model, "steps": args.steps, "rows": rows}
     write(args.name, payload, markdown(payload), args.out)
     print(markdown(payload))

@@ -44,22 +44,43 @@ MAX_LENGTH = {"humaneval": 512}  # the others' conversations fit in 256 tokens (
 TEST_ROWS: dict[str, int] = {}
 TUNED_ON = {"chatterbot"}  # the defaults were chosen on this task's ablations; the others check them
 # The plain script of issue 14; changing the recipe's defaults never changes it.
-PLAIN = {"batch_size": 4, "learning_rate": 2e-4, "lr_scheduler": "cosine", "warmup_ratio": 0.0, "lora_r": 16,
-         "lora_alpha": 32, "lora_dropout": 0.05, "seed": 42}
+PLAIN = {
+    "batch_size": 4,
+    "learning_rate": 2e-4,
+    "lr_scheduler": "cosine",
+    "warmup_ratio": 0.0,
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "seed": 42,
+}
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(quality_tasks.TASKS), choices=list(quality_tasks.TASKS))
     parser.add_argument("--quantization", nargs="+", default=["4bit", "none"], choices=["4bit", "none"])
-    parser.add_argument("--budget", type=float, default=60, help="Training budget per arm, seconds of its own CPU time.")
-    parser.add_argument("--arms", nargs="+", default=["plain", "recipe"], help="plain, recipe, and/or labels of --variant.")
-    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=KEY=VALUE[;KEY=VALUE]",
-                        help="A recipe arm with overrides, e.g. 'old defaults=training.gradient_accumulation_steps=4;training.learning_rate=2e-4'.")
+    parser.add_argument(
+        "--budget", type=float, default=60, help="Training budget per arm, seconds of its own CPU time."
+    )
+    parser.add_argument(
+        "--arms", nargs="+", default=["plain", "recipe"], help="plain, recipe, and/or labels of --variant."
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=KEY=VALUE[;KEY=VALUE]",
+        help="A recipe arm with overrides, e.g. 'old defaults=training.gradient_accumulation_steps=4;training.learning_rate=2e-4'.",
+    )
     parser.add_argument("--train-rows", type=int, default=4000, help="Most training conversations per task.")
     parser.add_argument("--name", default="quality", help="Results file name under benchmarks/results/.")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/finetune-quality"), help="Data cache, adapters and per-run results.")
-    parser.add_argument("--report-only", action="store_true", help="Only rebuild the tables and plot from the runs in --work.")
+    parser.add_argument(
+        "--work", type=Path, default=Path("/tmp/finetune-quality"), help="Data cache, adapters and per-run results."
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="Only rebuild the tables and plot from the runs in --work."
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--child", choices=["train", "score"], help=argparse.SUPPRESS)
     parser.add_argument("--arm", help=argparse.SUPPRESS)
@@ -95,7 +116,9 @@ def budget_callback(seconds: float, peak_lr: float, warmup_ratio: float, out: Pa
         def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
             self.start = time.process_time()
 
-        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        def on_pre_optimizer_step(
+            self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any
+        ) -> None:
             progress = min(1.0, self.spent() / seconds)
             if progress < warmup_ratio:
                 rate = peak_lr * progress / warmup_ratio
@@ -110,9 +133,15 @@ def budget_callback(seconds: float, peak_lr: float, warmup_ratio: float, out: Pa
                 began = time.process_time()
                 folder = out / f"point{len(self.saved) + 1}"
                 model.save_pretrained(folder)
-                self.saved.append({"budget_share": POINTS[len(self.saved)], "cpu_seconds": round(spent, 1),
-                                   "steps": state.global_step, "conversations": state.global_step * conversations_per_step,
-                                   "adapter": str(folder)})
+                self.saved.append(
+                    {
+                        "budget_share": POINTS[len(self.saved)],
+                        "cpu_seconds": round(spent, 1),
+                        "steps": state.global_step,
+                        "conversations": state.global_step * conversations_per_step,
+                        "adapter": str(folder),
+                    }
+                )
                 self.excluded += time.process_time() - began
             if len(self.saved) == len(POINTS):
                 control.should_training_stop = True
@@ -132,12 +161,25 @@ def train_child(args: argparse.Namespace) -> dict[str, Any]:
         from finetune.config import ModelConfig
 
         messages = [json.loads(line)["messages"] for line in (args.unit / "train.jsonl").read_text().splitlines()]
-        budget = budget_callback(unit["budget"], PLAIN["learning_rate"], PLAIN["warmup_ratio"], out, PLAIN["batch_size"])
+        budget = budget_callback(
+            unit["budget"], PLAIN["learning_rate"], PLAIN["warmup_ratio"], out, PLAIN["batch_size"]
+        )
         trainer = plain_trl_trainer(
-            model_source.resolve(ModelConfig()), messages, out / "trainer", quantization=unit["quantization"],
-            max_steps=10**6, batch_size=PLAIN["batch_size"], learning_rate=PLAIN["learning_rate"],
-            lr_scheduler=PLAIN["lr_scheduler"], warmup_steps=0, max_length=unit["max_length"], lora_r=PLAIN["lora_r"],
-            lora_alpha=PLAIN["lora_alpha"], lora_dropout=PLAIN["lora_dropout"], seed=PLAIN["seed"], callbacks=(budget,),
+            model_source.resolve(ModelConfig()),
+            messages,
+            out / "trainer",
+            quantization=unit["quantization"],
+            max_steps=10**6,
+            batch_size=PLAIN["batch_size"],
+            learning_rate=PLAIN["learning_rate"],
+            lr_scheduler=PLAIN["lr_scheduler"],
+            warmup_steps=0,
+            max_length=unit["max_length"],
+            lora_r=PLAIN["lora_r"],
+            lora_alpha=PLAIN["lora_alpha"],
+            lora_dropout=PLAIN["lora_dropout"],
+            seed=PLAIN["seed"],
+            callbacks=(budget,),
         )
         settings = dict(PLAIN)
         trainer.train()
@@ -145,29 +187,56 @@ def train_child(args: argparse.Namespace) -> dict[str, Any]:
         from finetune.config import RecipeConfig
         from finetune.recipes import ChatSFTRecipe
 
-        config = RecipeConfig.from_dict({
-            "name": "quality",
-            "model": {"quantization": unit["quantization"]},
-            "data": {"sources": [{"type": "file", "path": str(args.unit / "train.jsonl")}], "max_length": unit["max_length"],
-                     "validation_split": 0.0, "test_split": 0.0},
-            # The budget callback stops training; the schedule's step count is never reached.
-            "training": {"max_steps": 10**6},
-            "output": {"dir": str(out / "run"), "overwrite": True},
-        }, source="benchmarks/quality.py").with_overrides(unit["variants"][args.arm])
+        config = RecipeConfig.from_dict(
+            {
+                "name": "quality",
+                "model": {"quantization": unit["quantization"]},
+                "data": {
+                    "sources": [{"type": "file", "path": str(args.unit / "train.jsonl")}],
+                    "max_length": unit["max_length"],
+                    "validation_split": 0.0,
+                    "test_split": 0.0,
+                },
+                # The budget callback stops training; the schedule's step count is never reached.
+                "training": {"max_steps": 10**6},
+                "output": {"dir": str(out / "run"), "overwrite": True},
+            },
+            source="benchmarks/quality.py",
+        ).with_overrides(unit["variants"][args.arm])
         recipe = ChatSFTRecipe(config)
         recipe.setup()
         training = config.training
-        budget = budget_callback(unit["budget"], training.learning_rate, training.warmup_ratio, out,
-                                 training.batch_size * training.gradient_accumulation_steps)
+        budget = budget_callback(
+            unit["budget"],
+            training.learning_rate,
+            training.warmup_ratio,
+            out,
+            training.batch_size * training.gradient_accumulation_steps,
+        )
         recipe.train(callbacks=[budget])
-        settings = {"batch_size": training.batch_size, "gradient_accumulation_steps": training.gradient_accumulation_steps,
-                    "learning_rate": training.learning_rate, "warmup_ratio": training.warmup_ratio, "lora_r": config.lora.r,
-                    "lora_alpha": config.lora.lora_alpha, "lora_dropout": config.lora.dropout, "packing": training.packing,
-                    "gradient_checkpointing": training.gradient_checkpointing, "overrides": unit["variants"][args.arm]}
+        settings = {
+            "batch_size": training.batch_size,
+            "gradient_accumulation_steps": training.gradient_accumulation_steps,
+            "learning_rate": training.learning_rate,
+            "warmup_ratio": training.warmup_ratio,
+            "lora_r": config.lora.r,
+            "lora_alpha": config.lora.lora_alpha,
+            "lora_dropout": config.lora.dropout,
+            "packing": training.packing,
+            "gradient_checkpointing": training.gradient_checkpointing,
+            "overrides": unit["variants"][args.arm],
+        }
     if len(budget.saved) < len(POINTS):
-        raise SystemExit(f"{args.arm}: training ended after {budget.spent():.0f} s, before the budget; raise --train-rows")
-    return {"arm": args.arm, "settings": settings, "points": budget.saved, "threads": torch.get_num_threads(),
-            "wall_seconds": round(time.perf_counter() - started, 1)}
+        raise SystemExit(
+            f"{args.arm}: training ended after {budget.spent():.0f} s, before the budget; raise --train-rows"
+        )
+    return {
+        "arm": args.arm,
+        "settings": settings,
+        "points": budget.saved,
+        "threads": torch.get_num_threads(),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 # ---------------------------------------------------------------- child: score every saved adapter
@@ -189,7 +258,10 @@ def score_child(args: argparse.Namespace) -> dict[str, Any]:
     init: dict[str, Any] = {"dtype": torch.float32}
     if unit["quantization"] == "4bit":
         init["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
         )
     base = AutoModelForCausalLM.from_pretrained(path, **init)
     scores = {"base": quality_tasks.reply_perplexity(base, tokenizer, test)}
@@ -220,8 +292,12 @@ def run_unit(args: argparse.Namespace, task: str, quantization: str, tokenizer: 
     unit.mkdir(parents=True, exist_ok=True)
     max_length = MAX_LENGTH.get(task, 256)
     train, test = quality_tasks.split(
-        quality_tasks.TASKS[task](args.work / "cache"), tokenizer, max_length=max_length,
-        test_rows=TEST_ROWS.get(task, 32), train_rows=args.train_rows, seed=0,
+        quality_tasks.TASKS[task](args.work / "cache"),
+        tokenizer,
+        max_length=max_length,
+        test_rows=TEST_ROWS.get(task, 32),
+        train_rows=args.train_rows,
+        seed=0,
     )
     for name, rows in (("train", train), ("test", test)):
         (unit / f"{name}.jsonl").write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in rows))
@@ -229,10 +305,22 @@ def run_unit(args: argparse.Namespace, task: str, quantization: str, tokenizer: 
     unknown = [arm for arm in args.arms if arm != "plain" and arm not in known]
     if unknown:
         raise SystemExit(f"--arms {unknown}: not plain, recipe or a --variant label")
-    (unit / "unit.json").write_text(json.dumps({
-        "task": task, "quantization": quantization, "budget": args.budget, "max_length": max_length,
-        "train_rows": len(train), "test_rows": len(test), "arms": args.arms, "variants": known, "command": command_line(),
-    }, indent=1))
+    (unit / "unit.json").write_text(
+        json.dumps(
+            {
+                "task": task,
+                "quantization": quantization,
+                "budget": args.budget,
+                "max_length": max_length,
+                "train_rows": len(train),
+                "test_rows": len(test),
+                "arms": args.arms,
+                "variants": known,
+                "command": command_line(),
+            },
+            indent=1,
+        )
+    )
     for arm in args.arms:
         print(f"=== {task} {quantization}: training {arm} for {args.budget:.0f} CPU seconds", flush=True)
         child(args, "train", unit, arm)
@@ -250,13 +338,22 @@ def collect(folder: Path) -> dict[str, Any]:
         if not scores_file.is_file():
             continue
         scores = json.loads(scores_file.read_text())
-        entry = {"train_rows": unit["train_rows"], "test_rows": unit["test_rows"], "max_length": unit["max_length"],
-                 "budget_cpu_seconds": unit["budget"], "base_perplexity": round(scores["base"], 3), "arms": {}}
+        entry = {
+            "train_rows": unit["train_rows"],
+            "test_rows": unit["test_rows"],
+            "max_length": unit["max_length"],
+            "budget_cpu_seconds": unit["budget"],
+            "base_perplexity": round(scores["base"], 3),
+            "arms": {},
+        }
         for arm in unit["arms"]:
             run = json.loads((unit_file.parent / arm / "result.json").read_text())
             curve = [{"cpu_seconds": 0.0, "steps": 0, "conversations": 0, "perplexity": round(scores["base"], 3)}]
-            curve += [{k: p[k] for k in ("cpu_seconds", "steps", "conversations")} | {"perplexity": round(scores[p["adapter"]], 3)}
-                      for p in run["points"]]
+            curve += [
+                {k: p[k] for k in ("cpu_seconds", "steps", "conversations")}
+                | {"perplexity": round(scores[p["adapter"]], 3)}
+                for p in run["points"]
+            ]
             entry["arms"][arm] = {"settings": run["settings"], "wall_seconds": run["wall_seconds"], "curve": curve}
         results.setdefault(unit["task"], {})[unit["quantization"]] = entry
     return results
@@ -266,7 +363,8 @@ def markdown(payload: dict[str, Any]) -> str:
     lines = [
         "# Held-out reply perplexity at equal training time: plain TRL script (a) vs finetune recipe (b)",
         "",
-        machine_markdown(payload["machine"]) + " (Described when this table was built; the load while the arms ran does not",
+        machine_markdown(payload["machine"])
+        + " (Described when this table was built; the load while the arms ran does not",
         "change their CPU-time budgets.)",
         "",
         "Equal time = the same budget of each arm's own **process CPU time, one thread each** (OMP_NUM_THREADS=1), so",
@@ -275,30 +373,63 @@ def markdown(payload: dict[str, Any]) -> str:
         "trained on (NF4 for 4-bit, float32 for 32-bit). Model: SmolLM2-135M-Instruct (bundled GGUF).",
         f"(a) plain TRL script: {_settings(PLAIN)}, loss on every token, TRL defaults otherwise. (b) recipe: the library's",
         "default configuration; other arms (ablations) are the recipe with the overrides in the summary. Every arm runs its "
-        "own cosine schedule over the budget's seconds. Commands: " + "; ".join(f"`{c}`" for c in payload["commands"]) + ".",
+        "own cosine schedule over the budget's seconds. Commands: "
+        + "; ".join(f"`{c}`" for c in payload["commands"])
+        + ".",
     ]
-    recipe = next((e["arms"]["recipe"]["settings"] for by_q in payload["results"].values() for e in by_q.values() if "recipe" in e["arms"]), None)
+    recipe = next(
+        (
+            e["arms"]["recipe"]["settings"]
+            for by_q in payload["results"].values()
+            for e in by_q.values()
+            if "recipe" in e["arms"]
+        ),
+        None,
+    )
     if recipe:
-        lines.append(f"(b) as run: {_settings(recipe)}, gradient accumulation {recipe['gradient_accumulation_steps']}, "
-                     f"packing {'on' if recipe['packing'] else 'off'}, loss on assistant replies only.")
+        lines.append(
+            f"(b) as run: {_settings(recipe)}, gradient accumulation {recipe['gradient_accumulation_steps']}, "
+            f"packing {'on' if recipe['packing'] else 'off'}, loss on assistant replies only."
+        )
     for task, by_quantization in payload["results"].items():
         for quantization, entry in by_quantization.items():
             arms = entry["arms"]
-            lines += ["", f"## {task}, quantization {quantization}", "",
-                      (f"{entry['train_rows']} training / {entry['test_rows']} test conversations (max {entry['max_length']} tokens); "
-                       f"base model before training: {entry['base_perplexity']:.2f}."), ""]
+            lines += [
+                "",
+                f"## {task}, quantization {quantization}",
+                "",
+                (
+                    f"{entry['train_rows']} training / {entry['test_rows']} test conversations (max {entry['max_length']} tokens); "
+                    f"base model before training: {entry['base_perplexity']:.2f}."
+                ),
+                "",
+            ]
             names = list(arms)
-            lines += ["| CPU seconds | " + " | ".join(f"{_label(a)}: perplexity (conversations seen)" for a in names) + " | b ahead? |",
-                      "|---|" + "---|" * len(names) + "---|"]
+            lines += [
+                "| CPU seconds | "
+                + " | ".join(f"{_label(a)}: perplexity (conversations seen)" for a in names)
+                + " | b ahead? |",
+                "|---|" + "---|" * len(names) + "---|",
+            ]
             for index, share in enumerate(POINTS, start=1):
-                cells = [f"{arms[a]['curve'][index]['perplexity']:.2f} ({arms[a]['curve'][index]['conversations']})" for a in names]
+                cells = [
+                    f"{arms[a]['curve'][index]['perplexity']:.2f} ({arms[a]['curve'][index]['conversations']})"
+                    for a in names
+                ]
                 verdict = ""
                 if "plain" in arms and "recipe" in arms:
-                    verdict = "yes" if arms["recipe"]["curve"][index]["perplexity"] < arms["plain"]["curve"][index]["perplexity"] else "**no**"
+                    verdict = (
+                        "yes"
+                        if arms["recipe"]["curve"][index]["perplexity"] < arms["plain"]["curve"][index]["perplexity"]
+                        else "**no**"
+                    )
                 lines.append(f"| {share * entry['budget_cpu_seconds']:.0f} | " + " | ".join(cells) + f" | {verdict} |")
     lines += summary(payload)
-    lines += ["", f"Curves: [{payload['name']}.png]({payload['name']}.png). Seconds are each arm's process CPU time at the",
-              "save (at or just past the quarter mark; the table rows are the quarter marks)."]
+    lines += [
+        "",
+        f"Curves: [{payload['name']}.png]({payload['name']}.png). Seconds are each arm's process CPU time at the",
+        "save (at or just past the quarter mark; the table rows are the quarter marks).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -309,13 +440,22 @@ def summary(payload: dict[str, Any]) -> list[str]:
     arms = list(dict.fromkeys(arm for _, _, entry in units for arm in entry["arms"]))
     if set(arms) <= {"plain", "recipe"}:
         return []
-    lines = ["", "## Summary: perplexity at the end of the budget (conversations seen)", "",
-             "| arm | settings | " + " | ".join(f"{t} {q}{' (tuned on)' if t in TUNED_ON else ' (not tuned on)'}" for t, q, _ in units) + " |",
-             "|---|---|" + "---|" * len(units)]
+    lines = [
+        "",
+        "## Summary: perplexity at the end of the budget (conversations seen)",
+        "",
+        "| arm | settings | "
+        + " | ".join(f"{t} {q}{' (tuned on)' if t in TUNED_ON else ' (not tuned on)'}" for t, q, _ in units)
+        + " |",
+        "|---|---|" + "---|" * len(units),
+    ]
     for arm in arms:
         settings = next(entry["arms"][arm]["settings"] for _, _, entry in units if arm in entry["arms"])
-        described = _settings(settings) + (f", gradient accumulation {settings['gradient_accumulation_steps']}"
-                                           if "gradient_accumulation_steps" in settings else "")
+        described = _settings(settings) + (
+            f", gradient accumulation {settings['gradient_accumulation_steps']}"
+            if "gradient_accumulation_steps" in settings
+            else ""
+        )
         cells = []
         for _, _, entry in units:
             end = entry["arms"][arm]["curve"][-1] if arm in entry["arms"] else None
@@ -329,8 +469,10 @@ def _label(arm: str) -> str:
 
 
 def _settings(values: dict[str, Any]) -> str:
-    return (f"LoRA r={values['lora_r']}, alpha {values['lora_alpha']}, dropout {values['lora_dropout']}, batch "
-            f"{values['batch_size']}, lr {values['learning_rate']:g} cosine, warmup {values['warmup_ratio']}")
+    return (
+        f"LoRA r={values['lora_r']}, alpha {values['lora_alpha']}, dropout {values['lora_dropout']}, batch "
+        f"{values['batch_size']}, lr {values['learning_rate']:g} cosine, warmup {values['warmup_ratio']}"
+    )
 
 
 def plot(payload: dict[str, Any], path: Path) -> None:
@@ -345,13 +487,18 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
     for axis, (task, quantization, entry) in zip(axes.flat, panels):
         for arm, run in entry["arms"].items():
-            axis.plot([p["cpu_seconds"] for p in run["curve"]], [p["perplexity"] for p in run["curve"]], marker="o", label=_label(arm))
+            axis.plot(
+                [p["cpu_seconds"] for p in run["curve"]],
+                [p["perplexity"] for p in run["curve"]],
+                marker="o",
+                label=_label(arm),
+            )
         axis.set_title(f"{task}, {quantization}")
         axis.set_xlabel("training CPU seconds (1 thread)")
         axis.set_ylabel("held-out reply perplexity")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    for axis in list(axes.flat)[len(panels):]:
+    for axis in list(axes.flat)[len(panels) :]:
         axis.axis("off")
     figure.tight_layout()
     figure.savefig(path, dpi=90)
@@ -371,7 +518,9 @@ def report(args: argparse.Namespace) -> None:
     }
     # The commands that ran the units (a --report-only run rebuilds tables from runs made by others).
     units = sorted((args.work / args.name).glob("*/unit.json"))
-    payload["commands"] = list(dict.fromkeys(json.loads(u.read_text()).get("command", command_line()) for u in units)) or [command_line()]
+    payload["commands"] = list(
+        dict.fromkeys(json.loads(u.read_text()).get("command", command_line()) for u in units)
+    ) or [command_line()]
     _, md_path = write(args.name, payload, markdown(payload), args.out)
     if payload["results"]:
         plot(payload, args.out / f"{args.name}.png")

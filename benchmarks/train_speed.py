@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import OFFLINE, PeakMemory, plain_trl_trainer, machine, machine_markdown, matmul_tflops, write  # noqa: E402
+from _harness import OFFLINE, PeakMemory, machine, machine_markdown, matmul_tflops, plain_trl_trainer, write  # noqa: E402
 
 os.environ.update({k: os.environ.get(k, v) for k, v in OFFLINE.items()})
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +46,18 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=4, help="Score the validation split every N steps.")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="Extra recipe override, e.g. training.packing=false (the baseline reads the same numbers).")
-    parser.add_argument("--levers", action="store_true", help="Instead of (a) vs (b): the recipe with all levers on vs each switched off in turn (results: levers.md).")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="Extra recipe override, e.g. training.packing=false (the baseline reads the same numbers).",
+    )
+    parser.add_argument(
+        "--levers",
+        action="store_true",
+        help="Instead of (a) vs (b): the recipe with all levers on vs each switched off in turn (results: levers.md).",
+    )
     parser.add_argument("--name", help="Results file name under benchmarks/results/ (default: train_speed, or levers).")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -85,7 +95,10 @@ class CountingCollator:
 
     def __init__(self, collator: Any, split: Any) -> None:
         self.collator = collator
-        self.replies = {tuple(ids): sum(label != -100 for label in labels) for ids, labels in zip(split["input_ids"], split["labels"])}
+        self.replies = {
+            tuple(ids): sum(label != -100 for label in labels)
+            for ids, labels in zip(split["input_ids"], split["labels"])
+        }
         self.positions = self.tokens = self.trained = self.assistant = self.unmatched = 0
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -120,7 +133,11 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         recipe.setup()
         tokenizer, splits, model = recipe.tokenizer, recipe.data.splits, recipe.model
         trainer = training.build_trainer(
-            model, tokenizer, DatasetDict(train=splits["train"]), config.training, run_dir / "checkpoints",
+            model,
+            tokenizer,
+            DatasetDict(train=splits["train"]),
+            config.training,
+            run_dir / "checkpoints",
             dtype=models.compute_dtype(config.model),
         )
         checkpointing = bool(config.training.gradient_checkpointing)
@@ -130,11 +147,20 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         splits = data.prepare_data(config.data, tokenizer).splits
         train_cfg = config.training
         trainer = plain_trl_trainer(
-            model_source.resolve(config.model), splits["train"]["messages"], run_dir / "baseline",
-            quantization=config.model.quantization, max_steps=train_cfg.max_steps, batch_size=train_cfg.batch_size,
-            learning_rate=train_cfg.learning_rate, lr_scheduler=train_cfg.lr_scheduler,  # same schedule as (b), so only the levers differ
-            warmup_steps=math.ceil(train_cfg.warmup_ratio * train_cfg.max_steps), max_length=config.data.max_length,
-            lora_r=config.lora.r, lora_alpha=config.lora.lora_alpha, lora_dropout=config.lora.dropout, seed=train_cfg.seed,
+            model_source.resolve(config.model),
+            splits["train"]["messages"],
+            run_dir / "baseline",
+            quantization=config.model.quantization,
+            max_steps=train_cfg.max_steps,
+            batch_size=train_cfg.batch_size,
+            learning_rate=train_cfg.learning_rate,
+            lr_scheduler=train_cfg.lr_scheduler,  # same schedule as (b), so only the levers differ
+            warmup_steps=math.ceil(train_cfg.warmup_ratio * train_cfg.max_steps),
+            max_length=config.data.max_length,
+            lora_r=config.lora.r,
+            lora_alpha=config.lora.lora_alpha,
+            lora_dropout=config.lora.dropout,
+            seed=train_cfg.seed,
         )
         model = trainer.model
         # The harness scores (a) before training, in eval mode; without this, bitsandbytes would repack its 4-bit
@@ -152,12 +178,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     def score(step: int) -> None:
         losses = evaluation.perplexity(model, validation, pad_token_id=tokenizer.pad_token_id, batch_size=8)
-        curve.append({
-            "step": step,
-            "train_seconds": round(clock["train"], 2),
-            "val_loss": round(math.log(losses["perplexity"]), 4),
-            "val_loss_all_tokens": round(math.log(losses["perplexity_all_tokens"]), 4),
-        })
+        curve.append(
+            {
+                "step": step,
+                "train_seconds": round(clock["train"], 2),
+                "val_loss": round(math.log(losses["perplexity"]), 4),
+                "val_loss_all_tokens": round(math.log(losses["perplexity_all_tokens"]), 4),
+            }
+        )
 
     class Curve(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -213,11 +241,24 @@ LEVERS = [
 ]
 
 
-def run_child(args: argparse.Namespace, variant: str, quantization: str, argv: list[str], overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+def run_child(
+    args: argparse.Namespace, variant: str, quantization: str, argv: list[str], overrides: tuple[str, ...] = ()
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.json"
         sets = [item for override in overrides for item in ("--set", override)]
-        command = [sys.executable, __file__, *argv, *sets, "--quantization", quantization, "--child", variant, "--result", str(result)]
+        command = [
+            sys.executable,
+            __file__,
+            *argv,
+            *sets,
+            "--quantization",
+            quantization,
+            "--child",
+            variant,
+            "--result",
+            str(result),
+        ]
         print(f"\n=== {variant} {' '.join(overrides)}, quantization {quantization} ===", flush=True)
         subprocess.run(command, check=True, cwd=ROOT)
         return json.loads(result.read_text())
@@ -249,13 +290,16 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_s": b["tokens_per_s"] / a["tokens_per_s"],
         "trained_tokens_per_s": b["trained_tokens_per_s"] / a["trained_tokens_per_s"],
         "assistant_tokens_per_s": (
-            b["assistant_tokens_per_s"] / a["assistant_tokens_per_s"] if a["assistant_tokens_per_s"] and b["assistant_tokens_per_s"] else None
+            b["assistant_tokens_per_s"] / a["assistant_tokens_per_s"]
+            if a["assistant_tokens_per_s"] and b["assistant_tokens_per_s"]
+            else None
         ),
         "peak_memory": b[memory_key] / a[memory_key],
         "time_to_baseline_val_loss": reached / a["train_seconds"] if reached is not None else None,
     }
     targets = {
-        "time_to_baseline_val_loss <= 1/1.5": ratios["time_to_baseline_val_loss"] is not None and ratios["time_to_baseline_val_loss"] <= 1 / 1.5,
+        "time_to_baseline_val_loss <= 1/1.5": ratios["time_to_baseline_val_loss"] is not None
+        and ratios["time_to_baseline_val_loss"] <= 1 / 1.5,
         # (a) carries loss on prompts too, so its loss-carrying rate counts tokens (b) deliberately leaves out;
         # both are reported, and the rate of assistant-reply tokens compares the same tokens in both.
         "loss-carrying tokens/s >= 1.5x": ratios["trained_tokens_per_s"] >= 1.5,
@@ -278,8 +322,14 @@ ROWS = [
     ("utilisation", "utilisation of the matmul limit", "{:.1%}"),
     ("padding_share", "share of computed positions that are padding", "{:.1%}"),
 ]
-RATIO_OF = {"train_seconds": "wall_time", "tokens_per_s": "tokens_per_s", "trained_tokens_per_s": "trained_tokens_per_s",
-            "assistant_tokens_per_s": "assistant_tokens_per_s", "peak_rss_gib": "peak_memory", "peak_cuda_gib": "peak_memory"}
+RATIO_OF = {
+    "train_seconds": "wall_time",
+    "tokens_per_s": "tokens_per_s",
+    "trained_tokens_per_s": "trained_tokens_per_s",
+    "assistant_tokens_per_s": "assistant_tokens_per_s",
+    "peak_rss_gib": "peak_memory",
+    "peak_cuda_gib": "peak_memory",
+}
 
 
 def header(payload: dict[str, Any], title: str) -> list[str]:
@@ -302,7 +352,13 @@ def markdown(payload: dict[str, Any]) -> str:
     ]
     for quantization, entry in payload["results"].items():
         a, b = entry.get("baseline"), entry.get("library")
-        lines += ["", f"## quantization: {quantization}", "", "| figure | (a) TRL baseline | (b) finetune | b/a |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## quantization: {quantization}",
+            "",
+            "| figure | (a) TRL baseline | (b) finetune | b/a |",
+            "|---|---|---|---|",
+        ]
         for key, label, fmt in ROWS:
             values = [run.get(key) if run else None for run in (a, b)]
             if all(v is None for v in values):
@@ -311,11 +367,19 @@ def markdown(payload: dict[str, Any]) -> str:
             cells = [fmt.format(v) if v is not None else "-" for v in values]
             lines.append(f"| {label} | {cells[0]} | {cells[1]} | {f'{ratio:.2f}' if ratio is not None else ''} |")
         if a and b:
-            lines.append(f"| gradient checkpointing | {'on' if a['gradient_checkpointing'] else 'off'} | {'on' if b['gradient_checkpointing'] else 'off'} | |")
+            lines.append(
+                f"| gradient checkpointing | {'on' if a['gradient_checkpointing'] else 'off'} | {'on' if b['gradient_checkpointing'] else 'off'} | |"
+            )
             ratio = entry["comparison"]["ratios"]["time_to_baseline_val_loss"]
             reached = f"{ratio:.2f}" if ratio is not None else "not reached"
             lines.append(f"| time to the baseline's final validation loss | {a['train_seconds']:.1f} s | | {reached} |")
-            lines += ["", "Targets: " + ", ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in entry["comparison"]["targets"].items())]
+            lines += [
+                "",
+                "Targets: "
+                + ", ".join(
+                    f"{name}: {'met' if ok else 'NOT met'}" for name, ok in entry["comparison"]["targets"].items()
+                ),
+            ]
         for run in (a, b):
             if run:
                 curve = ", ".join(f"{p['step']}: {p['val_loss']:.3f} @ {p['train_seconds']:.0f}s" for p in run["curve"])
@@ -342,7 +406,9 @@ def levers_markdown(payload: dict[str, Any]) -> str:
     for quantization, entry in payload["results"].items():
         on = entry["all levers on"]
         lines += [
-            "", f"## quantization: {quantization}", "",
+            "",
+            f"## quantization: {quantization}",
+            "",
             "| run | training (s) | processed tokens/s | peak RSS (GiB) | validation loss (end) | padding | time vs all on |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -351,7 +417,10 @@ def levers_markdown(payload: dict[str, Any]) -> str:
                 f"| {label} | {run['train_seconds']:.1f} | {run['tokens_per_s']:.1f} | {run['peak_rss_gib']:.2f} | "
                 f"{run['val_loss']:.4f} | {run['padding_share']:.0%} | {run['train_seconds'] / on['train_seconds']:.2f}x |"
             )
-    lines += ["", "Validation loss: the same held-out replies for every run; dropout masks differ between runs, so it may move a little."]
+    lines += [
+        "",
+        "Validation loss: the same held-out replies for every run; dropout masks differ between runs, so it may move a little.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,13 @@ CONFIG = {
     "model": {"source": "smollm2-135m-instruct", "quantization": "4bit"},
     "lora": {"r": 16},
     "data": {"sources": [{"type": "chatterbot", "language": "english"}], "max_length": 256, "validation_split": 0.04},
-    "training": {"learning_rate": 3e-4, "max_steps": 24, "batch_size": 8, "gradient_accumulation_steps": 1, "eval_steps": 12},
+    "training": {
+        "learning_rate": 3e-4,
+        "max_steps": 24,
+        "batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "eval_steps": 12,
+    },
     "evaluation": {"max_rows": 200, "batch_size": 16, "generation_rows": 32, "max_new_tokens": 40},
     "output": {"overwrite": True},
 }

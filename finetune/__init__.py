@@ -1,7 +1,7 @@
 """finetune: turn a pretrained decoder-only checkpoint into a chat model with LoRA/QLoRA.
 
-    from finetune import ChatSFTRecipe
-    result = ChatSFTRecipe.from_yaml("recipes/quickstart.yaml").run()
+from finetune import ChatSFTRecipe
+result = ChatSFTRecipe.from_yaml("recipes/quickstart.yaml").run()
 """
 
 from typing import Any

@@ -73,7 +73,10 @@ def cross_entropy_sum(
         return F.cross_entropy(logits, wanted, reduction="sum"), (logits.argmax(-1) == wanted).sum()
 
     if len(targets) <= positions or not torch.is_grad_enabled():
-        parts = [chunk(hidden[i : i + positions], targets[i : i + positions]) for i in range(0, max(len(targets), 1), positions)]
+        parts = [
+            chunk(hidden[i : i + positions], targets[i : i + positions])
+            for i in range(0, max(len(targets), 1), positions)
+        ]
     else:
         parts = [
             checkpoint(chunk, hidden[i : i + positions], targets[i : i + positions], use_reentrant=False)
@@ -82,7 +85,9 @@ def cross_entropy_sum(
     return torch.stack([loss for loss, _ in parts]).sum(), torch.stack([hits for _, hits in parts]).sum()
 
 
-def token_nll(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, positions: int | None = None) -> torch.Tensor:
+def token_nll(
+    model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, positions: int | None = None
+) -> torch.Tensor:
     """Each target's negative log-likelihood (K,) from `hidden` (K, hidden), a chunk of positions at a time (no backward)."""
     positions = positions or chunk_size(model)
     parts = [

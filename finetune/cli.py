@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -45,7 +45,8 @@ app = typer.Typer(
 def run(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/quickstart.yaml.")],
     set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override a config value: --set training.max_steps=20 (repeatable).")
+        list[str] | None,
+        typer.Option("--set", help="Override a config value: --set training.max_steps=20 (repeatable)."),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
     resume: Annotated[
@@ -53,7 +54,9 @@ def run(
     ] = False,
     num_processes: Annotated[
         int,
-        typer.Option(min=1, help="Train in N processes through Accelerate: one per GPU, or N CPU processes (gloo) without one."),
+        typer.Option(
+            min=1, help="Train in N processes through Accelerate: one per GPU, or N CPU processes (gloo) without one."
+        ),
     ] = 1,
 ) -> None:
     """Run a recipe end to end: load, attach LoRA, prepare data, train, evaluate before/after, merge, report.
@@ -71,7 +74,9 @@ def run(
             from finetune.config import RecipeConfig
 
             RecipeConfig.from_yaml(recipe, overrides)  # a bad recipe fails here, before any process starts
-            forwarded = [arg for override in overrides for arg in ("--set", override)] + (["--resume"] if resume else [])
+            forwarded = [arg for override in overrides for arg in ("--set", override)] + (
+                ["--resume"] if resume else []
+            )
             distributed.launch(["run", str(recipe), *forwarded], num_processes)
             return
         if distributed.state().num_processes != num_processes:
@@ -87,13 +92,22 @@ def run(
 @app.command()
 def sweep(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe whose hyperparameters to search.")],
-    trials: Annotated[int, typer.Option(min=1, help="Finished trials wanted (an interrupted sweep counts those already done).")],
+    trials: Annotated[
+        int, typer.Option(min=1, help="Finished trials wanted (an interrupted sweep counts those already done).")
+    ],
     space: Annotated[
-        Optional[Path], typer.Option(help="YAML search space (docs/tuning.md); default: learning rate, LoRA r/alpha/dropout, epochs, weight decay.")
+        Path | None,
+        typer.Option(
+            help="YAML search space (docs/tuning.md); default: learning rate, LoRA r/alpha/dropout, epochs, weight decay."
+        ),
     ] = None,
-    metric: Annotated[str, typer.Option(help="What ranks trials, on the validation split: eval_loss, perplexity, rougeL, bleu, ...")] = "eval_loss",
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value of every trial (repeatable).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Sweep folder (default: the run folder + '-sweep').")] = None,
+    metric: Annotated[
+        str, typer.Option(help="What ranks trials, on the validation split: eval_loss, perplexity, rougeL, bleu, ...")
+    ] = "eval_loss",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config value of every trial (repeatable).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Sweep folder (default: the run folder + '-sweep').")] = None,
 ) -> None:
     """Search hyperparameters with Optuna: short trials, bad ones pruned early; writes a results table, plots and
     best_recipe.yaml. Run it again to continue an interrupted sweep."""
@@ -106,7 +120,7 @@ def sweep(
 @app.command()
 def validate(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe to check.")],
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value (repeatable).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config value (repeatable).")] = None,
     preflight: Annotated[
         bool, typer.Option(help="Also run the pre-flight checks: disk space, data files, quantization, context length.")
     ] = False,
@@ -127,9 +141,9 @@ def validate(
 def plan(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe to plan.")],
     device: Annotated[
-        Optional[str], typer.Option(help="cpu, cuda, or a GPU memory size such as 24GB (default: this machine).")
+        str | None, typer.Option(help="cpu, cuda, or a GPU memory size such as 24GB (default: this machine).")
     ] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value (repeatable).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config value (repeatable).")] = None,
 ) -> None:
     """Estimate peak training memory (weights, LoRA, gradients, optimizer, activations, logits) from the model's
     config alone, say whether it fits, and suggest the cheapest change that does. Exit status 1 if it does not fit."""
@@ -148,7 +162,7 @@ def merge(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder (runs/NAME).")],
     dtype: Annotated[Dtype, typer.Option(help="Dtype of the merged weights; auto keeps the base's.")] = "auto",
     strategy: Annotated[MergeStrategy, typer.Option(help="Base to merge into (docs/merging.md).")] = "auto",
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default RUN_DIR/merged).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN_DIR/merged).")] = None,
 ) -> None:
     """Merge a run's adapter into a full-precision base, verify the logits, and save a plain transformers folder.
     Merging into the run's own merged/ refreshes its model cards and run.json."""
@@ -160,9 +174,15 @@ def merge(
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder (runs/NAME).")],
-    format: Annotated[ExportFormat, typer.Option(help="Export format; gguf: one file for llama.cpp, Ollama and LM Studio.")] = "gguf",
-    quant: Annotated[ExportQuant, typer.Option(help="GGUF weight type: f16 and bf16 keep the weights, q8_0 ... q4_0 shrink them.")] = "f16",
-    adapter_only: Annotated[bool, typer.Option(help="Write the LoRA adapter as a llama.cpp LoRA GGUF instead of the merged model.")] = False,
+    format: Annotated[
+        ExportFormat, typer.Option(help="Export format; gguf: one file for llama.cpp, Ollama and LM Studio.")
+    ] = "gguf",
+    quant: Annotated[
+        ExportQuant, typer.Option(help="GGUF weight type: f16 and bf16 keep the weights, q8_0 ... q4_0 shrink them.")
+    ] = "f16",
+    adapter_only: Annotated[
+        bool, typer.Option(help="Write the LoRA adapter as a llama.cpp LoRA GGUF instead of the merged model.")
+    ] = False,
 ) -> None:
     """Write RUN_DIR/export/: model-<quant>.gguf (or adapter.gguf), an Ollama Modelfile and export.json, each file
     kept only after transformers and llama.cpp both ran it and agreed with the run's model (docs/deployment.md)."""
@@ -173,15 +193,17 @@ def export(
 
 @app.command("eval")
 def eval_(
-    model: Annotated[str, typer.Option(help="Model: bundled alias, Hub id, folder (e.g. a run's merged/) or .gguf file.")],
+    model: Annotated[
+        str, typer.Option(help="Model: bundled alias, Hub id, folder (e.g. a run's merged/) or .gguf file.")
+    ],
     data: Annotated[Path, typer.Option(help="Conversations to score (.jsonl/.json; any supported row format).")],
-    adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter folder to apply (e.g. runs/NAME/adapter).")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder to apply (e.g. runs/NAME/adapter).")] = None,
     quantization: Annotated[Quantization, typer.Option(help="Load the model as none, 8bit or 4bit.")] = "none",
     max_rows: Annotated[int, typer.Option(help="Conversations scored for perplexity.")] = 200,
     generation_rows: Annotated[int, typer.Option(help="Conversations whose last reply is generated and scored.")] = 50,
     max_new_tokens: Annotated[int, typer.Option(help="Longest generated reply.")] = 64,
     max_length: Annotated[int, typer.Option(help="Longest conversation scored, in tokens.")] = 1024,
-    out: Annotated[Optional[Path], typer.Option(help="Write the metrics (and sample replies) to this JSON file.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the metrics (and sample replies) to this JSON file.")] = None,
 ) -> None:
     """Score any model or adapter on any file: perplexity (assistant and all tokens), BLEU, ROUGE, F1, exact match."""
     import json
@@ -217,13 +239,19 @@ app.add_typer(data_app, name="data")
 
 @data_app.command("inspect")
 def data_inspect(
-    target: Annotated[Path, typer.Argument(help="A YAML recipe, or a data file/folder (.jsonl .json .csv .parquet .txt).")],
+    target: Annotated[
+        Path, typer.Argument(help="A YAML recipe, or a data file/folder (.jsonl .json .csv .parquet .txt).")
+    ],
     model: Annotated[
-        Optional[str], typer.Option(help="Tokenizer and chat template to use (default: the recipe's model, or the bundled SmolLM2).")
+        str | None,
+        typer.Option(help="Tokenizer and chat template to use (default: the recipe's model, or the bundled SmolLM2)."),
     ] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config value (repeatable).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config value (repeatable).")] = None,
     rows: Annotated[int, typer.Option(min=0, help="Training rows to render token by token.")] = 3,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for inspect.md, inspect.json and lengths.png (default: RUN_DIR/inspect).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for inspect.md, inspect.json and lengths.png (default: RUN_DIR/inspect)."),
+    ] = None,
 ) -> None:
     """Row counts per format and drop reason, token-length histogram, loss share, the pre-flight audit, and rows
     coloured by which tokens are trained on. Exits 1 if the audit has serious findings."""
@@ -237,7 +265,9 @@ def data_inspect(
     if target.suffix in (".yaml", ".yml"):
         config = RecipeConfig.from_yaml(target, overrides)
     else:
-        config = RecipeConfig.from_dict({"data": {"sources": [{"type": "file", "path": str(target)}]}}, source="finetune data inspect")
+        config = RecipeConfig.from_dict(
+            {"data": {"sources": [{"type": "file", "path": str(target)}]}}, source="finetune data inspect"
+        )
         config = config.with_overrides(overrides, source="--set")
     if model:
         config = config.with_overrides({"model.source": model}, source="--model")
@@ -256,10 +286,14 @@ _TARGET_HELP = "Run folder (runs/NAME), model folder, .gguf file, bundled alias 
 @app.command()
 def chat(
     target: Annotated[str, typer.Argument(help=_TARGET_HELP)],
-    adapter: Annotated[Optional[str], typer.Option(help="LoRA adapter folder (or run folder) to apply over the model.")] = None,
-    system: Annotated[Optional[str], typer.Option(help="System prompt that opens the conversation.")] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="LoRA adapter folder (or run folder) to apply over the model.")
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt that opens the conversation.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 256,
-    temperature: Annotated[float, typer.Option(min=0, help="Sampling temperature; 0 = greedy, the same reply every time.")] = 0.7,
+    temperature: Annotated[
+        float, typer.Option(min=0, help="Sampling temperature; 0 = greedy, the same reply every time.")
+    ] = 0.7,
     top_p: Annotated[float, typer.Option(min=0, max=1, help="Nucleus sampling mass.")] = 0.9,
     quantization: Annotated[Quantization, typer.Option(help="Load the model as none, 8bit or 4bit.")] = "none",
 ) -> None:
@@ -274,13 +308,18 @@ def chat(
 def serve(
     target: Annotated[str, typer.Argument(help=_TARGET_HELP)],
     adapter: Annotated[
-        Optional[list[str]],
-        typer.Option(help="LoRA adapter over the same base, PATH or NAME=PATH (repeatable); requests pick one by `model`."),
+        list[str] | None,
+        typer.Option(
+            help="LoRA adapter over the same base, PATH or NAME=PATH (repeatable); requests pick one by `model`."
+        ),
     ] = None,
-    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     api_key: Annotated[
-        Optional[str], typer.Option(envvar="FINETUNE_API_KEY", help="Require `Authorization: Bearer KEY` on /v1/ routes.")
+        str | None,
+        typer.Option(envvar="FINETUNE_API_KEY", help="Require `Authorization: Bearer KEY` on /v1/ routes."),
     ] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens a request may ask for; also the default.")] = 512,
     max_messages: Annotated[int, typer.Option(min=1, help="Most messages in one request.")] = 100,
@@ -310,7 +349,7 @@ def push(
     private: Annotated[bool, typer.Option(help="Create the repository as private.")] = False,
     merged: Annotated[bool, typer.Option(help="Push merged/ (the full model) instead of adapter/.")] = False,
     dry_run: Annotated[bool, typer.Option(help="List exactly what would be uploaded; contact nothing.")] = False,
-    revision: Annotated[Optional[str], typer.Option(help="Branch to commit to, created from main if missing.")] = None,
+    revision: Annotated[str | None, typer.Option(help="Branch to commit to, created from main if missing.")] = None,
 ) -> None:
     """Publish a run's adapter (or merged model) with its model card and manifest; tag the commit with the run name."""
     from finetune import hub
@@ -324,7 +363,9 @@ def _quiet_third_party() -> None:
     """Drop messages that are no news on a normal run: bitsandbytes reports at import that the optional `kernels`
     package (which would fetch a CPU kernel from the Hub) is missing, and finetune switches that kernel off anyway
     (models.disable_4bit_cpu_repacking). Done here, for the command line; Python callers keep their own logging."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.getMessage())
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage()
+    )
 
 
 def main() -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import difflib
 import os
-from pathlib import Path
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from finetune import atomic
 from finetune.errors import FinetuneError, argument
-
 
 # Allowed values, each defined once: the fields below use them, and so do the CLI's checks and the stages.
 Quantization = Literal["none", "8bit", "4bit"]
@@ -52,7 +51,9 @@ class ModelConfig(_Section):
     compute_dtype: Dtype = Field(
         "auto", description="Dtype of activations and unquantized weights; auto = bfloat16 on CUDA, float32 on CPU."
     )
-    double_quant: bool = Field(True, description="4-bit only: quantize the quantization constants too (saves ~0.4 bit/param).")
+    double_quant: bool = Field(
+        True, description="4-bit only: quantize the quantization constants too (saves ~0.4 bit/param)."
+    )
     quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
         "auto",
         description="4-bit only: dtype the packed weights are stored in; auto = the compute dtype under FSDP or "
@@ -87,8 +88,21 @@ class LoraConfig(_Section):
         return self.alpha if self.alpha is not None else 2.0 * self.r
 
 
-_FIELD_NAMES = ("messages", "conversations", "role", "content", "from", "value", "instruction", "input", "output",
-                "system", "prompt", "completion", "text")
+_FIELD_NAMES = (
+    "messages",
+    "conversations",
+    "role",
+    "content",
+    "from",
+    "value",
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "prompt",
+    "completion",
+    "text",
+)
 
 
 class DataSource(_Section):
@@ -98,10 +112,12 @@ class DataSource(_Section):
         "chatterbot: the chatterbot-corpus package.",
     )
     path: str | None = Field(
-        None, description="file: .jsonl/.json/.csv/.parquet/.txt file, a folder or glob of them, or a save_to_disk folder; hub: dataset id."
+        None,
+        description="file: .jsonl/.json/.csv/.parquet/.txt file, a folder or glob of them, or a save_to_disk folder; hub: dataset id.",
     )
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
-        "auto", description="Row format; auto detects it per row from its fields. text = raw text for continued pretraining."
+        "auto",
+        description="Row format; auto detects it per row from its fields. text = raw text for continued pretraining.",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
@@ -136,31 +152,48 @@ class DataSource(_Section):
 
 
 class CleaningConfig(_Section):
-    html: bool = Field(False, description="Strip HTML tags and decode entities (off: it would damage code and markup in replies).")
-    unicode: bool = Field(True, description="Normalize Unicode to NFC (one encoding per character; NFKC is avoided as it alters meaning).")
-    control_chars: bool = Field(True, description="Remove control and invisible characters (zero-width space, BOM, soft hyphen); CRLF -> LF.")
-    whitespace: bool = Field(True, description="Trim each message, strip trailing spaces, collapse 3+ blank lines; indentation is kept.")
+    html: bool = Field(
+        False, description="Strip HTML tags and decode entities (off: it would damage code and markup in replies)."
+    )
+    unicode: bool = Field(
+        True, description="Normalize Unicode to NFC (one encoding per character; NFKC is avoided as it alters meaning)."
+    )
+    control_chars: bool = Field(
+        True, description="Remove control and invisible characters (zero-width space, BOM, soft hyphen); CRLF -> LF."
+    )
+    whitespace: bool = Field(
+        True, description="Trim each message, strip trailing spaces, collapse 3+ blank lines; indentation is kept."
+    )
     lowercase: bool = Field(False, description="Lowercase all text.")
     pii: bool = Field(False, description="Replace e-mail addresses and phone numbers with [EMAIL] and [PHONE].")
     blocklist: list[str] | str | None = Field(
-        None, description="Drop conversations containing any of these words/phrases (a list, or a file with one per line)."
+        None,
+        description="Drop conversations containing any of these words/phrases (a list, or a file with one per line).",
     )
     near_duplicates: float | None = Field(
-        None, gt=0, le=1,
+        None,
+        gt=0,
+        le=1,
         description="Drop conversations whose word 3-grams overlap an earlier one by at least this Jaccard similarity (e.g. 0.8).",
     )
 
 
 class AugmentConfig(_Section):
     typos: float = Field(0.0, ge=0, le=1, description="Share of words in user turns given one character edit.")
-    word_swaps: float = Field(0.0, ge=0, le=1, description="Chance that each pair of neighbouring words in user turns is swapped.")
+    word_swaps: float = Field(
+        0.0, ge=0, le=1, description="Chance that each pair of neighbouring words in user turns is swapped."
+    )
     word_deletions: float = Field(0.0, ge=0, le=1, description="Share of words deleted from user turns.")
-    copies: int = Field(1, ge=1, le=20, description="Noisy copies added per training conversation (originals are kept).")
+    copies: int = Field(
+        1, ge=1, le=20, description="Noisy copies added per training conversation (originals are kept)."
+    )
 
 
 class DataConfig(_Section):
     sources: list[DataSource] = Field(
-        default_factory=lambda: [DataSource(type="chatterbot")], min_length=1, description="Where conversations come from."
+        default_factory=lambda: [DataSource(type="chatterbot")],
+        min_length=1,
+        description="Where conversations come from.",
     )
     validation_sources: list[DataSource] | None = Field(
         None, description="Separate validation data; when set, validation_split is not taken from `sources`."
@@ -170,11 +203,14 @@ class DataConfig(_Section):
     )
     system_prompt: str | None = Field(None, description="System message prepended to every conversation without one.")
     clean: CleaningConfig = Field(default_factory=CleaningConfig, description="Cleaning steps, each switchable.")
-    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Noisy copies of training conversations (off by default).")
+    augment: AugmentConfig = Field(
+        default_factory=AugmentConfig, description="Noisy copies of training conversations (off by default)."
+    )
     max_length: int = Field(1024, ge=16, description="Longest tokenized conversation kept, in tokens.")
     min_length: int = Field(0, ge=0, description="Drop conversations shorter than this many tokens.")
     too_long: Literal["drop", "truncate", "error"] = Field(
-        "drop", description="A conversation longer than max_length: drop it, keep its whole turns that fit, or stop with an error."
+        "drop",
+        description="A conversation longer than max_length: drop it, keep its whole turns that fit, or stop with an error.",
     )
     reasoning: Literal["drop", "keep"] = Field(
         "drop",
@@ -187,13 +223,19 @@ class DataConfig(_Section):
     test_split: float = Field(0.1, ge=0, lt=1, description="Share held out for before/after evaluation.")
     max_rows: int | None = Field(None, ge=1, description="Use at most this many conversations (after shuffling).")
     max_bad_fraction: float = Field(
-        0.05, ge=0, le=1, description="Fail if more than this share of rows is invalid (invalid rows are skipped and counted)."
+        0.05,
+        ge=0,
+        le=1,
+        description="Fail if more than this share of rows is invalid (invalid rows are skipped and counted).",
     )
     strict: bool = Field(False, description="Fail on the first invalid row instead of skipping it.")
     audit: Literal["stop", "warn"] = Field(
-        "stop", description="Serious pre-flight audit findings (untrained end-of-turn, doubled BOS, no loss tokens) stop the run, or only warn."
+        "stop",
+        description="Serious pre-flight audit findings (untrained end-of-turn, doubled BOS, no loss tokens) stop the run, or only warn.",
     )
-    num_proc: int | None = Field(None, ge=1, description="Processes for tokenizing large datasets (datasets' map num_proc).")
+    num_proc: int | None = Field(
+        None, ge=1, description="Processes for tokenizing large datasets (datasets' map num_proc)."
+    )
     seed: int = Field(42, description="Seed for shuffling, splitting, weighting and augmentation.")
 
     @model_validator(mode="after")
@@ -218,8 +260,8 @@ class TrainingConfig(_Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on LoRA weights.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping threshold.")
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = Field(
-        "adamw_torch", description="Optimizer (8-bit and paged variants need CUDA)."
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = (
+        Field("adamw_torch", description="Optimizer (8-bit and paged variants need CUDA).")
     )
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto",
@@ -242,7 +284,9 @@ class TrainingConfig(_Section):
         "of positions at a time (bounded memory for large vocabularies): same loss and gradients, less time and memory.",
     )
     neftune_noise_alpha: float | None = Field(
-        None, gt=0, description="NEFTune: noise on input embeddings while training (TRL), e.g. 5; often helps small instruction sets."
+        None,
+        gt=0,
+        description="NEFTune: noise on input embeddings while training (TRL), e.g. 5; often helps small instruction sets.",
     )
     logging_steps: int = Field(5, ge=1, description="Log the training loss every N steps.")
     eval_steps: int | None = Field(
@@ -261,7 +305,9 @@ class TrainingConfig(_Section):
         "optimizer steps; default: at every validation (eval_steps). With keep_best it must be a multiple of eval_steps.",
     )
     save_total_limit: int = Field(
-        2, ge=1, description="Keep the newest N checkpoints (with keep_best, the best one too); removed when the run finishes."
+        2,
+        ge=1,
+        description="Keep the newest N checkpoints (with keep_best, the best one too); removed when the run finishes.",
     )
     seed: int = Field(42, description="Seed for LoRA initialisation, dropout and data order.")
 
@@ -282,9 +328,12 @@ class EvaluationConfig(_Section):
     max_rows: int | None = Field(200, ge=1, description="Score at most this many held-out conversations (perplexity).")
     batch_size: int = Field(8, ge=1, description="Conversations per scoring or generation batch.")
     generation: bool = Field(
-        True, description="Also generate replies to held-out prompts and score BLEU, ROUGE-1/2/L, token F1, exact match."
+        True,
+        description="Also generate replies to held-out prompts and score BLEU, ROUGE-1/2/L, token F1, exact match.",
     )
-    generation_rows: int = Field(50, ge=1, description="Held-out prompts to generate for (generation is the slow part).")
+    generation_rows: int = Field(
+        50, ge=1, description="Held-out prompts to generate for (generation is the slow part)."
+    )
     max_new_tokens: int = Field(64, ge=1, description="Longest generated reply, in tokens.")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature (with do_sample).")
@@ -318,7 +367,9 @@ class OutputConfig(_Section):
             raise ValueError("the only placeholder allowed is {name}; write other braces doubled, {{ and }}") from None
         # --overwrite deletes the run folder: it must never be the working directory, a parent of it, or the root.
         if os.path.normpath(folder) in (".", os.sep) or os.path.basename(os.path.normpath(folder)) == "..":
-            raise ValueError(f"{value!r} is not a folder of its own (output.overwrite would delete it); use e.g. runs/{{name}}")
+            raise ValueError(
+                f"{value!r} is not a folder of its own (output.overwrite would delete it); use e.g. runs/{{name}}"
+            )
         return value
 
 
@@ -344,7 +395,9 @@ class RecipeConfig(_Section):
     def _checkpoints_line_up_with_validations(self) -> RecipeConfig:
         # transformers can only keep the best adapter if every validation it compares has a checkpoint to go back to.
         t = self.training
-        keeps_best = (t.keep_best or t.early_stopping_patience) and (self.data.validation_split or self.data.validation_sources)
+        keeps_best = (t.keep_best or t.early_stopping_patience) and (
+            self.data.validation_split or self.data.validation_sources
+        )
         if keeps_best and t.save_steps and t.eval_steps and t.save_steps % t.eval_steps:
             raise ValueError(
                 f"training.save_steps ({t.save_steps}) must be a multiple of training.eval_steps ({t.eval_steps}) "
@@ -364,7 +417,9 @@ class RecipeConfig(_Section):
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> RecipeConfig:
         path = Path(path)
         if not path.is_file():
-            raise FinetuneError(f"{path}: recipe file not found. Pass the path of a YAML recipe, e.g. recipes/quickstart.yaml.")
+            raise FinetuneError(
+                f"{path}: recipe file not found. Pass the path of a YAML recipe, e.g. recipes/quickstart.yaml."
+            )
         text = path.read_text()
         try:
             raw = yaml.safe_load(text) or {}
@@ -384,7 +439,9 @@ class RecipeConfig(_Section):
         return RecipeConfig.from_dict(raw, source=source)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config", key_lines: dict[str, int] | None = None) -> RecipeConfig:
+    def from_dict(
+        cls, raw: dict[str, Any], source: str = "config", key_lines: dict[str, int] | None = None
+    ) -> RecipeConfig:
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
@@ -499,11 +556,17 @@ def reference_markdown() -> str:
         out = ["| key | default | meaning |", "|---|---|---|"]
         for key, field in model.model_fields.items():
             value = field.default_factory() if field.default_factory is not None else field.default
-            default = "see below" if isinstance(value, (BaseModel, list)) else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
+            default = (
+                "see below"
+                if isinstance(value, (BaseModel, list))
+                else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
+            )
             out.append(f"| `{prefix}{key}` | `{default}` | {field.description} |")
         return out
 
-    lines = [f"| `name` | `{RecipeConfig.model_fields['name'].default}` | {RecipeConfig.model_fields['name'].description} |"]
+    lines = [
+        f"| `name` | `{RecipeConfig.model_fields['name'].default}` | {RecipeConfig.model_fields['name'].description} |"
+    ]
     for section, field in RecipeConfig.model_fields.items():
         if section != "name":
             lines += ["", f"### `{section}`", "", *rows(field.annotation, f"{section}.")]

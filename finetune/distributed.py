@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import atexit
 import os
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from accelerate import PartialState
@@ -69,7 +70,9 @@ def weights_sharded() -> bool:
     Each process then holds a slice of the weights, gathered inside every forward pass: all processes must run
     the same forward passes together, and saving needs the slices put back together first.
     """
-    return any(os.environ.get(name, "").lower() == "true" for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    return any(
+        os.environ.get(name, "").lower() == "true" for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+    )
 
 
 def launched() -> bool:
@@ -139,8 +142,22 @@ def launch(cli_args: list[str], num_processes: int) -> None:
     # Every launcher setting is given, so Accelerate has nothing to guess and no saved `accelerate config` applies;
     # port 0 picks a free port, so two runs on one machine do not collide.
     args = launch_command_parser().parse_args(
-        ["--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", "0", "-m", "finetune", *cli_args]
+        [
+            "--multi_gpu",
+            "--num_processes",
+            str(num_processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "0",
+            "-m",
+            "finetune",
+            *cli_args,
+        ]
     )
     # One thread per process unless told otherwise: processes sharing cores slow each other down badly.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -151,4 +168,6 @@ def launch(cli_args: list[str], num_processes: int) -> None:
             f"rank {rank} ({f'exit code {failure.exitcode}' if failure.exitcode >= 0 else f'stopped by signal {-failure.exitcode}'})"
             for rank, failure in sorted(exc.failures.items())
         )
-        raise FinetuneError(f"the {num_processes}-process run failed: {failed}. The processes' own errors are printed above.") from None
+        raise FinetuneError(
+            f"the {num_processes}-process run failed: {failed}. The processes' own errors are printed above."
+        ) from None

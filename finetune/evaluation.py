@@ -55,19 +55,33 @@ class NLL:
 
 
 def perplexity(
-    model: PreTrainedModel, dataset: Dataset, *, pad_token_id: int, batch_size: int = 8, desc: str = "Scoring", across_processes: bool = False
+    model: PreTrainedModel,
+    dataset: Dataset,
+    *,
+    pad_token_id: int,
+    batch_size: int = 8,
+    desc: str = "Scoring",
+    across_processes: bool = False,
 ) -> dict[str, float]:
     """exp(mean NLL) over assistant tokens (`perplexity`) and over all tokens (`perplexity_all_tokens`).
 
     `across_processes=True` (every process must call it then): each process scores its share of the rows and the sums are
     added up, so every process returns the numbers one process would have computed alone.
     """
-    return nll(model, dataset, pad_token_id=pad_token_id, batch_size=batch_size, desc=desc, across_processes=across_processes).metrics()
+    return nll(
+        model, dataset, pad_token_id=pad_token_id, batch_size=batch_size, desc=desc, across_processes=across_processes
+    ).metrics()
 
 
 @torch.inference_mode()
 def nll(
-    model: PreTrainedModel, dataset: Dataset, *, pad_token_id: int, batch_size: int = 8, desc: str = "Scoring", across_processes: bool = False
+    model: PreTrainedModel,
+    dataset: Dataset,
+    *,
+    pad_token_id: int,
+    batch_size: int = 8,
+    desc: str = "Scoring",
+    across_processes: bool = False,
 ) -> NLL:
     """The sums behind `perplexity`, computed in length-sorted batches (see there for `across_processes`)."""
     if across_processes:
@@ -78,7 +92,9 @@ def nll(
     rows = sorted(zip(dataset["input_ids"], dataset["labels"]), key=lambda row: len(row[0]))
     sums = {"assistant": 0.0, "all": 0.0}
     counts = {"assistant": 0, "all": 0}
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False, disable=not distributed.is_main()):
+    for start in tqdm(
+        range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False, disable=not distributed.is_main()
+    ):
         batch = rows[start : start + batch_size]
         width = max(len(ids) for ids, _ in batch)
         input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
@@ -97,7 +113,9 @@ def nll(
         else:
             # Through the output layer in chunks (finetune.chunked_loss): the whole batch's logits would be
             # rows x tokens x vocabulary floats (4 GiB for 16 rows of 256 tokens over Gemma 3's vocabulary).
-            hidden = chunked_loss.final_hidden_states(model, {"input_ids": input_ids, "attention_mask": attention})[:, :-1][real]
+            hidden = chunked_loss.final_hidden_states(model, {"input_ids": input_ids, "attention_mask": attention})[
+                :, :-1
+            ][real]
             token_nll = chunked_loss.token_nll(model, hidden, targets)
         assistant = labels[:, 1:][real] != IGNORE_INDEX  # labels are the input tokens wherever they are set
         sums["assistant"] += token_nll[assistant].sum().item()
@@ -135,8 +153,16 @@ def generate(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="Generating replies", unit="batch", leave=False, disable=not distributed.is_main()):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        for start in tqdm(
+            range(0, len(prompts), batch_size),
+            desc="Generating replies",
+            unit="batch",
+            leave=False,
+            disable=not distributed.is_main(),
+        ):
+            batch = tokenizer(
+                prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(device)
             decoding = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
             output = model.generate(**batch, max_new_tokens=max_new_tokens, **decoding)
             eos = model.generation_config.eos_token_id
@@ -156,7 +182,14 @@ class Evaluation:
     samples: list[dict[str, str]] = field(default_factory=list)  # prompt, reference, prediction
 
 
-def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, heldout: Dataset, cfg: EvaluationConfig, *, label: str = "Scoring") -> Evaluation:
+def score(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    heldout: Dataset,
+    cfg: EvaluationConfig,
+    *,
+    label: str = "Scoring",
+) -> Evaluation:
     """Perplexity on held-out conversations and, if enabled, generation metrics on their last assistant turn.
 
     In a multi-process run every process calls this: each scores and generates for its share of the rows, and
@@ -212,7 +245,12 @@ class Comparison:
 
 
 def before_and_after(
-    model: PeftModel, tokenizer: PreTrainedTokenizerBase, heldout: Dataset, cfg: EvaluationConfig, *, train_seconds: float | None
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    heldout: Dataset,
+    cfg: EvaluationConfig,
+    *,
+    train_seconds: float | None,
 ) -> Comparison:
     """Score the trained model and (cfg.before_and_after) its base on the same held-out conversations.
 
@@ -236,7 +274,9 @@ def before_and_after(
         count = rows_within(allowed, time.perf_counter() - clock, [len(ids) for ids in rows["input_ids"]], len(first))
         rows = rows.select(range(min(distributed.gather([count]))))  # every process keeps the same rows
     if len(rows) > len(first):
-        after_nll = after_nll + _nll(model, tokenizer, rows.select(range(len(first), len(rows))), cfg, "Scoring fine-tuned model")
+        after_nll = after_nll + _nll(
+            model, tokenizer, rows.select(range(len(first), len(rows))), cfg, "Scoring fine-tuned model"
+        )
     before_nll = None
     if cfg.before_and_after:
         with model.disable_adapter():
@@ -283,9 +323,13 @@ def rows_within(seconds: float, first_seconds: float, lengths: list[int], first_
     return max(first_rows, count)
 
 
-def _nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset, cfg: EvaluationConfig, desc: str) -> NLL:
+def _nll(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Dataset, cfg: EvaluationConfig, desc: str
+) -> NLL:
     split = not distributed.weights_sharded()
-    return nll(model, rows, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, desc=desc, across_processes=split)
+    return nll(
+        model, rows, pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, desc=desc, across_processes=split
+    )
 
 
 # A held-out conversation ending in the reply to generate, with its tools as JSON text ("" for none).
@@ -307,8 +351,13 @@ def _generation(
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else None
     share = distributed.shard(conversations) if split else conversations
     replies = generate(
-        model, tokenizer, [c[:-1] for c, _ in share], tools=[tools for _, tools in share],
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, sampling=sampling,
+        model,
+        tokenizer,
+        [c[:-1] for c, _ in share],
+        tools=[tools for _, tools in share],
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        sampling=sampling,
     )
     predictions = [tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
     predictions = distributed.gather(predictions) if split else predictions
@@ -326,16 +375,22 @@ def _joined(first: tuple[dict[str, float], list[dict[str, str]]], rest: tuple[di
     return score_generations([s["prediction"] for s in samples], [s["reference"] for s in samples]), samples
 
 
-def evaluate_checkpoint(model_cfg: ModelConfig, data_cfg: DataConfig, cfg: EvaluationConfig, adapter: Path | None = None) -> Evaluation:
+def evaluate_checkpoint(
+    model_cfg: ModelConfig, data_cfg: DataConfig, cfg: EvaluationConfig, adapter: Path | None = None
+) -> Evaluation:
     """Score any model (optionally with a LoRA adapter) on every valid conversation of a data config."""
     tokenizer = models.load_tokenizer(model_cfg)
     if adapter is not None:
         if not is_adapter(adapter):
-            raise FinetuneError(f"{argument('adapter', adapter)}: no adapter_config.json there; pass a run's adapter/ folder.")
+            raise FinetuneError(
+                f"{argument('adapter', adapter)}: no adapter_config.json there; pass a run's adapter/ folder."
+            )
         if (adapter / "tokenizer_config.json").is_file():  # the adapter's own tokenizer carries its chat template
             tokenizer = models.load_tokenizer(model_cfg, folder=adapter)
     model = models.load_model(model_cfg)
-    models.fit_vocabulary(model, tokenizer, for_adapter=adapter is not None)  # rows for tokens training added; the adapter holds their trained values
+    models.fit_vocabulary(
+        model, tokenizer, for_adapter=adapter is not None
+    )  # rows for tokens training added; the adapter holds their trained values
     if adapter is not None:
         model = load_adapter(model, adapter)
     models.configure_generation(model, tokenizer, end_of_turn_ids(tokenizer))
@@ -406,14 +461,21 @@ def _samples_markdown(samples: dict[str, list[dict[str, str]]], limit: int = 5) 
     def cell(text: str) -> str:
         return " ".join(text.split()).replace("|", "\\|")[:200]
 
-    lines = ["## Sample replies", "", "| prompt | reference | " + " | ".join(stages) + " |", "|---" * (2 + len(stages)) + "|"]
+    lines = [
+        "## Sample replies",
+        "",
+        "| prompt | reference | " + " | ".join(stages) + " |",
+        "|---" * (2 + len(stages)) + "|",
+    ]
     for index, row in enumerate(samples[stages[0]][:limit]):
         replies = [cell(samples[stage][index]["prediction"]) for stage in stages]
         lines.append(f"| {cell(row['prompt'])} | {cell(row['reference'])} | " + " | ".join(replies) + " |")
     return [*lines, ""]
 
 
-def _plot(run_dir: Path, history: dict[str, list[tuple[int, float]]], before: dict[str, float], after: dict[str, float]) -> None:
+def _plot(
+    run_dir: Path, history: dict[str, list[tuple[int, float]]], before: dict[str, float], after: dict[str, float]
+) -> None:
     # matplotlib's object API draws into files without pyplot, so the caller's backend and open figures are untouched.
     from matplotlib.figure import Figure
 

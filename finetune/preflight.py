@@ -49,7 +49,12 @@ class ModelFacts:
 
 def preflight(cfg: RecipeConfig) -> list[Finding]:
     facts = model_facts(cfg.model)
-    findings = [*check_data_files(cfg), check_quantization(cfg.model), check_context(cfg, facts), check_disk(cfg, facts)]
+    findings = [
+        *check_data_files(cfg),
+        check_quantization(cfg.model),
+        check_context(cfg, facts),
+        check_disk(cfg, facts),
+    ]
     problems = [finding.message for finding in findings if finding.ok is False]
     if problems:
         raise FinetuneError("pre-flight checks failed; nothing was loaded or written:\n  " + "\n  ".join(problems))
@@ -90,7 +95,11 @@ def check_quantization(cfg: ModelConfig) -> Finding:
     if problem is None:
         return Finding("quantization", True, f"quantization: {cfg.quantization} works on {device}")
     fallback = "8bit" if cfg.quantization == "4bit" and quantization_problem("8bit", device) is None else "none"
-    cost = "about twice the memory of 4bit" if fallback == "8bit" else "full precision: about 4x the memory of 4bit, 2x of 8bit"
+    cost = (
+        "about twice the memory of 4bit"
+        if fallback == "8bit"
+        else "full precision: about 4x the memory of 4bit, 2x of 8bit"
+    )
     return Finding(
         "quantization",
         False,
@@ -120,7 +129,9 @@ def quantization_problem(kind: str, device: str) -> str | None:
                 output = layer(torch.randn(2, 64, device=device))
         if not torch.isfinite(output).all():
             return f"{bnb.__version__} returned non-finite values from a {kind} test layer"
-    except Exception as exc:  # whatever bitsandbytes raises, it means the same here: this kind cannot run on this device
+    except (
+        Exception
+    ) as exc:  # whatever bitsandbytes raises, it means the same here: this kind cannot run on this device
         return f"{bnb.__version__} failed a {kind} test layer ({type(exc).__name__}: {exc})"
     return None
 
@@ -130,7 +141,11 @@ def quantization_problem(kind: str, device: str) -> str | None:
 
 def check_context(cfg: RecipeConfig, facts: ModelFacts) -> Finding:
     if facts.context is None:
-        return Finding("context", None, f"context: could not read the context length of `{cfg.model.source}` here; data.max_length not checked")
+        return Finding(
+            "context",
+            None,
+            f"context: could not read the context length of `{cfg.model.source}` here; data.max_length not checked",
+        )
     if cfg.data.max_length > facts.context:
         return Finding(
             "context",
@@ -138,7 +153,9 @@ def check_context(cfg: RecipeConfig, facts: ModelFacts) -> Finding:
             f"data.max_length ({cfg.data.max_length}) is longer than the context of `{cfg.model.source}` ({facts.context} "
             f"tokens): set data.max_length to {facts.context} or less.",
         )
-    return Finding("context", True, f"context: data.max_length {cfg.data.max_length} fits the model's {facts.context} tokens")
+    return Finding(
+        "context", True, f"context: data.max_length {cfg.data.max_length} fits the model's {facts.context} tokens"
+    )
 
 
 # ---------------------------------------------------------------- disk space
@@ -168,7 +185,11 @@ def check_disk(cfg: RecipeConfig, facts: ModelFacts) -> Finding:
         free += sum(p.stat().st_size for p in run_dir.rglob("*") if p.is_file())
     estimate = estimate_bytes(cfg, facts)
     if not estimate:
-        return Finding("disk", None, f"disk: {_gb(free)} free in {volume}; the model's size is unknown here, so nothing was estimated")
+        return Finding(
+            "disk",
+            None,
+            f"disk: {_gb(free)} free in {volume}; the model's size is unknown here, so nothing was estimated",
+        )
     if facts.conversion_bytes and facts.cache_dir is not None:
         cache = _existing_parent(facts.cache_dir)
         if os.stat(cache).st_dev == os.stat(volume).st_dev:

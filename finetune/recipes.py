@@ -10,15 +10,28 @@ import gc
 import shutil
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rich.console import Console
-
 from transformers import TrainerCallback, set_seed
 
-from finetune import adapters, atomic, data, distributed, evaluation, export, hub, merging, models, planning, preflight, training
+from finetune import (
+    adapters,
+    atomic,
+    data,
+    distributed,
+    evaluation,
+    export,
+    hub,
+    merging,
+    models,
+    planning,
+    preflight,
+    training,
+)
 from finetune.config import ExportFormat, RecipeConfig, choices
 from finetune.errors import FinetuneError, Interrupted, argument
 from finetune.run_folder import RunFolder
@@ -83,7 +96,9 @@ class ChatSFTRecipe:
         if resume:
             self.resume_from = distributed.on_main(self._resume_point)
         else:
-            distributed.on_main(lambda: self._claim_run_dir(replace=False))  # refuse early; an old run is replaced only once the data has proved usable
+            distributed.on_main(
+                lambda: self._claim_run_dir(replace=False)
+            )  # refuse early; an old run is replaced only once the data has proved usable
         self._say(f"Loading tokenizer and data for [bold]{cfg.model.source}[/bold]")
         self.tokenizer = models.load_tokenizer(cfg.model)
         self.stop_ids = data.end_of_turn_ids(self.tokenizer)
@@ -102,9 +117,13 @@ class ChatSFTRecipe:
         set_seed(cfg.training.seed)  # LoRA's initial weights (and new tokens' embedding rows): same seed, same run
         self.new_tokens = models.fit_vocabulary(base, self.tokenizer)
         if self.new_tokens:
-            self._say(f"  added tokens {', '.join(self.tokenizer.convert_ids_to_tokens(self.new_tokens))}: embedding rows trained with LoRA")
+            self._say(
+                f"  added tokens {', '.join(self.tokenizer.convert_ids_to_tokens(self.new_tokens))}: embedding rows trained with LoRA"
+            )
         if cfg.training.gradient_checkpointing == "auto":
-            needed, memory = planning.needs_checkpointing(cfg, train=self.data.splits["train"], added_tokens=len(self.new_tokens))
+            needed, memory = planning.needs_checkpointing(
+                cfg, train=self.data.splits["train"], added_tokens=len(self.new_tokens)
+            )
             cfg.training.gradient_checkpointing = needed  # recipe.yaml records what ran
             self._say(f"  memory plan: {memory.summary()}; gradient checkpointing {'on' if needed else 'off'}")
         self.model, trainable = adapters.attach_lora(
@@ -128,7 +147,11 @@ class ChatSFTRecipe:
         evaluation.time_share of the training time (see `finetune.evaluation.before_and_after`)."""
         train_seconds = getattr(self, "train_seconds", None)
         comparison = evaluation.before_and_after(
-            self.model, self.tokenizer, self.data.splits[self.heldout_split], self.config.evaluation, train_seconds=train_seconds
+            self.model,
+            self.tokenizer,
+            self.data.splits[self.heldout_split],
+            self.config.evaluation,
+            train_seconds=train_seconds,
         )
         self.comparison = comparison
         self.metrics_after = comparison.after.metrics
@@ -182,7 +205,9 @@ class ChatSFTRecipe:
             self.tokenizer.save_pretrained(partial)
         return self.folder.adapter
 
-    def merge(self, strategy: str | None = None, dtype: str | None = None, out_dir: Path | None = None) -> merging.MergeReport:
+    def merge(
+        self, strategy: str | None = None, dtype: str | None = None, out_dir: Path | None = None
+    ) -> merging.MergeReport:
         """Merge the saved adapter into a full-precision base (see `finetune.merging`). Merging a finished run into
         its own merged/ again also updates its metrics.json, report, model cards and run.json to the new weights."""
         self._release_training_model()
@@ -192,19 +217,21 @@ class ChatSFTRecipe:
         # The rows the run scored, so the adapter's own perplexity is comparable with the merged candidates'.
         rows = self.evaluated_rows or self.config.evaluation.max_rows or len(heldout)
         heldout = heldout.select(range(min(len(heldout), rows)))
-        report = distributed.on_main(lambda: merging.merge_adapter(
-            self.config.model,
-            self.folder.adapter,
-            out_dir or self.folder.merged,
-            self.tokenizer,
-            probes=heldout["input_ids"][:4],
-            stop_ids=self.stop_ids,
-            heldout=heldout,
-            reference_perplexity=self.metrics_after["perplexity"] if self.metrics_after else None,
-            strategy=strategy or self.config.output.merge_strategy,
-            select=self.config.output.merge_select,
-            dtype=dtype or self.config.output.merge_dtype,
-        ))  # one merged copy, written by the main process
+        report = distributed.on_main(
+            lambda: merging.merge_adapter(
+                self.config.model,
+                self.folder.adapter,
+                out_dir or self.folder.merged,
+                self.tokenizer,
+                probes=heldout["input_ids"][:4],
+                stop_ids=self.stop_ids,
+                heldout=heldout,
+                reference_perplexity=self.metrics_after["perplexity"] if self.metrics_after else None,
+                strategy=strategy or self.config.output.merge_strategy,
+                select=self.config.output.merge_select,
+                dtype=dtype or self.config.output.merge_dtype,
+            )
+        )  # one merged copy, written by the main process
         self.merge_report = report
         self.merge_seconds = time.perf_counter() - started
         for candidate, value in report.fidelity.items():
@@ -218,15 +245,21 @@ class ChatSFTRecipe:
             distributed.on_main(lambda: self._record_merge(report))
         return report
 
-    def export(self, format: str = "gguf", quant: str = "f16", adapter_only: bool = False, check_rows: int = 3) -> export.ExportResult:
+    def export(
+        self, format: str = "gguf", quant: str = "f16", adapter_only: bool = False, check_rows: int = 3
+    ) -> export.ExportResult:
         """Export the merged model (or with `adapter_only` the LoRA adapter) for llama.cpp, Ollama and LM Studio,
         verified on `check_rows` held-out conversations before it is kept (see `finetune.export`)."""
         if format not in choices(ExportFormat):
-            raise FinetuneError(f"{argument('format', format)}: unknown export format; choose one of {', '.join(choices(ExportFormat))}.")
+            raise FinetuneError(
+                f"{argument('format', format)}: unknown export format; choose one of {', '.join(choices(ExportFormat))}."
+            )
         replies = evaluation.reply_prompts(self.data.splits[self.heldout_split])
         conversations = [m for m, tools in replies if not tools and len(m) > 1 and m[-1]["role"] == "assistant"]
         prompts = [data.render_prompt(self.tokenizer, messages[:-1]) for messages in conversations[:check_rows]]
-        self._say(f"Exporting {'the adapter' if adapter_only else 'the merged model'} as GGUF ({quant}), checked on {len(prompts)} held-out prompts")
+        self._say(
+            f"Exporting {'the adapter' if adapter_only else 'the merged model'} as GGUF ({quant}), checked on {len(prompts)} held-out prompts"
+        )
         result = export.export_gguf(
             self.folder,
             self.config.model,
@@ -291,7 +324,9 @@ class ChatSFTRecipe:
         distributed.on_main(lambda: self._write_report(result, samples))
         self.log.event("finished")
         self.cleanup()
-        self._say(f"Done: {self.run_dir} (adapter/ with model card, {'merged/, ' if merge_report else ''}metrics.json, report.md, run.json)")
+        self._say(
+            f"Done: {self.run_dir} (adapter/ with model card, {'merged/, ' if merge_report else ''}metrics.json, report.md, run.json)"
+        )
         return result
 
     # ------------------------------------------------------------------ helpers
@@ -305,7 +340,10 @@ class ChatSFTRecipe:
         summary = self.folder.read_metrics()
         history, samples = summary.pop("history", {}), summary.pop("samples", {})
         summary.update(
-            merge_strategy=report.strategy, merge_reason=report.reason, merge_max_logit_diff=report.max_logit_diff, merge_fidelity=report.fidelity
+            merge_strategy=report.strategy,
+            merge_reason=report.reason,
+            merge_max_logit_diff=report.max_logit_diff,
+            merge_fidelity=report.fidelity,
         )
         evaluation.write_report(self.run_dir, summary=summary, history=history, samples=samples)
         self._write_card_and_manifest()
@@ -353,7 +391,9 @@ class ChatSFTRecipe:
         resume = argument("resume")
         saved_path = self.folder.recipe
         if not saved_path.is_file():
-            raise FinetuneError(f"{resume}: {self.run_dir} holds no run to resume (no recipe.yaml there). Start it without {resume}.")
+            raise FinetuneError(
+                f"{resume}: {self.run_dir} holds no run to resume (no recipe.yaml there). Start it without {resume}."
+            )
         saved = RecipeConfig.from_yaml(saved_path)
         changed = _training_differences(saved, self.config)
         if changed:

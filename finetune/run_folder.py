@@ -120,7 +120,9 @@ class RunFolder:
 
     def read_metrics(self) -> dict[str, Any]:
         if not self.is_finished():
-            raise FinetuneError(f"{self.path}: no {self.metrics.name}; the run did not finish. Run the recipe again to completion.")
+            raise FinetuneError(
+                f"{self.path}: no {self.metrics.name}; the run did not finish. Run the recipe again to completion."
+            )
         return json.loads(self.metrics.read_text(encoding="utf-8"))
 
     def require_adapter(self) -> None:

@@ -67,9 +67,13 @@ class Parameter(_Strict):
 
 class Pruning(_Strict):
     enabled: bool = Field(True, description="Stop trials whose validation loss trails the median of earlier trials.")
-    startup_trials: int = Field(3, ge=0, description="Trials that always run to the end, to learn what a median run looks like.")
+    startup_trials: int = Field(
+        3, ge=0, description="Trials that always run to the end, to learn what a median run looks like."
+    )
     first_validation: int = Field(
-        2, ge=1, description="First validation (1 = the first one) at which a trial may be stopped; the first losses are noisy."
+        2,
+        ge=1,
+        description="First validation (1 = the first one) at which a trial may be stopped; the first losses are noisy.",
     )
 
 
@@ -100,7 +104,9 @@ class SearchSpace(_Strict):
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            raise FinetuneError(f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML ({getattr(exc, 'problem', exc)}).") from None
+            raise FinetuneError(
+                f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML ({getattr(exc, 'problem', exc)})."
+            ) from None
         if not isinstance(raw, dict):
             raise FinetuneError(f"{path}: a search space is a mapping with `parameters` (and optionally `pruning`).")
         try:
@@ -204,7 +210,9 @@ def sweep(
     if metric not in METRICS:
         raise FinetuneError(f"{argument('metric', metric)}: choose one of {', '.join(METRICS)}.")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise FinetuneError("a sweep runs its trials one after another in one process: start it without `accelerate launch`.")
+        raise FinetuneError(
+            "a sweep runs its trials one after another in one process: start it without `accelerate launch`."
+        )
     if not (config.data.validation_split or config.data.validation_sources):
         raise FinetuneError(
             "a sweep ranks trials on validation data, and this recipe has none: set data.validation_split > 0 "
@@ -255,9 +263,18 @@ def sweep(
                     values[key] = trial.suggest_int(key, int(parameter.low), int(parameter.high), log=parameter.log)
                 else:
                     values[key] = trial.suggest_float(key, parameter.low, parameter.high, log=parameter.log)
-            shown = ", ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}" for key, value in values.items())
+            shown = ", ".join(
+                f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}" for key, value in values.items()
+            )
             console.rule(f"Trial {trial.number}: {shown}")
-            value = _run_trial(config, values, metric, trial, sweep_dir / f"trial-{trial.number:03d}", sign=1.0 if direction == "minimize" else -1.0)
+            value = _run_trial(
+                config,
+                values,
+                metric,
+                trial,
+                sweep_dir / f"trial-{trial.number:03d}",
+                sign=1.0 if direction == "minimize" else -1.0,
+            )
             console.print(f"Trial {trial.number}: {metric} = {value:.4g}")
             return value
 
@@ -267,7 +284,9 @@ def sweep(
         return _write_outputs(study, config, metric, sweep_dir, console)
 
 
-def _run_trial(config: RecipeConfig, values: dict[str, Any], metric: str, trial: Any, trial_dir: Path, *, sign: float) -> float:
+def _run_trial(
+    config: RecipeConfig, values: dict[str, Any], metric: str, trial: Any, trial_dir: Path, *, sign: float
+) -> float:
     # A short run: nothing scored before training, no generation unless the metric needs it, no merge.
     trial_config = config.with_overrides(
         {
@@ -285,7 +304,9 @@ def _run_trial(config: RecipeConfig, values: dict[str, Any], metric: str, trial:
     try:
         recipe.setup()
         if "validation" not in recipe.data.splits:
-            raise FinetuneError("the data left no validation rows to rank trials on: raise data.validation_split or add data.validation_sources.")
+            raise FinetuneError(
+                "the data left no validation rows to rank trials on: raise data.validation_split or add data.validation_sources."
+            )
         pruning = _ReportValidationLoss(trial, sign)
         recipe.train(callbacks=[pruning])
         trial.set_user_attr("train_seconds", round(recipe.train_seconds, 1))
@@ -294,7 +315,11 @@ def _run_trial(config: RecipeConfig, values: dict[str, Any], metric: str, trial:
             recipe.trainer.remove_callback(pruning)  # the final score is not one of the intermediate values
             return float(recipe.trainer.evaluate()["eval_loss"])
         validation = recipe.data.splits["validation"]
-        return float(evaluation.score(recipe.model, recipe.tokenizer, validation, trial_config.evaluation, label="Scoring").metrics[metric])
+        return float(
+            evaluation.score(
+                recipe.model, recipe.tokenizer, validation, trial_config.evaluation, label="Scoring"
+            ).metrics[metric]
+        )
     finally:
         recipe.cleanup()
         shutil.rmtree(trial_dir, ignore_errors=True)  # the trial's value lives in the study; its weights are not kept
@@ -338,7 +363,9 @@ def _write_outputs(study: Any, config: RecipeConfig, metric: str, sweep_dir: Pat
 
     completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not completed:
-        raise FinetuneError(f"no trial of the sweep in {sweep_dir} finished (all were pruned or failed), so there is no best one.")
+        raise FinetuneError(
+            f"no trial of the sweep in {sweep_dir} finished (all were pruned or failed), so there is no best one."
+        )
     best = study.best_trial
     best_config = config.with_overrides({**best.params, "name": f"{config.name}-best"}, source="sweep")
     if "{name}" not in config.output.dir:  # a fixed folder: keep the best run beside it, not over it
@@ -405,15 +432,25 @@ def _table_rows(study: Any, metric: str, keys: list[str]) -> list[list[Any]]:
     def rank(trial: Any) -> tuple[int, float]:
         return order.get(trial.state, 2), sign * trial.value if trial.value is not None else 0.0
 
-    rows: list[list[Any]] = [["trial", "state", metric, *keys, "validations", "last_validation_loss", "steps", "seconds"]]
+    rows: list[list[Any]] = [
+        ["trial", "state", metric, *keys, "validations", "last_validation_loss", "steps", "seconds"]
+    ]
     for trial in sorted(study.trials, key=rank):
         seconds = round(trial.duration.total_seconds(), 1) if trial.duration else None
         reported = trial.intermediate_values
         last_loss = sign * reported[max(reported)] if reported else None  # undo the pruner's sign for maximized metrics
-        rows.append([
-            trial.number, trial.state.name.lower(), trial.value if trial.state == optuna.trial.TrialState.COMPLETE else None,
-            *(trial.params.get(key) for key in keys), len(reported), last_loss, trial.user_attrs.get("steps"), seconds,
-        ])
+        rows.append(
+            [
+                trial.number,
+                trial.state.name.lower(),
+                trial.value if trial.state == optuna.trial.TrialState.COMPLETE else None,
+                *(trial.params.get(key) for key in keys),
+                len(reported),
+                last_loss,
+                trial.user_attrs.get("steps"),
+                seconds,
+            ]
+        )
     return rows
 
 
@@ -423,8 +460,13 @@ def _plot(study: Any, metric: str, sweep_dir: Path) -> None:
     from optuna.visualization.matplotlib import plot_intermediate_values, plot_optimization_history
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the matplotlib backend is "experimental"
-        for name, plot in (("optimization_history", plot_optimization_history), ("intermediate_values", plot_intermediate_values)):
+        warnings.simplefilter(
+            "ignore", optuna.exceptions.ExperimentalWarning
+        )  # the matplotlib backend is "experimental"
+        for name, plot in (
+            ("optimization_history", plot_optimization_history),
+            ("intermediate_values", plot_intermediate_values),
+        ):
             axes = plot(study)
             if name == "optimization_history":
                 axes.set_ylabel(f"{metric} (validation split)")

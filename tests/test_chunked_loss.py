@@ -20,7 +20,10 @@ def test_final_hidden_states_through_the_head_are_the_models_logits(name):
     ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in family.special_tokens.items()}
     torch.manual_seed(0)
     model = family.build_model(len(tokenizer), ids).eval()
-    inputs = {"input_ids": torch.randint(0, len(tokenizer), (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+    inputs = {
+        "input_ids": torch.randint(0, len(tokenizer), (2, 12)),
+        "attention_mask": torch.ones(2, 12, dtype=torch.long),
+    }
     with torch.no_grad():
         expected = model(**inputs).logits.float()
         got = chunked_loss.output_logits(model, chunked_loss.final_hidden_states(model, inputs))
@@ -47,6 +50,8 @@ def test_chunked_perplexity_equals_the_full_logits_one(tiny_llama_dir, monkeypat
     if sharded:
         monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     result = nll(model, Dataset.from_list(rows), pad_token_id=0, batch_size=2)
-    assert result.every == pytest.approx(every, rel=1e-5) and result.every_tokens == sum(len(r["input_ids"]) - 1 for r in rows)
+    assert result.every == pytest.approx(every, rel=1e-5) and result.every_tokens == sum(
+        len(r["input_ids"]) - 1 for r in rows
+    )
     assert result.assistant == pytest.approx(assistant, rel=1e-5)
     assert result.assistant_tokens == sum(sum(1 for t in r["labels"][1:] if t != -100) for r in rows)

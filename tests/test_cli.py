@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def finetune(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_help_lists_the_commands():
@@ -29,7 +31,10 @@ def test_bad_input_gets_one_clear_error_and_no_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  learning_rat: 0.1\n")
     typo = finetune("validate", str(bad))
-    assert typo.returncode == 2 and f"{bad}:2: unknown key `training.learning_rat`. Did you mean `learning_rate`?" in typo.stderr
+    assert (
+        typo.returncode == 2
+        and f"{bad}:2: unknown key `training.learning_rat`. Did you mean `learning_rate`?" in typo.stderr
+    )
     assert "Traceback" not in typo.stderr
 
 
@@ -47,9 +52,24 @@ def test_run_through_the_cli_with_overrides(tiny_llama_dir, facts_jsonl, tmp_pat
     assert not (tmp_path / "cli-run" / "merged").exists()
     again = CliRunner().invoke(app, ["run", str(path), "--set", "training.max_steps=1", "--overwrite"])
     assert again.exit_code == 0, again.output
-    scored = CliRunner().invoke(app, ["eval", "--model", str(tiny_llama_dir), "--adapter", str(tmp_path / "cli-run" / "adapter"),
-                                      "--data", str(facts_jsonl), "--generation-rows", "3", "--max-new-tokens", "4",
-                                      "--out", str(tmp_path / "scores.json")])
+    scored = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tiny_llama_dir),
+            "--adapter",
+            str(tmp_path / "cli-run" / "adapter"),
+            "--data",
+            str(facts_jsonl),
+            "--generation-rows",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(tmp_path / "scores.json"),
+        ],
+    )
     assert scored.exit_code == 0, scored.output
     assert {"perplexity", "bleu", "rougeL"} <= set(json.loads((tmp_path / "scores.json").read_text())["metrics"])
 
@@ -65,15 +85,27 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_resume_finishes_the_run(tiny_ll
 
     run_dir = tmp_path / "interrupted"
     path = tmp_path / "tiny.yaml"
-    config = tiny_recipe(tiny_llama_dir, facts_jsonl, run_dir, training__max_steps=12, training__save_steps=6, data__validation_split=0.0)
+    config = tiny_recipe(
+        tiny_llama_dir, facts_jsonl, run_dir, training__max_steps=12, training__save_steps=6, data__validation_split=0.0
+    )
     config["output"]["merge"] = False
     config["evaluation"].update(before_and_after=False, generation=False)
     RecipeConfig.from_dict(config).to_yaml(path)
-    child = subprocess.Popen([sys.executable, "-m", "finetune", "run", str(path)], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "finetune", "run", str(path)],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log = run_dir / "train_log.jsonl"
     deadline = time.monotonic() + 300
-    while child.poll() is None and time.monotonic() < deadline and '"loss"' not in (log.read_text() if log.is_file() else ""):
+    while (
+        child.poll() is None
+        and time.monotonic() < deadline
+        and '"loss"' not in (log.read_text() if log.is_file() else "")
+    ):
         time.sleep(0.01)
     child.send_signal(signal.SIGINT)  # what Ctrl-C sends, at the first logged training step
     stderr = child.communicate(timeout=300)[1]

@@ -96,4 +96,6 @@ def test_configuration_reference_is_in_sync_with_the_fields():
     from finetune.config import reference_markdown
 
     docs = Path(__file__).parent.parent.joinpath("docs", "configuration.md").read_text()
-    assert reference_markdown() in docs, "regenerate the Keys section of docs/configuration.md from reference_markdown()"
+    assert reference_markdown() in docs, (
+        "regenerate the Keys section of docs/configuration.md from reference_markdown()"
+    )

@@ -45,7 +45,9 @@ def _types(annotation) -> set:
 # A value nothing in a recipe accepts: not a number, string, bool, choice, list of strings, mapping or section.
 NOTHING_ACCEPTS = [[["deeply", ["nested"]]]]
 # Text built partly from pieces that mean something to YAML, paths and format strings.
-TEXT = st.lists(st.text(max_size=4) | st.sampled_from(["{", "}", "{name}", "{0}", ":", "- ", "..", "/", "~", "*", "\n"]), max_size=6).map("".join)
+TEXT = st.lists(
+    st.text(max_size=4) | st.sampled_from(["{", "}", "{name}", "{0}", ":", "- ", "..", "/", "~", "*", "\n"]), max_size=6
+).map("".join)
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | TEXT,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
@@ -85,7 +87,11 @@ def invalid_options(field) -> list[st.SearchStrategy]:
         if float in plain:
             options.append(st.sampled_from([float("inf"), float("-inf"), float("nan")]))  # YAML's .inf and .nan
     if field.annotation is str and field.metadata:  # `name`: a pattern
-        options.append(st.text(min_size=1, max_size=12).filter(lambda s: not s.isascii() or not s[0].isalnum() or any(c not in "._-" and not c.isalnum() for c in s)))
+        options.append(
+            st.text(min_size=1, max_size=12).filter(
+                lambda s: not s.isascii() or not s[0].isalnum() or any(c not in "._-" and not c.isalnum() for c in s)
+            )
+        )
     return options
 
 
@@ -178,5 +184,7 @@ def test_any_yaml_text_and_overrides_are_either_usable_or_a_finetune_error(text,
 def test_every_scalar_field_gets_a_type_specific_invalid_value():
     # Besides the universal one: otherwise the first property would say little about that field.
     for path, field in FIELDS:
-        scalar = _types(field.annotation) & {int, float, bool, str} or any(typing.get_origin(t) is typing.Literal for t in _types(field.annotation))
+        scalar = _types(field.annotation) & {int, float, bool, str} or any(
+            typing.get_origin(t) is typing.Literal for t in _types(field.annotation)
+        )
         assert not scalar or len(invalid_options(field)) >= 2, _dotted(path)

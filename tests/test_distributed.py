@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _recipe(model_dir: Path, data: Path, run_dir: Path, batch_size: int) -> dict:
     config = tiny_recipe(
-        model_dir, data, run_dir,
+        model_dir,
+        data,
+        run_dir,
         training__batch_size=batch_size,
         # 8 training rows, 4 per step: 2 epochs are 4 steps only if the step count (which sets the warmup and the
         # validation interval) counts every process's batch.
@@ -35,7 +37,13 @@ def _recipe(model_dir: Path, data: Path, run_dir: Path, batch_size: int) -> dict
     return config
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 
 
 def _run(*command: str) -> subprocess.CompletedProcess:
@@ -72,7 +80,9 @@ def test_two_processes_follow_the_loss_trajectory_of_one_with_the_same_global_ba
         for series in ("train_loss", "eval_loss"):
             assert [step for step, _ in two[series]] == [step for step, _ in single[series]] == [1, 2, 3, 4]
             # The same rows at every step; what remains is float summation order (measured: ~1e-7 relative).
-            assert [loss for _, loss in two[series]] == pytest.approx([loss for _, loss in single[series]], rel=1e-5), series
+            assert [loss for _, loss in two[series]] == pytest.approx([loss for _, loss in single[series]], rel=1e-5), (
+                series
+            )
     # And the loss did move: a trajectory that stayed flat would match trivially.
     assert single["train_loss"][0][1] != pytest.approx(single["train_loss"][-1][1], rel=1e-4)
 
@@ -91,7 +101,14 @@ def test_held_out_metrics_are_gathered_from_both_processes(runs):
 def test_outputs_and_logs_are_written_once(runs):
     two, two_dir, fsdp_dir, _ = runs
     for run_dir in (two_dir, fsdp_dir):
-        for name in ("adapter/adapter_model.safetensors", "merged/model.safetensors", "metrics.json", "report.md", "recipe.yaml", "run.json"):
+        for name in (
+            "adapter/adapter_model.safetensors",
+            "merged/model.safetensors",
+            "metrics.json",
+            "report.md",
+            "recipe.yaml",
+            "run.json",
+        ):
             assert (run_dir / name).is_file(), name
         log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
         assert [entry["event"] for entry in log if "event" in entry] == ["start", "finished"]
@@ -135,7 +152,9 @@ def test_a_failed_process_fails_the_launch_with_its_exit_codes(tmp_path, monkeyp
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # Each process stops with "recipe file not found"; the launcher ends the other one if it is still running.
-    with pytest.raises(FinetuneError, match=r"the 2-process run failed: .*rank [01] \(exit code 2\).*errors are printed above"):
+    with pytest.raises(
+        FinetuneError, match=r"the 2-process run failed: .*rank [01] \(exit code 2\).*errors are printed above"
+    ):
         distributed.launch(["validate", str(tmp_path / "missing.yaml")], 2)
 
 
@@ -162,12 +181,16 @@ def test_accelerate_configs_are_accepted_by_accelerate(name, distributed_type):
     assert set(config.fsdp_config) | set(config.deepspeed_config) <= options
     # What `accelerate launch --config_file` does with the file (the private step that merges it into the
     # arguments), then the plugin each process builds from the environment it is given.
-    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(path), "train.py"]))
+    args, defaults, _ = _validate_launch_command(
+        launch_command_parser().parse_args(["--config_file", str(path), "train.py"])
+    )
     if distributed_type == "FSDP":
         env = prepare_multi_gpu_env(args)
         with patch_environment(**{k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_"))}):
             plugin = FullyShardedDataParallelPlugin()
-        assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True and env["ACCELERATE_USE_FSDP"] == "true"
+        assert (
+            plugin.fsdp_version == 2 and plugin.reshard_after_forward is True and env["ACCELERATE_USE_FSDP"] == "true"
+        )
     if distributed_type == "DEEPSPEED":
         args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
         _, env = prepare_deepspeed_cmd_env(args)
@@ -176,7 +199,11 @@ def test_accelerate_configs_are_accepted_by_accelerate(name, distributed_type):
         zero = plugin.deepspeed_config["zero_optimization"]
         assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
         # Left to the Trainer, which fills them from the recipe.
-        assert plugin.deepspeed_config["gradient_accumulation_steps"] == plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == "auto"
+        assert (
+            plugin.deepspeed_config["gradient_accumulation_steps"]
+            == plugin.deepspeed_config["train_micro_batch_size_per_gpu"]
+            == "auto"
+        )
 
 
 def test_4bit_weights_are_stored_in_the_compute_dtype_under_fsdp(tiny_llama_dir, monkeypatch):
@@ -195,4 +222,7 @@ def test_4bit_weights_are_stored_in_the_compute_dtype_under_fsdp(tiny_llama_dir,
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, sharded(ids).logits)  # same 4-bit values, packed differently
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
-    assert load_model(config.model_copy(update={"quant_storage": "bfloat16"})).model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert (
+        load_model(config.model_copy(update={"quant_storage": "bfloat16"})).model.layers[0].mlp.up_proj.weight.dtype
+        == torch.bfloat16
+    )

@@ -11,9 +11,17 @@ from finetune.models import configure_generation, load_tokenizer
 
 CHATS = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, friend."}],
-    [{"role": "user", "content": "Name a fruit"}, {"role": "assistant", "content": "Apple."},
-     {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "A pear, perhaps, or a plum."}],
-    [{"role": "system", "content": "Terse."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+    [
+        {"role": "user", "content": "Name a fruit"},
+        {"role": "assistant", "content": "Apple."},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "A pear, perhaps, or a plum."},
+    ],
+    [
+        {"role": "system", "content": "Terse."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ],
 ]
 
 
@@ -50,10 +58,15 @@ def test_report_files_and_direction_of_change(tmp_path):
     before, after = {"perplexity": 20.0, "bleu": 10.0}, {"perplexity": 15.0, "bleu": 8.0}
     rows = {metric: change for metric, _, _, change in comparison_rows(before, after)}
     assert rows == {"perplexity": "-25.0% (better)", "bleu": "-20.0% (worse)"}
-    from_zero = {m: c for m, _, _, c in comparison_rows({"bleu": 0.0, "exact_match": 0.0}, {"bleu": 2.5, "exact_match": 0.0})}
+    from_zero = {
+        m: c for m, _, _, c in comparison_rows({"bleu": 0.0, "exact_match": 0.0}, {"bleu": 2.5, "exact_match": 0.0})
+    }
     assert from_zero == {"bleu": "+2.5 (better)", "exact_match": "unchanged"}
-    write_report(tmp_path, summary={"name": "t", "metrics_before": before, "metrics_after": after},
-                 history={"train_loss": [(1, 3.0), (2, 2.5)], "eval_loss": [(2, 2.7)]})
+    write_report(
+        tmp_path,
+        summary={"name": "t", "metrics_before": before, "metrics_after": after},
+        history={"train_loss": [(1, 3.0), (2, 2.5)], "eval_loss": [(2, 2.7)]},
+    )
     for name in ("metrics.json", "report.md", "loss_curves.png", "metrics.png"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -106,11 +119,23 @@ def test_a_time_budget_cuts_held_out_rows_to_what_fits_and_reports_its_share(tin
     from tests.conftest import tiny_recipe
 
     sums = tmp_path / "sums.jsonl"  # 40 distinct conversations: more held out than the budget keeps
-    sums.write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": f"What is {n} plus {n}?"}, {"role": "assistant", "content": f"{2 * n}."}]}) + "\n"
-        for n in range(40)
-    ))
-    config = tiny_recipe(tiny_llama_dir, sums, tmp_path / "run", evaluation__time_share=1e-6, evaluation__generation_rows=12)
+    sums.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What is {n} plus {n}?"},
+                        {"role": "assistant", "content": f"{2 * n}."},
+                    ]
+                }
+            )
+            + "\n"
+            for n in range(40)
+        )
+    )
+    config = tiny_recipe(
+        tiny_llama_dir, sums, tmp_path / "run", evaluation__time_share=1e-6, evaluation__generation_rows=12
+    )
     config["evaluation"].update(batch_size=2, max_new_tokens=4)
     config["data"]["test_split"] = 0.5
     recipe = ChatSFTRecipe(**config)

@@ -27,23 +27,34 @@ def memorizing_llama_dir(facts_jsonl, tmp_path_factory):
     tokenizer.pad_token = "<|endoftext|>"
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config)
     model.model.embed_tokens.weight.requires_grad_(False)  # random input embeddings serve; 6x faster without them
     chats = {json.dumps(json.loads(line)["messages"]) for line in facts_jsonl.read_text().splitlines()}
     batch = tokenizer(
         [tokenizer.apply_chat_template(json.loads(c), tokenize=False) for c in sorted(chats)],
-        return_tensors="pt", padding=True, add_special_tokens=False,
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
     )
     targets = batch.input_ids[:, 1:]
     keep = batch.attention_mask[:, 1:].bool()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(80):
         hidden = model.model(**batch).last_hidden_state[:, :-1]
-        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[keep]), targets[keep])  # the head only where scored
+        loss = torch.nn.functional.cross_entropy(
+            model.lm_head(hidden[keep]), targets[keep]
+        )  # the head only where scored
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -55,7 +66,9 @@ def memorizing_llama_dir(facts_jsonl, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(memorizing_llama_dir, facts_jsonl, tmp_path_factory):
-    config = tiny_recipe(memorizing_llama_dir, facts_jsonl, tmp_path_factory.mktemp("export") / "run", training__learning_rate=1e-4)
+    config = tiny_recipe(
+        memorizing_llama_dir, facts_jsonl, tmp_path_factory.mktemp("export") / "run", training__learning_rate=1e-4
+    )
     config["evaluation"].update(before_and_after=False, generation=False)
     ChatSFTRecipe(**config).run()
     return ChatSFTRecipe.from_run_dir(config["output"]["dir"])
@@ -90,12 +103,19 @@ def test_metadata_carries_tokenizer_template_and_turn_ids(run):
 
     run.export(quant="f16") if not (run.folder.export / "model-f16.gguf").is_file() else None
     reader = gguf.GGUFReader(run.folder.export / "model-f16.gguf")
-    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.ggml.") or "id" in name or name.endswith(("model", "pre", "add_bos_token"))}
+    fields = {
+        name: field.contents()
+        for name, field in reader.fields.items()
+        if not name.startswith("tokenizer.ggml.") or "id" in name or name.endswith(("model", "pre", "add_bos_token"))
+    }
     tokenizer = run.tokenizer
     assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.model"] == "gpt2"
     assert fields["tokenizer.chat_template"] == tokenizer.chat_template
     assert fields["tokenizer.ggml.eot_token_id"] == tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id and fields["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
+    assert (
+        fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+        and fields["tokenizer.ggml.bos_token_id"] == tokenizer.bos_token_id
+    )
     assert fields["tokenizer.ggml.padding_token_id"] == tokenizer.pad_token_id
     assert "output.weight" in {t.name for t in reader.tensors}  # this model's head is not tied
 
@@ -147,7 +167,9 @@ def test_unknown_quant_and_unsupported_architecture_get_clear_errors(run, tiny_g
     assert not (run.folder.path / "x.gguf").exists()
 
 
-@pytest.mark.parametrize("family", [FAMILIES[name] for name in ("llama", "qwen2", "gemma2", "gpt2")], ids=lambda f: f.name)
+@pytest.mark.parametrize(
+    "family", [FAMILIES[name] for name in ("llama", "qwen2", "gemma2", "gpt2")], ids=lambda f: f.name
+)
 def test_modelfile_template_renders_what_the_chat_template_renders(family):
     tokenizer = build_tokenizer(family)
     stop = [tokenizer.convert_tokens_to_ids(family.end_of_turn)]
@@ -155,7 +177,14 @@ def test_modelfile_template_renders_what_the_chat_template_renders(family):
     pieces = export.chat_template_pieces(tokenizer)
     if family.name in ("llama", "gpt2"):  # turns are fixed text around each message: translated, and checked on probes
         assert warning is None and "TEMPLATE" in text
-        messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
-        assert export.render_pieces(pieces, messages) == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        messages = [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "U"},
+            {"role": "assistant", "content": "A"},
+            {"role": "user", "content": "V"},
+        ]
+        assert export.render_pieces(pieces, messages) == tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
     else:  # Qwen2.5 adds a default system prompt, Gemma folds the system prompt into the first user turn
         assert pieces is None and "TEMPLATE" not in text and "no TEMPLATE" in warning

@@ -12,23 +12,52 @@ from finetune.serving import Decoding, load_chat_model
 
 pytestmark = pytest.mark.real_model
 
-CAPITALS = [("France", "Paris"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Germany", "Berlin"), ("Japan", "Tokyo"),
-            ("Egypt", "Cairo"), ("Canada", "Ottawa"), ("Peru", "Lima")]
+CAPITALS = [
+    ("France", "Paris"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Germany", "Berlin"),
+    ("Japan", "Tokyo"),
+    ("Egypt", "Cairo"),
+    ("Canada", "Ottawa"),
+    ("Peru", "Lima"),
+]
 
 
 def test_gemma3_base_fine_tunes_with_chatml_and_stops_at_im_end(tmp_path):
     data = tmp_path / "capitals.jsonl"
-    data.write_text("\n".join(json.dumps({"messages": [
-        {"role": "user", "content": f"What is the capital of {country}?"}, {"role": "assistant", "content": f"{city}."},
-    ]}) for country, city in CAPITALS))
+    data.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What is the capital of {country}?"},
+                        {"role": "assistant", "content": f"{city}."},
+                    ]
+                }
+            )
+            for country, city in CAPITALS
+        )
+    )
     recipe = ChatSFTRecipe(
         name="gemma3-chatml",
         model={"source": "gemma3-270m", "quantization": "none", "chat_template": "chatml"},
         lora={"r": 8, "dropout": 0.0},
-        data={"sources": [{"type": "file", "path": str(data)}], "max_length": 64, "validation_split": 0, "test_split": 0.25},
+        data={
+            "sources": [{"type": "file", "path": str(data)}],
+            "max_length": 64,
+            "validation_split": 0,
+            "test_split": 0.25,
+        },
         # 8 steps over the same 6 conversations: enough to learn the replies and to end them (loss 12.4 -> 2.2).
-        training={"max_steps": 8, "batch_size": 6, "gradient_accumulation_steps": 1, "learning_rate": 1e-3, "warmup_ratio": 0,
-                  "lr_scheduler": "constant"},
+        training={
+            "max_steps": 8,
+            "batch_size": 6,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-3,
+            "warmup_ratio": 0,
+            "lr_scheduler": "constant",
+        },
         evaluation={"max_rows": 2, "generation": False, "time_share": None},
         output={"dir": str(tmp_path / "run")},
     )
@@ -39,5 +68,7 @@ def test_gemma3_base_fine_tunes_with_chatml_and_stops_at_im_end(tmp_path):
     chat = load_chat_model(result.run_dir)  # the merged model, with its own tokenizer
     for row in recipe.data.splits["train"]:
         question, answer = row["messages"]
-        completion = chat.complete(chat.default, chat.prompt_ids([question]), Decoding(max_new_tokens=16, temperature=0))
+        completion = chat.complete(
+            chat.default, chat.prompt_ids([question]), Decoding(max_new_tokens=16, temperature=0)
+        )
         assert (completion.text, completion.finish_reason) == (answer["content"], "stop")

@@ -47,7 +47,11 @@ class Request:
     def committed_files(self) -> dict[str, bytes]:
         lines = [json.loads(line) for line in self.body.decode().splitlines()]
         assert lines[0]["key"] == "header"
-        return {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines[1:] if line["key"] == "file"}
+        return {
+            line["value"]["path"]: base64.b64decode(line["value"]["content"])
+            for line in lines[1:]
+            if line["key"] == "file"
+        }
 
 
 class FakeHub:
@@ -65,7 +69,9 @@ class FakeHub:
 
             def handle_one(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                fake.requests.append(Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                fake.requests.append(
+                    Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+                )
                 status, text = fake.answer(self.path.split("?")[0], body)
                 data = text.encode()
                 self.send_response(status)
@@ -100,9 +106,13 @@ class FakeHub:
         repo = "/".join(path.split("/")[3:5])
         if "/preupload/" in path:
             files = json.loads(body)["files"]
-            return 200, json.dumps({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+            return 200, json.dumps(
+                {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
         if "/commit/" in path:
-            return 200, json.dumps({"commitUrl": f"{self.url}/{repo}/commit/{OID}", "commitOid": OID, "pullRequestUrl": None})
+            return 200, json.dumps(
+                {"commitUrl": f"{self.url}/{repo}/commit/{OID}", "commitOid": OID, "pullRequestUrl": None}
+            )
         if "/branch/" in path or "/tag/" in path:
             return 200, "{}"
         return 404, json.dumps({"error": f"the fake Hub does not serve {path}"})
@@ -128,7 +138,13 @@ def fake_hub(hub_server, monkeypatch):
 
 def child_env(hub_server: FakeHub, home: Path) -> dict[str, str]:
     """A fresh process that may only reach the fake Hub, with the planted token in its environment."""
-    env = {**os.environ, "HF_TOKEN": PLANTED, "HF_ENDPOINT": hub_server.url, "HF_HOME": str(home), "HF_DATASETS_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "HF_TOKEN": PLANTED,
+        "HF_ENDPOINT": hub_server.url,
+        "HF_HOME": str(home),
+        "HF_DATASETS_OFFLINE": "1",
+    }
     env.pop("HF_HUB_OFFLINE", None)
     return env
 
@@ -150,11 +166,21 @@ def published(tiny_llama_dir, facts_jsonl, tmp_path_factory, hub_server):
     hub_server.reset()
     root = tmp_path_factory.mktemp("published")
     # One step and short replies: what is tested here is what the run leaves behind, not how well it trains.
-    recipe = tiny_recipe(tiny_llama_dir, facts_jsonl, root / "tiny", training__max_steps=1, data__validation_split=0.0,
-                         evaluation__max_new_tokens=8)
+    recipe = tiny_recipe(
+        tiny_llama_dir,
+        facts_jsonl,
+        root / "tiny",
+        training__max_steps=1,
+        data__validation_split=0.0,
+        evaluation__max_new_tokens=8,
+    )
     child = subprocess.run(
         [sys.executable, "-c", PUBLISH, json.dumps(recipe)],
-        cwd=REPO, env=child_env(hub_server, root / "hf-home"), capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=child_env(hub_server, root / "hf-home"),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert child.returncode == 0, child.stderr[-3000:]
     return root / "tiny", child.stdout + child.stderr, list(hub_server.requests)
@@ -205,8 +231,15 @@ def test_manifest_hashes_data_weights_and_recipe(published, facts_jsonl):
     assert manifest["files"]["merged/model.safetensors"]["sha256"] == sha256(run_dir / "merged" / "model.safetensors")
     assert not any(name.endswith(("README.md", "run.json")) for name in manifest["files"])
     assert manifest["data"] == [
-        {"split": "train", "type": "file", "path": str(facts_jsonl), "format": "auto", "weight": 1.0,
-         "files": {str(facts_jsonl): sha256(facts_jsonl)}, "bytes": facts_jsonl.stat().st_size}
+        {
+            "split": "train",
+            "type": "file",
+            "path": str(facts_jsonl),
+            "format": "auto",
+            "weight": 1.0,
+            "files": {str(facts_jsonl): sha256(facts_jsonl)},
+            "bytes": facts_jsonl.stat().st_size,
+        }
     ]
     assert manifest["recipe"] == yaml.safe_load((run_dir / "recipe.yaml").read_text())
     assert manifest["libraries"]["peft"] and manifest["python"] and manifest["written_at"] and manifest["finished_at"]
@@ -246,10 +279,18 @@ def test_adapter_loads_in_a_fresh_process_with_plain_peft(published, tiny_llama_
     from finetune.evaluation import generate
 
     run_dir, _, _ = published
-    snippet = re.search(r"## Use it.*?```python\n(.*?)```", (run_dir / "adapter" / "README.md").read_text(), re.S).group(1)
+    snippet = re.search(
+        r"## Use it.*?```python\n(.*?)```", (run_dir / "adapter" / "README.md").read_text(), re.S
+    ).group(1)
     snippet += "\nimport json, sys\nassert not [m for m in sys.modules if m.split('.')[0] == 'finetune']\nprint('IDS', json.dumps(reply_ids.tolist()))\n"
-    child = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                           capture_output=True, text=True, timeout=300)
+    child = subprocess.run(
+        [sys.executable, "-c", snippet],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert child.returncode == 0, child.stderr[-3000:]
     fresh = json.loads(child.stdout.split("IDS ")[-1])
 
@@ -332,7 +373,9 @@ def test_transient_failures_are_retried(published, fake_hub):
 def test_a_hub_that_stays_down_ends_in_a_clear_error(published, fake_hub, monkeypatch):
     run_dir, _, _ = published
     fake_hub.always = 503
-    with pytest.raises(FinetuneError, match=r"could not create the repository .*HTTP 503, 3 tries.*run the same push again"):
+    with pytest.raises(
+        FinetuneError, match=r"could not create the repository .*HTTP 503, 3 tries.*run the same push again"
+    ):
         hub.push(run_dir, "alice/tiny-chat", retry_wait=0.01)
     assert len(fake_hub.posts("/repos/create")) == 3
 
@@ -345,7 +388,9 @@ def test_a_hub_that_stays_down_ends_in_a_clear_error(published, fake_hub, monkey
         probe.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
     monkeypatch.setattr(constants, "ENDPOINT", closed)
-    with pytest.raises(FinetuneError, match=r"could not create the repository on http://127.0.0.1:\d+/alice/tiny-chat: ConnectError"):
+    with pytest.raises(
+        FinetuneError, match=r"could not create the repository on http://127.0.0.1:\d+/alice/tiny-chat: ConnectError"
+    ):
         hub.push(run_dir, "alice/tiny-chat", attempts=2, retry_wait=0.01)
 
 
@@ -375,8 +420,14 @@ def test_planted_token_is_in_no_file_and_no_output(published, hub_server, tmp_pa
     env = child_env(hub_server, tmp_path / "hf-home")
     outputs = [output]
     for extra in (["--dry-run"], ["--private"]):
-        cli = subprocess.run([sys.executable, "-m", "finetune", "push", str(run_dir), "--repo", "alice/tiny-chat", *extra],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        cli = subprocess.run(
+            [sys.executable, "-m", "finetune", "push", str(run_dir), "--repo", "alice/tiny-chat", *extra],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert cli.returncode == 0, cli.stderr
         outputs.append(cli.stdout + cli.stderr)
     assert "Dry run, nothing sent" in outputs[1] and "Commit: " in outputs[2]

@@ -28,4 +28,6 @@ def test_the_packed_attention_kernel_registers_when_first_used(tiny_llama_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="sdpa")
     use_packed_attention(model)
-    assert PACKED_ATTENTION in AttentionInterface._global_mapping and model.config._attn_implementation == PACKED_ATTENTION
+    assert (
+        PACKED_ATTENTION in AttentionInterface._global_mapping and model.config._attn_implementation == PACKED_ATTENTION
+    )

@@ -9,8 +9,13 @@ from tests.conftest import tiny_recipe
 
 @pytest.fixture(scope="module")
 def qlora_run(tiny_llama_dir, facts_jsonl, tmp_path_factory):
-    config = tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path_factory.mktemp("merge") / "q", model__quantization="4bit",
-                         training__max_steps=4)
+    config = tiny_recipe(
+        tiny_llama_dir,
+        facts_jsonl,
+        tmp_path_factory.mktemp("merge") / "q",
+        model__quantization="4bit",
+        training__max_steps=4,
+    )
     config["evaluation"].update(before_and_after=False, generation=False)
     recipe = ChatSFTRecipe(**config)
     return recipe, recipe.run()
@@ -28,7 +33,9 @@ def test_qlora_merge_keeps_the_candidate_with_the_better_held_out_perplexity(qlo
         assert fidelity["full_precision"] > reference == fidelity["nf4_roundtrip"]
     assert result.merge_max_logit_diff < 1e-3
     card = (result.adapter_dir / "README.md").read_text()
-    assert "Merge candidates" in card and f"{fidelity['full_precision']:.4f}" in card and f"Kept {report.reason}" in card
+    assert (
+        "Merge candidates" in card and f"{fidelity['full_precision']:.4f}" in card and f"Kept {report.reason}" in card
+    )
 
 
 @pytest.mark.parametrize("select", ["perplexity", "fidelity"])
@@ -54,7 +61,9 @@ def test_forced_strategy_and_dtype_through_the_cli(qlora_run, tmp_path):
 
     _, result = qlora_run
     out = tmp_path / "fp16"
-    run = CliRunner().invoke(app, ["merge", str(result.run_dir), "--strategy", "full_precision", "--dtype", "float16", "--out", str(out)])
+    run = CliRunner().invoke(
+        app, ["merge", str(result.run_dir), "--strategy", "full_precision", "--dtype", "float16", "--out", str(out)]
+    )
     assert run.exit_code == 0, run.output
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch.float16

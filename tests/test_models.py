@@ -23,10 +23,15 @@ def test_pad_falls_back_to_eos_only_when_nothing_else_exists(tmp_path):
 
 
 def test_chat_template_overrides(tiny_llama_dir, tmp_path):
-    assert "<|im_start|>" in load_tokenizer(ModelConfig(source=str(tiny_llama_dir), chat_template="chatml")).chat_template
+    assert (
+        "<|im_start|>" in load_tokenizer(ModelConfig(source=str(tiny_llama_dir), chat_template="chatml")).chat_template
+    )
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    assert load_tokenizer(ModelConfig(source=str(tiny_llama_dir), chat_template=str(template))).chat_template == template.read_text()
+    assert (
+        load_tokenizer(ModelConfig(source=str(tiny_llama_dir), chat_template=str(template))).chat_template
+        == template.read_text()
+    )
     with pytest.raises(FinetuneError, match="neither 'chatml', a Jinja string, nor an existing file"):
         load_tokenizer(ModelConfig(source=str(tiny_llama_dir), chat_template="missing.jinja"))
 
@@ -40,7 +45,9 @@ def test_tokenizer_without_template_is_refused(tmp_path):
         load_tokenizer(ModelConfig(source=str(tmp_path)))
 
 
-@pytest.mark.parametrize(("quantization", "layer_type"), [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt"), ("none", "Linear")])
+@pytest.mark.parametrize(
+    ("quantization", "layer_type"), [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt"), ("none", "Linear")]
+)
 def test_quantization_modes(tiny_llama_dir, quantization, layer_type):
     model = load_model(ModelConfig(source=str(tiny_llama_dir), quantization=quantization))
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == layer_type

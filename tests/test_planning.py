@@ -22,10 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def smollm2_shape() -> planning.ModelShape:
     from transformers import LlamaConfig
 
-    return planning.ModelShape.from_config(LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
-    ))
+    return planning.ModelShape.from_config(
+        LlamaConfig(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 def test_shape_counts_the_published_parameter_counts(tiny_gpt2_dir):
@@ -41,12 +49,26 @@ def test_estimate_matches_a_measured_training_peak(tiny_llama_dir, tmp_path):
     """Train the tiny model in a fresh process (benchmarks/memory_plan.py) and compare its peak RSS."""
     result = tmp_path / "result.json"
     overrides = [
-        f"model.source={tiny_llama_dir}", "model.quantization=none", "lora.r=8",
-        "data.max_length=512", "training.batch_size=4",
+        f"model.source={tiny_llama_dir}",
+        "model.quantization=none",
+        "lora.r=8",
+        "data.max_length=512",
+        "training.batch_size=4",
     ]
     subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "memory_plan.py"), "--steps", "2", "--result", str(result), "--child", *overrides],
-        check=True, cwd=ROOT, capture_output=True,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "memory_plan.py"),
+            "--steps",
+            "2",
+            "--result",
+            str(result),
+            "--child",
+            *overrides,
+        ],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
     )
     measured = json.loads(result.read_text())
     # The logits of 2048 positions over a 50k vocabulary dominate this model's activations.
@@ -59,19 +81,28 @@ def test_checkpointing_and_4bit_shrink_the_estimate():
     base = RecipeConfig.from_dict({"model": {"quantization": "none"}, "data": {"max_length": 512}})
     parts, _, _ = planning.estimate(shape, planning._resolved(base, checkpointing=False), "cpu")
     checkpointed, _, _ = planning.estimate(shape, planning._resolved(base, checkpointing=True), "cpu")
-    quantized, _, _ = planning.estimate(shape, planning._resolved(base.with_overrides(["model.quantization=4bit"]), checkpointing=False), "cpu")
+    quantized, _, _ = planning.estimate(
+        shape, planning._resolved(base.with_overrides(["model.quantization=4bit"]), checkpointing=False), "cpu"
+    )
     assert checkpointed["activations"] < parts["activations"] / 10
     assert quantized["weights"] < parts["weights"] / 3
-    levers_off, _, _ = planning.estimate(shape, planning._resolved(base, checkpointing=False).with_overrides(["training.skip_untrained_logits=false"]), "cpu")
+    levers_off, _, _ = planning.estimate(
+        shape,
+        planning._resolved(base, checkpointing=False).with_overrides(["training.skip_untrained_logits=false"]),
+        "cpu",
+    )
     assert levers_off["logits"] != parts["logits"]
 
 
 def test_a_plan_that_does_not_fit_names_the_cheapest_change():
     shape = smollm2_shape()
-    config = RecipeConfig.from_dict({
-        "model": {"quantization": "none"}, "data": {"max_length": 256},
-        "training": {"batch_size": 8, "gradient_accumulation_steps": 1, "gradient_checkpointing": False},
-    })
+    config = RecipeConfig.from_dict(
+        {
+            "model": {"quantization": "none"},
+            "data": {"max_length": 256},
+            "training": {"batch_size": 8, "gradient_accumulation_steps": 1, "gradient_checkpointing": False},
+        }
+    )
     full = planning.plan(config, "24GB", shape=shape)
     assert full.fits and not full.suggestion
     half = planning.plan(config.with_overrides(["training.batch_size=4"]), "24GB", shape=shape)

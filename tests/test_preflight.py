@@ -21,7 +21,10 @@ def test_a_usable_recipe_passes_every_check(tiny_llama_dir, facts_jsonl, tmp_pat
 
 def test_missing_data_files_stop_the_run_before_anything_is_loaded_or_written(tiny_llama_dir, facts_jsonl, tmp_path):
     recipe = tiny_recipe(tiny_llama_dir, tmp_path / "absent.jsonl", tmp_path / "run")
-    recipe["data"]["validation_sources"] = [{"type": "file", "path": str(facts_jsonl)}, {"type": "file", "path": str(tmp_path / "gone")}]
+    recipe["data"]["validation_sources"] = [
+        {"type": "file", "path": str(facts_jsonl)},
+        {"type": "file", "path": str(tmp_path / "gone")},
+    ]
     with pytest.raises(FinetuneError) as err:
         ChatSFTRecipe(**recipe).setup()
     message = str(err.value)
@@ -34,28 +37,44 @@ def test_missing_data_files_stop_the_run_before_anything_is_loaded_or_written(ti
 @pytest.mark.parametrize("model", ["tiny_llama_dir", "tiny_gpt2_dir"])  # max_position_embeddings / n_positions
 def test_max_length_longer_than_the_model_context_is_refused(model, facts_jsonl, tmp_path, request):
     model_dir = request.getfixturevalue(model)
-    with pytest.raises(FinetuneError, match=r"data.max_length \(1024\) is longer than the context of .* \(512 tokens\): set data.max_length to 512 or less"):
+    with pytest.raises(
+        FinetuneError,
+        match=r"data.max_length \(1024\) is longer than the context of .* \(512 tokens\): set data.max_length to 512 or less",
+    ):
         preflight.preflight(config(model_dir, facts_jsonl, tmp_path, data__max_length=1024))
 
 
 def test_unavailable_quantization_is_refused_with_the_alternative(tiny_llama_dir, facts_jsonl, tmp_path, monkeypatch):
     # The real probe: bitsandbytes quantizes and runs both kinds on this machine's CPU.
-    assert preflight.quantization_problem("4bit", "cpu") is None and preflight.quantization_problem("8bit", "cpu") is None
+    assert (
+        preflight.quantization_problem("4bit", "cpu") is None and preflight.quantization_problem("8bit", "cpu") is None
+    )
     # A bitsandbytes build without 4-bit kernels for this device, simulated at the probe.
-    monkeypatch.setattr(preflight, "quantization_problem", lambda kind, device: "0.0 lacks 4-bit kernels" if kind == "4bit" else None)
+    monkeypatch.setattr(
+        preflight, "quantization_problem", lambda kind, device: "0.0 lacks 4-bit kernels" if kind == "4bit" else None
+    )
     with pytest.raises(FinetuneError) as err:
         preflight.preflight(config(tiny_llama_dir, facts_jsonl, tmp_path, model__quantization="4bit"))
-    assert "model.quantization: 4bit is not available on cpu: bitsandbytes 0.0 lacks 4-bit kernels. Use model.quantization: 8bit instead" in str(err.value)
-    monkeypatch.setattr(preflight, "quantization_problem", lambda kind, device: "cannot be imported (No module named 'bitsandbytes')")
+    assert (
+        "model.quantization: 4bit is not available on cpu: bitsandbytes 0.0 lacks 4-bit kernels. Use model.quantization: 8bit instead"
+        in str(err.value)
+    )
+    monkeypatch.setattr(
+        preflight, "quantization_problem", lambda kind, device: "cannot be imported (No module named 'bitsandbytes')"
+    )
     with pytest.raises(FinetuneError, match="8bit is not available .* Use model.quantization: none instead"):
         preflight.preflight(config(tiny_llama_dir, facts_jsonl, tmp_path, model__quantization="8bit"))
 
 
-def test_too_little_disk_space_is_refused_with_the_estimate_and_the_fixes(tiny_llama_dir, facts_jsonl, tmp_path, monkeypatch):
+def test_too_little_disk_space_is_refused_with_the_estimate_and_the_fixes(
+    tiny_llama_dir, facts_jsonl, tmp_path, monkeypatch
+):
     cfg = config(tiny_llama_dir, facts_jsonl, tmp_path)
     facts = preflight.model_facts(cfg.model)
     loaded = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    assert facts.parameters == sum(p.numel() for p in loaded.parameters()) and facts.context == 512 and facts.hidden == 64
+    assert (
+        facts.parameters == sum(p.numel() for p in loaded.parameters()) and facts.context == 512 and facts.hidden == 64
+    )
     estimate = preflight.estimate_bytes(cfg, facts)
     assert estimate["merged model"] == 4 * facts.parameters and estimate["checkpoints"] == 3 * estimate["adapter"] * 4
 

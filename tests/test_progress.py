@@ -8,9 +8,13 @@ from finetune import ChatSFTRecipe, training
 from tests.conftest import tiny_recipe
 
 
-def test_training_shows_one_progress_line_and_each_validation(tiny_llama_dir, facts_jsonl, tmp_path, monkeypatch, capsys):
+def test_training_shows_one_progress_line_and_each_validation(
+    tiny_llama_dir, facts_jsonl, tmp_path, monkeypatch, capsys
+):
     screen = io.StringIO()
-    monkeypatch.setattr(training.trainer, "TrainingProgress", lambda: training.TrainingProgress(Console(file=screen, width=200)))
+    monkeypatch.setattr(
+        training.trainer, "TrainingProgress", lambda: training.TrainingProgress(Console(file=screen, width=200))
+    )
     config = tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path / "run", training__max_steps=4, training__eval_steps=2)
     recipe = ChatSFTRecipe(**config)
     recipe.setup()

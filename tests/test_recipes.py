@@ -20,14 +20,30 @@ def llama_run(tiny_llama_dir, facts_jsonl, tmp_path_factory):
 
 def test_run_leaves_adapter_merged_model_metrics_and_report(llama_run):
     _, result = llama_run
-    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/chat_template.jinja",
-                 "merged/config.json", "merged/model.safetensors", "merged/chat_template.jinja", "merged/generation_config.json",
-                 "metrics.json", "report.md", "loss_curves.png", "metrics.png", "recipe.yaml", "run.json",
-                 "adapter/README.md", "adapter/run.json"):
+    for name in (
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/chat_template.jinja",
+        "merged/config.json",
+        "merged/model.safetensors",
+        "merged/chat_template.jinja",
+        "merged/generation_config.json",
+        "metrics.json",
+        "report.md",
+        "loss_curves.png",
+        "metrics.png",
+        "recipe.yaml",
+        "run.json",
+        "adapter/README.md",
+        "adapter/run.json",
+    ):
         assert (result.run_dir / name).is_file(), name
     assert not (result.run_dir / "checkpoints").exists()
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
-    assert metrics["metrics_before"] == result.metrics_before and set(result.metrics_after) >= {"perplexity", "perplexity_all_tokens"}
+    assert metrics["metrics_before"] == result.metrics_before and set(result.metrics_after) >= {
+        "perplexity",
+        "perplexity_all_tokens",
+    }
     assert len(metrics["history"]["train_loss"]) == 3
     assert "| perplexity |" in (result.run_dir / "report.md").read_text()
     # A few steps at a high learning rate on a random tiny model must move held-out perplexity.
@@ -87,12 +103,23 @@ def test_recipe_from_yaml_with_overrides(tiny_llama_dir, facts_jsonl, tmp_path):
         ChatSFTRecipe(lora={"rank": 4})
 
 
-def test_early_stopping_stops_a_run_whose_validation_loss_rises_and_keeps_the_best(tiny_llama_dir, facts_jsonl, tmp_path):
+def test_early_stopping_stops_a_run_whose_validation_loss_rises_and_keeps_the_best(
+    tiny_llama_dir, facts_jsonl, tmp_path
+):
     # Validation contradicts the training facts, so learning them makes validation loss rise.
     contradicting = tmp_path / "contradicting.jsonl"
-    contradicting.write_text("\n".join(json.dumps({"prompt": q, "completion": "Nobody knows that."}) for q, _ in FACTS) + "\n")
-    config = tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path / "early", training__max_steps=40, training__eval_steps=1,
-                         training__early_stopping_patience=2, training__learning_rate=5e-3)
+    contradicting.write_text(
+        "\n".join(json.dumps({"prompt": q, "completion": "Nobody knows that."}) for q, _ in FACTS) + "\n"
+    )
+    config = tiny_recipe(
+        tiny_llama_dir,
+        facts_jsonl,
+        tmp_path / "early",
+        training__max_steps=40,
+        training__eval_steps=1,
+        training__early_stopping_patience=2,
+        training__learning_rate=5e-3,
+    )
     config["data"]["validation_sources"] = [{"type": "file", "path": str(contradicting)}]
     config["evaluation"].update(before_and_after=False, generation=False)
     config["output"]["merge"] = False
@@ -138,8 +165,14 @@ def test_a_crash_while_saving_leaves_the_previous_outputs_intact(llama_run, tiny
         "sys.argv = ['finetune', 'merge', sys.argv[1]]\n"
         "main()\n"
     )
-    killed = subprocess.run([sys.executable, "-c", child, str(run_dir)], cwd=Path(__file__).parent.parent,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", child, str(run_dir)],
+        cwd=Path(__file__).parent.parent,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert (run_dir / "merged.partial" / "model.safetensors").is_file()  # it died mid-save ...
     assert _tree(run_dir / "merged") == merged_before  # ... and the previous merged model is untouched
@@ -167,7 +200,9 @@ def test_a_crash_while_saving_leaves_the_previous_outputs_intact(llama_run, tiny
 def test_resume_refuses_a_changed_recipe_and_a_finished_run(llama_run, tiny_llama_dir, facts_jsonl, tmp_path):
     _, result = llama_run
     finished = ChatSFTRecipe(RecipeConfig.from_yaml(result.run_dir / "recipe.yaml"))
-    with pytest.raises(FinetuneError, match="already finished .* nothing to resume. To train it again, set output.overwrite: true"):
+    with pytest.raises(
+        FinetuneError, match="already finished .* nothing to resume. To train it again, set output.overwrite: true"
+    ):
         finished.run(resume=True)
 
     run_dir = tmp_path / "started"

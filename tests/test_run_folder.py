@@ -8,7 +8,12 @@ from finetune.run_folder import RunFolder, is_adapter
 def test_a_run_folder_names_every_part_of_the_layout(tmp_path):
     run = RunFolder.of(RecipeConfig.from_dict({"name": "demo", "output": {"dir": str(tmp_path / "{name}")}}))
     assert run.path == tmp_path / "demo"
-    assert (run.recipe.name, run.metrics.name, run.manifest.name, run.train_log.name) == ("recipe.yaml", "metrics.json", "run.json", "train_log.jsonl")
+    assert (run.recipe.name, run.metrics.name, run.manifest.name, run.train_log.name) == (
+        "recipe.yaml",
+        "metrics.json",
+        "run.json",
+        "train_log.jsonl",
+    )
     assert run.weight_folders == (run.path / "adapter", run.path / "merged")
     assert not (run.has_recipe() or run.has_adapter() or run.has_merged() or run.is_finished())
 

@@ -36,14 +36,24 @@ from tests.conftest import tiny_recipe
 KEY = "test-key-0123456789"
 HELLO = [{"role": "user", "content": "Hello there"}]
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_llama_dir, facts_jsonl, tmp_path_factory) -> Path:
-    return ChatSFTRecipe(**tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path_factory.mktemp("runs") / "llama")).run().run_dir
+    return (
+        ChatSFTRecipe(**tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path_factory.mktemp("runs") / "llama"))
+        .run()
+        .run_dir
+    )
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +103,12 @@ def client(url: str, key: str = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=30)
 
 
-def call(url: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict | str]:
-    connection = http.client.HTTPConnection(url.removeprefix("http://").split(":")[0], int(url.rsplit(":", 1)[1]), timeout=30)
+def call(
+    url: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict | str]:
+    connection = http.client.HTTPConnection(
+        url.removeprefix("http://").split(":")[0], int(url.rsplit(":", 1)[1]), timeout=30
+    )
     try:
         connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()
@@ -165,7 +179,9 @@ def scripted(*lines: str):
 def test_chat_loop_streams_replies_and_reset_clears_history(chat):
     out = Recorder()
     read = scripted("Hello there", "And then?", "/reset", "/unknown", "Again", "/exit", "never read")
-    history = chat_loop(chat, model="other", system="Be brief.", decoding=Decoding(16, temperature=0), read=read, out=out)
+    history = chat_loop(
+        chat, model="other", system="Be brief.", decoding=Decoding(16, temperature=0), read=read, out=out
+    )
     text = out.getvalue()
     assert text.count("other> ") == 3 and "(conversation cleared)" in text and "unknown command /unknown" in text
     assert [m["role"] for m in history] == ["system", "user", "assistant"]  # only what came after /reset
@@ -179,7 +195,9 @@ def test_chat_loop_streams_replies_and_reset_clears_history(chat):
 def test_ctrl_c_stops_a_reply_but_not_the_chat(chat):
     class Interrupting(Recorder):
         def write(self, text: str) -> int:
-            if self.writes and self.writes[-1] == "llama> " and text != " (stopped)":  # Ctrl-C at the reply's first piece
+            if (
+                self.writes and self.writes[-1] == "llama> " and text != " (stopped)"
+            ):  # Ctrl-C at the reply's first piece
                 raise KeyboardInterrupt
             return super().write(text)
 
@@ -195,7 +213,9 @@ def test_chat_loop_ends_at_end_of_input(chat):
 
 
 def test_cli_chat_on_a_run_folder(run_dir):
-    result = CliRunner().invoke(cli_app, ["chat", str(run_dir), "--temperature", "0", "--max-new-tokens", "4"], input="Hi\n/exit\n")
+    result = CliRunner().invoke(
+        cli_app, ["chat", str(run_dir), "--temperature", "0", "--max-new-tokens", "4"], input="Hi\n/exit\n"
+    )
     assert result.exit_code == 0, result.output
     assert "Chatting with llama." in result.output and "llama> " in result.output
 
@@ -210,7 +230,10 @@ def test_openai_client_plain_and_streaming_completion(server, chat):
     reply = api.chat.completions.create(model="other", messages=HELLO, max_tokens=8, temperature=0)
     assert reply.object == "chat.completion" and reply.model == "other"
     assert reply.choices[0].message.role == "assistant" and reply.choices[0].finish_reason in ("stop", "length")
-    assert 0 < reply.usage.completion_tokens <= 8 and reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert (
+        0 < reply.usage.completion_tokens <= 8
+        and reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    )
 
     chunks = list(api.chat.completions.create(model="other", messages=HELLO, max_tokens=8, temperature=0, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -228,7 +251,9 @@ def test_fifty_concurrent_requests_all_succeed_and_each_gets_its_own_adapter(ser
         api = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
 
         async def ask(name: str, stream: bool) -> str:
-            response = await api.chat.completions.create(model=name, messages=HELLO, max_tokens=4, temperature=0, stream=stream)
+            response = await api.chat.completions.create(
+                model=name, messages=HELLO, max_tokens=4, temperature=0, stream=stream
+            )
             if not stream:
                 return response.choices[0].message.content
             return "".join([chunk.choices[0].delta.content or "" async for chunk in response])
@@ -309,7 +334,9 @@ def test_unknown_routes_and_methods_answer_json(server):
 def test_web_page_streams_a_reply_in_headless_chromium(server):
     chromium = shutil.which("chromium")
     if chromium is None:
-        pytest.fail("Debian's chromium is needed for the web page test: apt-get install -y chromium (`make test` does it).")
+        pytest.fail(
+            "Debian's chromium is needed for the web page test: apt-get install -y chromium (`make test` does it)."
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

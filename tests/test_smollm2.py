@@ -39,8 +39,20 @@ def fact_run(facts_jsonl, tmp_path_factory):
         name="facts",
         model={"source": "smollm2-135m-instruct", "quantization": "4bit"},
         lora={"r": 16},
-        data={"sources": [{"type": "file", "path": str(facts_jsonl)}], "validation_split": 0.0, "test_split": 0.1, "max_length": 128},
-        training={"max_steps": 24, "batch_size": 6, "gradient_accumulation_steps": 1, "learning_rate": 2e-3, "logging_steps": 4, "warmup_ratio": 0.0},
+        data={
+            "sources": [{"type": "file", "path": str(facts_jsonl)}],
+            "validation_split": 0.0,
+            "test_split": 0.1,
+            "max_length": 128,
+        },
+        training={
+            "max_steps": 24,
+            "batch_size": 6,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 2e-3,
+            "logging_steps": 4,
+            "warmup_ratio": 0.0,
+        },
         evaluation={"batch_size": 8},
         output={"dir": str(tmp_path_factory.mktemp("smollm2") / "facts")},
     )
@@ -53,7 +65,14 @@ def fact_run(facts_jsonl, tmp_path_factory):
     recipe.save()
     merge = recipe.merge()
     recipe.cleanup()
-    return {"recipe": recipe, "before": before, "after": after, "reply_before": reply_before, "reply_after": reply_after, "merge": merge}
+    return {
+        "recipe": recipe,
+        "before": before,
+        "after": after,
+        "reply_before": reply_before,
+        "reply_after": reply_after,
+        "merge": merge,
+    }
 
 
 def test_made_up_fact_is_learned_and_the_reply_stops(fact_run):
@@ -72,6 +91,6 @@ def test_merged_model_keeps_the_fact_in_plain_transformers(fact_run):
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_dir)
     prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    output = model.generate(**prompt, max_new_tokens=24, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    output = model.generate(**prompt, max_new_tokens=24, do_sample=False)[0, prompt["input_ids"].shape[1] :]
     assert "Quenth" in tokenizer.decode(output), tokenizer.decode(output)
     assert output[-1].item() == tokenizer.convert_tokens_to_ids("<|im_end|>")  # stopped by generation_config alone

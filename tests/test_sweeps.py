@@ -73,8 +73,19 @@ def test_results_table_plots_and_a_best_recipe_that_runs(swept, tmp_path):
     best = RecipeConfig.from_yaml(sweep_dir / "best_recipe.yaml")
     assert best.training.learning_rate == study.best_params["training.learning_rate"] == 0.005
     assert best.name == "tiny-best" and best.evaluation.before_and_after  # the recipe's own settings, not a trial's
-    result = CliRunner().invoke(app, ["run", str(sweep_dir / "best_recipe.yaml"), "--set", f"output.dir={tmp_path / 'best'}",
-                                      "--set", "output.merge=false", "--set", "evaluation.generation=false"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            str(sweep_dir / "best_recipe.yaml"),
+            "--set",
+            f"output.dir={tmp_path / 'best'}",
+            "--set",
+            "output.merge=false",
+            "--set",
+            "evaluation.generation=false",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "best" / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -89,10 +100,16 @@ def test_a_sweep_folder_refuses_a_different_sweep(swept):
     ("space", "message"),
     [
         ("parameters:\n  lora.rank: {choices: [4, 8]}\n", "`lora.rank` is not a recipe key"),
-        ("parameters:\n  training.learning_rate: {low: 0.01, high: 0.001}\n", r"space.yaml:2: `parameters.training.learning_rate`.*low < high"),
+        (
+            "parameters:\n  training.learning_rate: {low: 0.01, high: 0.001}\n",
+            r"space.yaml:2: `parameters.training.learning_rate`.*low < high",
+        ),
         ("parameters:\n  training.learning_rate: {low: 0, high: 0.1, log: true}\n", "log-scale range needs low > 0"),
         ("parameters:\n  lora.dropout: {low: 0, high: 1.5}\n", r"`lora.dropout` = 1.5 makes an invalid recipe"),
-        ("parameters:\n  lora.r: {low: 0.5, high: 8}\n", r"`lora.r` = 0 makes an invalid recipe"),  # integer field: 0.5 -> 0
+        (
+            "parameters:\n  lora.r: {low: 0.5, high: 8}\n",
+            r"`lora.r` = 0 makes an invalid recipe",
+        ),  # integer field: 0.5 -> 0
         ("parameters:\n  training.epochs: {choices: [1, 2]}\n", "no effect while the recipe sets training.max_steps"),
         ("parameters:\n  lora.r: {choices: [4], low: 1}\n", "either `low` and `high`"),
         ("pruning: {patience: 2}\n", r"`pruning.patience`: Extra inputs are not permitted"),
@@ -108,9 +125,13 @@ def test_a_bad_space_file_is_refused_before_any_trial(space, message, tmp_path, 
 
 
 def test_sweep_needs_validation_data_and_a_known_metric(tmp_path, tiny_llama_dir, facts_jsonl):
-    config = RecipeConfig.from_dict(tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path / "run", data__validation_split=0.0))
+    config = RecipeConfig.from_dict(
+        tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path / "run", data__validation_split=0.0)
+    )
     with pytest.raises(FinetuneError, match="validation data"):
         sweep(config, trials=3)
-    result = CliRunner().invoke(app, ["sweep", str(REPO / "recipes" / "quickstart.yaml"), "--trials", "2", "--metric", "accuracy"])
+    result = CliRunner().invoke(
+        app, ["sweep", str(REPO / "recipes" / "quickstart.yaml"), "--trials", "2", "--metric", "accuracy"]
+    )
     assert isinstance(result.exception, FinetuneError)  # finetune.cli.main prints it and exits 2
     assert "--metric accuracy: choose one of eval_loss, perplexity" in result.exception.render(FLAGS)

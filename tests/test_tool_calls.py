@@ -47,10 +47,15 @@ def test_replies_parse_into_openai_tool_calls():
     )
     assert content == "Checking."
     assert [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
-        ("function", "get_weather", {"city": "Oslo"}), ("function", "get_time", {"zone": "CET"})
+        ("function", "get_weather", {"city": "Oslo"}),
+        ("function", "get_time", {"zone": "CET"}),
     ]
     assert all(c["id"].startswith("call_") for c in calls) and calls[0]["id"] != calls[1]["id"]
-    for text in ("<tool_call>{broken</tool_call>", '<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"name": "f"}'):
+    for text in (
+        "<tool_call>{broken</tool_call>",
+        '<tool_call>{"arguments": {}}</tool_call>',
+        '<tool_call>{"name": "f"}',
+    ):
         assert QWEN_FORMAT.parse(text) == (text, [])  # not a well-formed call: all content
     bare = ToolCallFormat("", "", "name", "parameters")
     assert bare.parse('{"name": "f", "parameters": {"x": 1}}')[1][0]["function"]["arguments"] == '{"x": 1}'
@@ -59,7 +64,10 @@ def test_replies_parse_into_openai_tool_calls():
 
 def test_streamed_text_is_held_only_where_a_call_may_start():
     reply = StreamedReply(QWEN_FORMAT)
-    sent = [reply.feed(piece) for piece in ("Let me ", "check <tool", "_call>\n{\"name\": \"f\", ", "\"arguments\": {}}\n</tool_call>")]
+    sent = [
+        reply.feed(piece)
+        for piece in ("Let me ", "check <tool", '_call>\n{"name": "f", ', '"arguments": {}}\n</tool_call>')
+    ]
     assert sent == ["Let me ", "check ", "", ""]
     content, calls = reply.finish()
     assert content == "" and calls[0]["function"] == {"name": "f", "arguments": "{}"}
@@ -75,19 +83,43 @@ def test_streamed_text_is_held_only_where_a_call_may_start():
 def tool_run(tmp_path_factory):
     """A tiny Qwen2 (ChatML with Qwen2.5-style tools) trained until it calls get_weather for questions about Oslo."""
     root = tmp_path_factory.mktemp("tools")
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "", "tool_calls": [CALL]}], "tools": TOOLS} for q in QUESTIONS]
-    rows.append({"messages": [
-        {"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
-        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 3}'}, {"role": "assistant", "content": "It is 3 degrees."},
-    ], "tools": TOOLS})
+    rows = [
+        {
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "", "tool_calls": [CALL]}],
+            "tools": TOOLS,
+        }
+        for q in QUESTIONS
+    ]
+    rows.append(
+        {
+            "messages": [
+                {"role": "user", "content": "Weather in Oslo?"},
+                {"role": "assistant", "content": "", "tool_calls": [CALL]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 3}'},
+                {"role": "assistant", "content": "It is 3 degrees."},
+            ],
+            "tools": TOOLS,
+        }
+    )
     data = root / "tools.jsonl"
     data.write_text("\n".join(json.dumps(row) for row in rows))
     recipe = ChatSFTRecipe(
         name="tools",
         model={"source": str(build_model_dir(FAMILIES["qwen2"], root / "base")), "quantization": "none"},
         lora={"r": 8, "dropout": 0.0},
-        data={"sources": [{"type": "file", "path": str(data)}], "max_length": 512, "validation_split": 0, "test_split": 0.2},
-        training={"max_steps": 100, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-2, "warmup_ratio": 0},
+        data={
+            "sources": [{"type": "file", "path": str(data)}],
+            "max_length": 512,
+            "validation_split": 0,
+            "test_split": 0.2,
+        },
+        training={
+            "max_steps": 100,
+            "batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-2,
+            "warmup_ratio": 0,
+        },
         evaluation={"before_and_after": False, "max_rows": 2, "generation": False},
         output={"dir": str(root / "run")},
     )
@@ -120,12 +152,18 @@ def test_the_openai_client_gets_tool_calls(tool_server):
 def test_streamed_tool_calls_arrive_as_deltas(tool_server):
     url, chat = tool_server
     stream = _client(url).chat.completions.create(
-        model=chat.default, messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=TOOLS, max_tokens=40, stream=True
+        model=chat.default,
+        messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        tools=TOOLS,
+        max_tokens=40,
+        stream=True,
     )
     chunks = list(stream)
     text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
     calls = [call for chunk in chunks for call in chunk.choices[0].delta.tool_calls or []]
-    assert text == "" and [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [(0, "get_weather", {"city": "Oslo"})]
+    assert text == "" and [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        (0, "get_weather", {"city": "Oslo"})
+    ]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
@@ -150,13 +188,29 @@ def test_bad_tool_requests_get_a_400_naming_the_problem(tool_server, tiny_llama_
     for change, param, problem in (
         ({"tool_choice": "required"}, "tool_choice", "`tool_choice` may be `auto` or `none`"),
         ({"tools": [{"name": "get_weather"}]}, "tools", "tools[0]: must be"),
-        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"name": "f"}]}]}, "messages", "tool_calls[0] must look like"),
+        (
+            {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{"name": "f"}]}]},
+            "messages",
+            "tool_calls[0] must look like",
+        ),
     ):
-        status, answer = call(url, "POST", "/v1/chat/completions", json.dumps({**body, **change}).encode(), {"Content-Type": "application/json"})
+        status, answer = call(
+            url,
+            "POST",
+            "/v1/chat/completions",
+            json.dumps({**body, **change}).encode(),
+            {"Content-Type": "application/json"},
+        )
         assert status == 400 and answer["error"]["param"] == param and problem in answer["error"]["message"], answer
     # tool_choice none: the reply is text even if it looks like a call
-    status, answer = call(url, "POST", "/v1/chat/completions", json.dumps({**body, "tool_choice": "none", "max_tokens": 5}).encode(), {})
+    status, answer = call(
+        url, "POST", "/v1/chat/completions", json.dumps({**body, "tool_choice": "none", "max_tokens": 5}).encode(), {}
+    )
     assert status == 200 and "tool_calls" not in answer["choices"][0]["message"]
     with running(create_app(load_chat_model(tiny_llama_dir))) as plain:  # ChatML without tools
         status, answer = call(plain, "POST", "/v1/chat/completions", json.dumps(body).encode(), {})
-    assert status == 400 and answer["error"]["param"] == "tools" and "does not write tool calls" in answer["error"]["message"]
+    assert (
+        status == 400
+        and answer["error"]["param"] == "tools"
+        and "does not write tool calls" in answer["error"]["message"]
+    )

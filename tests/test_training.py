@@ -48,7 +48,12 @@ def record_batches() -> None:
 
         def recording(model, inputs, *rest, **options):
             with open(os.environ["BATCH_LOG"], "a") as log:
-                log.write(json.dumps([hashlib.sha1(str(row.tolist()).encode()).hexdigest()[:10] for row in inputs["input_ids"]]) + "\n")
+                log.write(
+                    json.dumps(
+                        [hashlib.sha1(str(row.tolist()).encode()).hexdigest()[:10] for row in inputs["input_ids"]]
+                    )
+                    + "\n"
+                )
             time.sleep(float(os.environ.get("STEP_DELAY", "0")))
             return step(model, inputs, *rest, **options)
 
@@ -78,8 +83,15 @@ def train(recipe_dict: dict) -> ChatSFTRecipe:
 
 
 def six_steps(tiny_llama_dir, facts_jsonl, run_dir, seed: int = 3, steps: int = 6) -> dict:
-    return config(tiny_llama_dir, facts_jsonl, run_dir, training__max_steps=steps, training__save_steps=2,
-                  training__save_total_limit=2, training__seed=seed)
+    return config(
+        tiny_llama_dir,
+        facts_jsonl,
+        run_dir,
+        training__max_steps=steps,
+        training__save_steps=2,
+        training__save_total_limit=2,
+        training__seed=seed,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +112,8 @@ def test_checkpoints_every_n_steps_keep_the_last_k_and_incomplete_ones_are_never
     shutil.copytree(six_step_run.run_dir / "checkpoints", folder)
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["checkpoint-4", "checkpoint-6"]
     assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "adapter_model.safetensors"} <= {
-        p.name for p in (folder / "checkpoint-6").iterdir()}
+        p.name for p in (folder / "checkpoint-6").iterdir()
+    }
     found = training.find_checkpoints(folder)
     assert found.latest == folder / "checkpoint-6" and found.step == 6 and not found.incomplete
 
@@ -111,7 +124,10 @@ def test_checkpoints_every_n_steps_keep_the_last_k_and_incomplete_ones_are_never
         state = broken / "trainer_state.json"
         state.unlink() if damage == "missing" else state.write_text(state.read_text()[:40])
     found = training.find_checkpoints(folder)
-    assert found.latest == folder / "checkpoint-6" and [p.name for p in found.incomplete] == ["checkpoint-8", "checkpoint-10"]
+    assert found.latest == folder / "checkpoint-6" and [p.name for p in found.incomplete] == [
+        "checkpoint-8",
+        "checkpoint-10",
+    ]
 
 
 class _Poison(TrainerCallback):
@@ -119,17 +135,27 @@ class _Poison(TrainerCallback):
 
     def __init__(self, model, at: int) -> None:
         self.at, self.armed = at, False
-        model.get_input_embeddings().register_forward_hook(lambda module, args, output: output * float("nan") if self.armed else output)
+        model.get_input_embeddings().register_forward_hook(
+            lambda module, args, output: output * float("nan") if self.armed else output
+        )
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.armed = state.global_step + 1 >= self.at
 
 
-def test_nan_loss_stops_the_run_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_llama_dir, facts_jsonl, tmp_path, monkeypatch):
-    recipe = ChatSFTRecipe(**config(tiny_llama_dir, facts_jsonl, tmp_path / "nan", training__max_steps=6, training__save_steps=1))
+def test_nan_loss_stops_the_run_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+    tiny_llama_dir, facts_jsonl, tmp_path, monkeypatch
+):
+    recipe = ChatSFTRecipe(
+        **config(tiny_llama_dir, facts_jsonl, tmp_path / "nan", training__max_steps=6, training__save_steps=1)
+    )
     recipe.setup()
     build = training.build_trainer
-    monkeypatch.setattr(training, "build_trainer", lambda *a, **k: build(*a, **{**k, "callbacks": [*k["callbacks"], _Poison(recipe.model, at=3)]}))
+    monkeypatch.setattr(
+        training,
+        "build_trainer",
+        lambda *a, **k: build(*a, **{**k, "callbacks": [*k["callbacks"], _Poison(recipe.model, at=3)]}),
+    )
     with pytest.raises(training.NonFiniteLoss) as err:
         recipe.train()
     message = str(err.value)
@@ -139,7 +165,9 @@ def test_nan_loss_stops_the_run_with_a_clear_message_and_keeps_the_last_good_che
     assert found.latest.name == "checkpoint-2" and not found.incomplete  # nothing saved from the NaN step
     weights = load_file(found.latest / "adapter_model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
-    assert all(torch.isfinite(p).all() for p in recipe.model.parameters() if p.requires_grad)  # the bad update never landed
+    assert all(
+        torch.isfinite(p).all() for p in recipe.model.parameters() if p.requires_grad
+    )  # the bad update never landed
     assert json.loads((recipe.run_dir / "train_log.jsonl").read_text().splitlines()[-1])["event"] == "stopped"
 
 
@@ -158,8 +186,14 @@ def test_sigterm_saves_a_checkpoint_says_how_to_resume_and_the_resume_matches_an
     # group_by_length: the sampler whose order a resumed run could not reproduce in later epochs before (9 rows in
     # batches of 4 make 3 steps per epoch, so the stop at step 4 falls in the second epoch).
     def recipe(name: str) -> dict:
-        return config(tiny_llama_dir, facts_jsonl, tmp_path / name, training__max_steps=7, training__save_steps=3,
-                      training__group_by_length=True)
+        return config(
+            tiny_llama_dir,
+            facts_jsonl,
+            tmp_path / name,
+            training__max_steps=7,
+            training__save_steps=3,
+            training__group_by_length=True,
+        )
 
     monkeypatch.setattr(training, "build_trainer", training.build_trainer)  # put back after the test
     monkeypatch.setenv("BATCH_LOG", str(tmp_path / "reference.jsonl"))
@@ -171,13 +205,21 @@ def test_sigterm_saves_a_checkpoint_says_how_to_resume_and_the_resume_matches_an
     interrupted = ChatSFTRecipe(**recipe("interrupted"))
     interrupted.setup()
     build = training.build_trainer
-    monkeypatch.setattr(training, "build_trainer", lambda *a, **k: build(*a, **{**k, "callbacks": [*k["callbacks"], _Signal(signal.SIGTERM, at=4)]}))
-    handler_before = signal.getsignal(signal.SIGTERM)  # not always SIG_DFL: torch's elastic launcher installs one in-process
+    monkeypatch.setattr(
+        training,
+        "build_trainer",
+        lambda *a, **k: build(*a, **{**k, "callbacks": [*k["callbacks"], _Signal(signal.SIGTERM, at=4)]}),
+    )
+    handler_before = signal.getsignal(
+        signal.SIGTERM
+    )  # not always SIG_DFL: torch's elastic launcher installs one in-process
     with pytest.raises(Interrupted) as err:
         interrupted.train()
     assert err.value.exit_code == 143 and "after step 4 of 7" in str(err.value)
     assert f"{interrupted.run_dir / 'recipe.yaml'}, and `resume=True`." in str(err.value)
-    assert training.find_checkpoints(interrupted.run_dir / "checkpoints").latest.name == "checkpoint-4"  # off the save_steps cadence
+    assert (
+        training.find_checkpoints(interrupted.run_dir / "checkpoints").latest.name == "checkpoint-4"
+    )  # off the save_steps cadence
     assert signal.getsignal(signal.SIGTERM) is handler_before  # handlers put back
 
     monkeypatch.setattr(training, "build_trainer", build)
@@ -185,11 +227,17 @@ def test_sigterm_saves_a_checkpoint_says_how_to_resume_and_the_resume_matches_an
     resumed = ChatSFTRecipe(**recipe("interrupted"))
     resumed.setup(resume=True)
     resumed.train()
-    assert batches(tmp_path / "interrupted.jsonl") + batches(tmp_path / "resumed.jsonl") == batches(tmp_path / "reference.jsonl")
+    assert batches(tmp_path / "interrupted.jsonl") + batches(tmp_path / "resumed.jsonl") == batches(
+        tmp_path / "reference.jsonl"
+    )
     ours = [p for p in resumed.model.parameters() if p.requires_grad]
     theirs = [p for p in reference.model.parameters() if p.requires_grad]
     assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
-    assert [e["event"] for e in training.RunLog(resumed.run_dir / "train_log.jsonl").events()] == ["start", "interrupted", "resume"]
+    assert [e["event"] for e in training.RunLog(resumed.run_dir / "train_log.jsonl").events()] == [
+        "start",
+        "interrupted",
+        "resume",
+    ]
 
 
 def test_length_grouped_order_depends_on_seed_and_epoch_only():
@@ -208,18 +256,32 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights_without_repea
 ):
     # 9 training rows in batches of 4: 3 steps per epoch, so 8 steps cross two epoch boundaries.
     steps = 8
-    reference_log, killed_log, resumed_log = tmp_path / "reference.jsonl", tmp_path / "killed.jsonl", tmp_path / "resumed.jsonl"
+    reference_log, killed_log, resumed_log = (
+        tmp_path / "reference.jsonl",
+        tmp_path / "killed.jsonl",
+        tmp_path / "resumed.jsonl",
+    )
     monkeypatch.setenv("BATCH_LOG", str(reference_log))
     monkeypatch.setattr(training, "build_trainer", training.build_trainer)  # put back after the test
     record_batches()  # the uninterrupted reference runs in this process
-    reference = train(config(tiny_llama_dir, facts_jsonl, tmp_path / "reference", training__max_steps=steps, training__save_steps=1))
+    reference = train(
+        config(tiny_llama_dir, facts_jsonl, tmp_path / "reference", training__max_steps=steps, training__save_steps=1)
+    )
     reference.save()
 
-    recipe = config(tiny_llama_dir, facts_jsonl, tmp_path / "interrupted", training__max_steps=steps, training__save_steps=1)
+    recipe = config(
+        tiny_llama_dir, facts_jsonl, tmp_path / "interrupted", training__max_steps=steps, training__save_steps=1
+    )
     kill_at = random.Random().randint(2, steps - 2)  # a different step each time the suite runs
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "BATCH_LOG": str(killed_log), "STEP_DELAY": "0.2"}
-    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(recipe), "start"], cwd=REPO, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, json.dumps(recipe), "start"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     target = tmp_path / "interrupted" / "checkpoints" / f"checkpoint-{kill_at}"
     deadline = time.monotonic() + 240
     while not target.exists() and child.poll() is None and time.monotonic() < deadline:
@@ -228,8 +290,14 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights_without_repea
     child.wait()
     assert target.exists(), child.stderr.read()[-3000:]
 
-    resumed = subprocess.run([sys.executable, "-c", CHILD, json.dumps(recipe), "resume"], cwd=REPO,
-                             env={**env, "BATCH_LOG": str(resumed_log), "STEP_DELAY": "0"}, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(recipe), "resume"],
+        cwd=REPO,
+        env={**env, "BATCH_LOG": str(resumed_log), "STEP_DELAY": "0"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     events = training.RunLog(tmp_path / "interrupted" / "train_log.jsonl").events()
     assert [e["event"] for e in events] == ["start", "resume", "finished"]  # one log, appended to by the resumed run

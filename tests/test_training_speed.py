@@ -15,18 +15,23 @@ from finetune.data import tokenize_conversation
 from finetune.training.trainer import _TrainedLogitsSFTTrainer
 from tests.conftest import FACTS
 
-CONVERSATIONS = [
-    [{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in FACTS[:3]
-] + [[
-    {"role": "system", "content": "You answer questions about invented places."},
-    {"role": "user", "content": FACTS[3][0]}, {"role": "assistant", "content": FACTS[3][1]},
-    {"role": "user", "content": FACTS[4][0]}, {"role": "assistant", "content": FACTS[4][1]},
-]]
+CONVERSATIONS = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in FACTS[:3]] + [
+    [
+        {"role": "system", "content": "You answer questions about invented places."},
+        {"role": "user", "content": FACTS[3][0]},
+        {"role": "assistant", "content": FACTS[3][1]},
+        {"role": "user", "content": FACTS[4][0]},
+        {"role": "assistant", "content": FACTS[4][1]},
+    ]
+]
 
 
 @pytest.fixture(scope="module")
 def rows(chatml_tokenizer):
-    return [{k: v for k, v in tokenize_conversation(chatml_tokenizer, c)[-1].items() if k in ("input_ids", "labels")} for c in CONVERSATIONS]
+    return [
+        {k: v for k, v in tokenize_conversation(chatml_tokenizer, c)[-1].items() if k in ("input_ids", "labels")}
+        for c in CONVERSATIONS
+    ]
 
 
 @pytest.fixture()
@@ -42,7 +47,9 @@ def lora_model(tiny_llama_dir):
 
 
 def collate(rows, chatml_tokenizer, padding_free):
-    return DataCollatorForLanguageModeling(pad_token_id=chatml_tokenizer.pad_token_id or 0, padding_free=padding_free)(rows)
+    return DataCollatorForLanguageModeling(pad_token_id=chatml_tokenizer.pad_token_id or 0, padding_free=padding_free)(
+        rows
+    )
 
 
 def test_packed_batch_has_the_loss_of_the_padded_batch(lora_model, rows, chatml_tokenizer):
@@ -90,8 +97,12 @@ def test_packed_conversations_never_attend_to_each_other(lora_model, rows, chatm
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
-@pytest.mark.parametrize("chunk", [None, 7, "sharded"], ids=["one-chunk", "chunks-of-7", "in-forward-for-sharded-weights"])
-def test_trained_logits_loss_has_the_full_projection_loss_and_gradients(lora_model, rows, chatml_tokenizer, padding_free, chunk, monkeypatch):
+@pytest.mark.parametrize(
+    "chunk", [None, 7, "sharded"], ids=["one-chunk", "chunks-of-7", "in-forward-for-sharded-weights"]
+)
+def test_trained_logits_loss_has_the_full_projection_loss_and_gradients(
+    lora_model, rows, chatml_tokenizer, padding_free, chunk, monkeypatch
+):
     """In one chunk, in chunks of 7 positions (each recomputed in backward), or inside the forward as FSDP/ZeRO-3 need:
     the loss and gradients of the full logits."""
     from finetune import chunked_loss
@@ -128,10 +139,18 @@ def test_trainer_levers_leave_the_training_loss_unchanged(tiny_llama_dir, rows, 
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
         model, _ = adapters.attach_lora(model, LoraConfig(r=8, dropout=0.0), gradient_checkpointing=False)
         cfg = TrainingConfig(
-            max_steps=2, batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2, logging_steps=1,
-            packing=levers, skip_untrained_logits=levers, warmup_ratio=0,
+            max_steps=2,
+            batch_size=2,
+            gradient_accumulation_steps=2,
+            learning_rate=1e-2,
+            logging_steps=1,
+            packing=levers,
+            skip_untrained_logits=levers,
+            warmup_ratio=0,
         )
-        trainer = training.build_trainer(model, chatml_tokenizer, splits, cfg, tmp_path / str(levers), dtype=torch.float32)
+        trainer = training.build_trainer(
+            model, chatml_tokenizer, splits, cfg, tmp_path / str(levers), dtype=torch.float32
+        )
         assert isinstance(trainer, _TrainedLogitsSFTTrainer) == levers
         trainer.train()
         losses[levers] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -149,7 +168,9 @@ def test_adapters_of_a_quantized_model_train_in_float32(tiny_llama_dir, rows, tm
     model, _ = adapters.attach_lora(model, LoraConfig(r=4), gradient_checkpointing=False)
     initial = {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
     cfg = TrainingConfig(max_steps=2, batch_size=2, learning_rate=1e-3, logging_steps=1, warmup_ratio=0)
-    trainer = training.build_trainer(model, None, DatasetDict({"train": Dataset.from_list(rows)}), cfg, tmp_path, dtype=torch.float32)
+    trainer = training.build_trainer(
+        model, None, DatasetDict({"train": Dataset.from_list(rows)}), cfg, tmp_path, dtype=torch.float32
+    )
     trained = {name: param for name, param in trainer.model.named_parameters() if param.requires_grad}
     assert trained.keys() == initial.keys() and all(p.dtype == torch.float32 for p in trained.values())
     assert all(torch.equal(trained[name], initial[name]) for name in initial)

@@ -50,10 +50,36 @@ from finetune.data.sources import chatterbot_files, describe, read_source, sourc
 from finetune.errors import FinetuneError
 
 __all__ = [
-    "IGNORE_INDEX", "REASONING_POLICIES", "ROLES", "DataReport", "Finding", "Inspection", "PreparedData", "RowError", "audit",
-    "chat_messages", "chat_tools", "chatterbot_files", "detect_format", "end_of_turn_ids", "inspect_data", "load_conversations", "missing_turn_markers",
-    "prepare_data", "render_chat", "render_prompt", "source_files", "split_conversations", "template_messages", "template_traits",
-    "to_messages", "tokenize_conversation", "tokenize_splits", "tools_json", "truncate_at_turn", "validate_messages",
+    "IGNORE_INDEX",
+    "REASONING_POLICIES",
+    "ROLES",
+    "DataReport",
+    "Finding",
+    "Inspection",
+    "PreparedData",
+    "RowError",
+    "audit",
+    "chat_messages",
+    "chat_tools",
+    "chatterbot_files",
+    "detect_format",
+    "end_of_turn_ids",
+    "inspect_data",
+    "load_conversations",
+    "missing_turn_markers",
+    "prepare_data",
+    "render_chat",
+    "render_prompt",
+    "source_files",
+    "split_conversations",
+    "template_messages",
+    "template_traits",
+    "to_messages",
+    "tokenize_conversation",
+    "tokenize_splits",
+    "tools_json",
+    "truncate_at_turn",
+    "validate_messages",
 ]
 
 
@@ -78,14 +104,18 @@ def load_conversations(cfg: DataConfig, report: DataReport, sources: list[DataSo
                     continue
                 if cfg.system_prompt and messages and messages[0]["role"] != "system":
                     messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
-                row = clean_conversation({"messages": messages, "text": text, "tools": tools, "origin": origin}, steps, report)
+                row = clean_conversation(
+                    {"messages": messages, "text": text, "tools": tools, "origin": origin}, steps, report
+                )
                 if fmt == "text":
                     validate_text(row["text"])
                 else:
                     validate_messages(row["messages"], row["tools"])
             except RowError as exc:
                 if cfg.strict:
-                    raise FinetuneError(f"{origin}: {exc}. (data.strict is on; set it to false to skip bad rows.)") from None
+                    raise FinetuneError(
+                        f"{origin}: {exc}. (data.strict is on; set it to false to skip bad rows.)"
+                    ) from None
                 bad += 1
                 reason = str(exc).split(": ", 1)[-1] if str(exc).startswith("turn ") else str(exc)
                 report.invalid[reason] += 1
@@ -111,7 +141,10 @@ def load_conversations(cfg: DataConfig, report: DataReport, sources: list[DataSo
         report.dropped[f"near duplicate (similarity >= {cfg.clean.near_duplicates})"] += len(near)
         report.invalid_examples += [f"near duplicate: {pair}" for pair in near[:2]]
     if not kept:
-        raise FinetuneError("data.sources: no valid conversations found" + (f" ({bad} invalid rows; e.g. {report.invalid_examples[0]})" if bad else "."))
+        raise FinetuneError(
+            "data.sources: no valid conversations found"
+            + (f" ({bad} invalid rows; e.g. {report.invalid_examples[0]})" if bad else ".")
+        )
     return Dataset.from_list(kept)
 
 
@@ -132,7 +165,9 @@ def split_conversations(dataset: Dataset, cfg: DataConfig) -> DatasetDict:
     n_test = max(1, round(n * cfg.test_split)) if cfg.test_split and not cfg.test_sources else 0
     n_val = max(1, round(n * cfg.validation_split)) if cfg.validation_split and not cfg.validation_sources else 0
     if n - n_test - n_val < 1:
-        raise FinetuneError(f"only {n} conversations: too few to hold out {n_test} for test and {n_val} for validation.")
+        raise FinetuneError(
+            f"only {n} conversations: too few to hold out {n_test} for test and {n_val} for validation."
+        )
     splits = {"test": order[:n_test], "validation": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     return DatasetDict({name: dataset.select(indices) for name, indices in splits.items() if indices})
 
@@ -160,7 +195,9 @@ def _mix_and_augment(train: Dataset, cfg: DataConfig, report: DataReport) -> Dat
     return Dataset.from_list(rows, features=train.features)
 
 
-def tokenize_splits(conversations: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, report: DataReport) -> DatasetDict:
+def tokenize_splits(
+    conversations: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, report: DataReport
+) -> DatasetDict:
     """Tokenize every split with loss masks and apply the length policy (data.max_length, too_long, min_length)."""
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -169,7 +206,11 @@ def tokenize_splits(conversations: DatasetDict, tokenizer: PreTrainedTokenizerBa
         for values in zip(*batch.values()):
             row = dict(zip(batch, values))
             try:
-                samples = [tokenize_text(tokenizer, row["text"])] if row["text"] else tokenize_conversation(tokenizer, row["messages"], row["tools"], cfg.reasoning)
+                samples = (
+                    [tokenize_text(tokenizer, row["text"])]
+                    if row["text"]
+                    else tokenize_conversation(tokenizer, row["messages"], row["tools"], cfg.reasoning)
+                )
             except FinetuneError as exc:
                 raise FinetuneError(f"{row['origin']}: {exc}") from None
             for sample in samples:
@@ -190,7 +231,10 @@ def tokenize_splits(conversations: DatasetDict, tokenizer: PreTrainedTokenizerBa
                 # Raw text is split into max_length windows: for continued pretraining no text should be wasted.
                 chunks = [(row["input_ids"][i : i + cfg.max_length]) for i in range(0, length, cfg.max_length)]
                 report.text_chunks_added += len(chunks) - 1
-                rows += [{**row, "input_ids": c, "labels": list(c), "origin": f"{row['origin']} (chunk {k + 1})"} for k, c in enumerate(chunks)]
+                rows += [
+                    {**row, "input_ids": c, "labels": list(c), "origin": f"{row['origin']} (chunk {k + 1})"}
+                    for k, c in enumerate(chunks)
+                ]
                 continue
             if length > cfg.max_length:
                 if cfg.too_long == "error":
@@ -200,7 +244,11 @@ def tokenize_splits(conversations: DatasetDict, tokenizer: PreTrainedTokenizerBa
                     )
                 cut = truncate_at_turn(row, row["messages"], cfg.max_length) if cfg.too_long == "truncate" else None
                 if cut is None:
-                    reason = "longer than data.max_length" if cfg.too_long == "drop" else "first reply alone is longer than data.max_length"
+                    reason = (
+                        "longer than data.max_length"
+                        if cfg.too_long == "drop"
+                        else "first reply alone is longer than data.max_length"
+                    )
                     report.dropped[reason] += 1
                     continue
                 report.truncated += 1
@@ -213,7 +261,9 @@ def tokenize_splits(conversations: DatasetDict, tokenizer: PreTrainedTokenizerBa
                 continue
             rows.append(row)
         if not rows:
-            raise FinetuneError(f"the {name} split is empty after applying data.max_length={cfg.max_length} and data.min_length={cfg.min_length}.")
+            raise FinetuneError(
+                f"the {name} split is empty after applying data.max_length={cfg.max_length} and data.min_length={cfg.min_length}."
+            )
         tokenized[name] = Dataset.from_list(rows)
         report.splits[name] = len(rows)
     if "train" in tokenized:
@@ -223,7 +273,9 @@ def tokenize_splits(conversations: DatasetDict, tokenizer: PreTrainedTokenizerBa
     return tokenized
 
 
-def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, split: bool = True, enforce_audit: bool = True) -> PreparedData:
+def prepare_data(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, split: bool = True, enforce_audit: bool = True
+) -> PreparedData:
     """The whole data stage. split=False puts every conversation in one `test` split (for scoring a model on a file)."""
     report = DataReport()
     if not split:
@@ -234,7 +286,9 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, split: 
         if sources:
             conversations[name] = load_conversations(cfg, report, sources)
     # A held-out conversation that also sits in the training split would flatter every metric.
-    heldout = {exact_key(row) for name in ("validation", "test") if name in conversations for row in conversations[name]}
+    heldout = {
+        exact_key(row) for name in ("validation", "test") if name in conversations for row in conversations[name]
+    }
     train = conversations["train"]
     leaked = [i for i, row in enumerate(train) if exact_key(row) in heldout]
     if leaked:
@@ -248,7 +302,9 @@ def prepare_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, split: 
     return PreparedData(splits=splits, report=report)
 
 
-def inspect_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path | None = None, show_rows: int = 3) -> Inspection:
+def inspect_data(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path | None = None, show_rows: int = 3
+) -> Inspection:
     """Prepare the data exactly as training would, without stopping on audit findings, for a person to look at;
     with out_dir, also write inspect.md, inspect.json and lengths.png there."""
     inspection = summarize(prepare_data(cfg, tokenizer, enforce_audit=False), tokenizer, show_rows)

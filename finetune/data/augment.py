@@ -62,7 +62,8 @@ def augmented_copies(rows: list[dict[str, Any]], cfg: AugmentConfig, seed: int) 
         for copy in range(cfg.copies):
             rng = random.Random(f"{seed}:{copy}:{row['origin']}")  # stable per row, whatever the row order
             messages = [
-                {**m, "content": noisy(m["content"], cfg, rng) or m["content"]} if m["role"] == "user" else m for m in row["messages"]
+                {**m, "content": noisy(m["content"], cfg, rng) or m["content"]} if m["role"] == "user" else m
+                for m in row["messages"]
             ]
             if messages != row["messages"]:
                 copies.append({**row, "messages": messages, "origin": f"{row['origin']} (augmented {copy + 1})"})

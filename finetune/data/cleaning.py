@@ -104,7 +104,9 @@ def text_steps(cfg: CleaningConfig) -> list[tuple[str, Callable[[str], str]]]:
     return [(name, step) for name, step in steps if step is not None]
 
 
-def clean_conversation(row: Conversation, steps: list[tuple[str, Callable[[str], str]]], report: DataReport) -> Conversation:
+def clean_conversation(
+    row: Conversation, steps: list[tuple[str, Callable[[str], str]]], report: DataReport
+) -> Conversation:
     """Apply the text steps to every message (or the text), counting each step that changed the row."""
     for name, step in steps:
         messages = [_cleaned_message(m, step) for m in row["messages"]]
@@ -130,11 +132,19 @@ def load_blocklist(cfg: CleaningConfig) -> re.Pattern[str] | None:
     if isinstance(terms, str):
         path = Path(terms).expanduser()
         if not path.is_file():
-            raise FinetuneError(f"data.clean.blocklist: file `{terms}` not found (give a file with one term per line, or a list of terms).")
-        terms = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
+            raise FinetuneError(
+                f"data.clean.blocklist: file `{terms}` not found (give a file with one term per line, or a list of terms)."
+            )
+        terms = [
+            line.strip()
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.startswith("#")
+        ]
     if not terms:
         return None
-    return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True)) + r")(?!\w)", re.IGNORECASE)
+    return re.compile(
+        r"(?<!\w)(?:" + "|".join(re.escape(t) for t in sorted(terms, key=len, reverse=True)) + r")(?!\w)", re.IGNORECASE
+    )
 
 
 def all_text(row: Conversation) -> str:

@@ -67,7 +67,8 @@ def _rename(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
         for key in ("messages", "conversations"):
             if isinstance(renamed.get(key), list):
                 renamed[key] = [
-                    {**t, **{o: t.get(th) for o, th in turn.items()}} if isinstance(t, dict) else t for t in renamed[key]
+                    {**t, **{o: t.get(th) for o, th in turn.items()}} if isinstance(t, dict) else t
+                    for t in renamed[key]
                 ]
     return renamed
 
@@ -77,7 +78,9 @@ def to_messages(row: dict[str, Any], fmt: str, roles: dict[str, str] | None = No
     if fmt == "auto":
         fmt = detect_format(row)
     if fmt in ("messages", "sharegpt"):
-        field_name, role_key, content_key = ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
+        field_name, role_key, content_key = (
+            ("messages", "role", "content") if fmt == "messages" else ("conversations", "from", "value")
+        )
         turns = row.get(field_name)
         if isinstance(turns, str):  # CSV and some exports store the list as a JSON string
             try:
@@ -96,7 +99,10 @@ def to_messages(row: dict[str, Any], fmt: str, roles: dict[str, str] | None = No
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "output")}]
         return ([{"role": "system", "content": row["system"]}] if row.get("system") else []) + messages
     if fmt == "prompt_completion":
-        return [{"role": "user", "content": _text(row, "prompt")}, {"role": "assistant", "content": _text(row, "completion")}]
+        return [
+            {"role": "user", "content": _text(row, "prompt")},
+            {"role": "assistant", "content": _text(row, "completion")},
+        ]
     raise RowError(f"unknown format {fmt!r}")
 
 
@@ -114,7 +120,9 @@ def _turn(turn: Any, index: int, role_key: str, content_key: str, role_map: dict
     role, content = turn.get(role_key), turn.get(content_key)
     role = role_map.get(role, role) if isinstance(role, str) else role
     if role not in ROLES:
-        raise RowError(f"{where}: unknown role {role!r} (allowed: {', '.join(ROLES)}; map others with the source's `roles`)")
+        raise RowError(
+            f"{where}: unknown role {role!r} (allowed: {', '.join(ROLES)}; map others with the source's `roles`)"
+        )
     message: dict[str, Any] = {"role": role}
     calls = turn.get("tool_calls")
     if role == "assistant" and calls:
@@ -146,7 +154,9 @@ def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
     for number, call in enumerate(calls):
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict) or call.get("type", "function") != "function":
-            raise RowError(f"{where}: tool_calls[{number}] must look like {{id, type: function, function: {{name, arguments}}}}")
+            raise RowError(
+                f"{where}: tool_calls[{number}] must look like {{id, type: function, function: {{name, arguments}}}}"
+            )
         name, arguments = function.get("name"), function.get("arguments", "{}")
         if not isinstance(name, str) or not name:
             raise RowError(f"{where}: tool_calls[{number}].function.name must be a non-empty string")
@@ -154,7 +164,9 @@ def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
             try:
                 parsed = json.loads(arguments)
             except json.JSONDecodeError as exc:
-                raise RowError(f"{where}: tool_calls[{number}].function.arguments is not valid JSON ({exc.msg})") from None
+                raise RowError(
+                    f"{where}: tool_calls[{number}].function.arguments is not valid JSON ({exc.msg})"
+                ) from None
         else:
             parsed, arguments = arguments, json.dumps(arguments)
         if not isinstance(parsed, dict):
@@ -213,19 +225,25 @@ def validate_messages(messages: list[dict[str, Any]], tools: str = "") -> None:
             call_id = message.get("tool_call_id")
             ids = [call.get("id") for call in pending]
             if call_id is not None and any(ids) and call_id not in ids:
-                raise RowError(f"turn {index}: tool_call_id {call_id!r} answers none of the open calls ({', '.join(map(str, ids))})")
+                raise RowError(
+                    f"turn {index}: tool_call_id {call_id!r} answers none of the open calls ({', '.join(map(str, ids))})"
+                )
             pending.pop(ids.index(call_id) if call_id in ids else 0)
             expected = "tool" if pending else "assistant"
             continue
         if role != expected:
             if expected == "tool":
-                raise RowError(f"turn {index}: {len(pending)} tool call(s) of the previous assistant turn have no `tool` result before this {role} turn")
+                raise RowError(
+                    f"turn {index}: {len(pending)} tool call(s) of the previous assistant turn have no `tool` result before this {role} turn"
+                )
             raise RowError(f"turn {index}: roles must alternate user/assistant, got {role}")
         if role == "assistant":
             for call in message.get("tool_calls") or []:
                 name = call["function"]["name"]
                 if declared and name not in declared:
-                    raise RowError(f"turn {index}: calls `{name}`, which is not in the row's tools ({', '.join(sorted(declared))})")
+                    raise RowError(
+                        f"turn {index}: calls `{name}`, which is not in the row's tools ({', '.join(sorted(declared))})"
+                    )
             pending = list(message.get("tool_calls") or [])
             expected = "tool" if pending else "user"
         else:
@@ -247,8 +265,13 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         clean = {key: value for key, value in message.items() if value is not None}
         if clean.get("tool_calls"):
             clean["tool_calls"] = [
-                {**{k: v for k, v in call.items() if v is not None},
-                 "function": {"name": call["function"]["name"], "arguments": json.loads(call["function"]["arguments"])}}
+                {
+                    **{k: v for k, v in call.items() if v is not None},
+                    "function": {
+                        "name": call["function"]["name"],
+                        "arguments": json.loads(call["function"]["arguments"]),
+                    },
+                }
                 for call in clean["tool_calls"]
             ]
         else:

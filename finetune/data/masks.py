@@ -71,7 +71,9 @@ def template_traits(tokenizer: PreTrainedTokenizerBase) -> TemplateTraits:
     special = set(tokenizer.all_special_ids)
     # The first special token after the reply: a template may add more after it (Phi-3 ends a whole conversation
     # with EOS), but generation stops at the first one.
-    end_of_turn = next((tokenizer.convert_ids_to_tokens(token) for token in _encode(tokenizer, after_reply) if token in special), None)
+    end_of_turn = next(
+        (tokenizer.convert_ids_to_tokens(token) for token in _encode(tokenizer, after_reply) if token in special), None
+    )
     prompt_ids = _encode(tokenizer, prompt)
     merges = _encode(tokenizer, prompt + _PROBE_REPLY)[: len(prompt_ids)] != prompt_ids
     with_reasoning = [_PROBE[0], {**_PROBE[1], "reasoning_content": _PROBE_REASONING}]
@@ -97,11 +99,21 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def _apply(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: list | None = None, *, generation_prompt: bool = False) -> str:
+def _apply(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    tools: list | None = None,
+    *,
+    generation_prompt: bool = False,
+) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+        )
     except TemplateError as exc:
-        raise FinetuneError(f"the chat template rejected a conversation ({exc}); roles in it: {', '.join(m['role'] for m in messages)}.") from None
+        raise FinetuneError(
+            f"the chat template rejected a conversation ({exc}); roles in it: {', '.join(m['role'] for m in messages)}."
+        ) from None
 
 
 def template_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -124,9 +136,17 @@ def _reasoning_placed(messages: list[dict[str, Any]], as_field: bool) -> list[di
     return out
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: str = "", *, generation_prompt: bool = False) -> str:
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    tools: str = "",
+    *,
+    generation_prompt: bool = False,
+) -> str:
     """Stored messages (and tools JSON) rendered as training renders them."""
-    return _apply(tokenizer, template_messages(tokenizer, messages), chat_tools(tools), generation_prompt=generation_prompt)
+    return _apply(
+        tokenizer, template_messages(tokenizer, messages), chat_tools(tools), generation_prompt=generation_prompt
+    )
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: str = "") -> str:
@@ -161,7 +181,9 @@ class _Renderer:
         self.end_of_turn = template_traits(tokenizer).end_of_turn
 
     def render(self, messages: list[dict[str, Any]], *, generation_prompt: bool = False) -> str:
-        return _apply(self.tokenizer, template_messages(self.tokenizer, messages), self.tools, generation_prompt=generation_prompt)
+        return _apply(
+            self.tokenizer, template_messages(self.tokenizer, messages), self.tools, generation_prompt=generation_prompt
+        )
 
     def encode(self, text: str) -> list[int]:
         return _encode(self.tokenizer, text)
@@ -194,7 +216,9 @@ class _Renderer:
         `index`'s generation (the user or tool turns between them, and the generation prompt)."""
         sentinel = {**self.messages[previous], "content": _SENTINEL, "reasoning_content": None}
         alone = self.render([*self.messages[:previous], sentinel])
-        context = self.render([*self.messages[:previous], sentinel, *self.messages[previous + 1 : index]], generation_prompt=True)
+        context = self.render(
+            [*self.messages[:previous], sentinel, *self.messages[previous + 1 : index]], generation_prompt=True
+        )
         tail = self.through_end_of_turn(alone[alone.index(_SENTINEL) + len(_SENTINEL) :])
         after = context[context.index(_SENTINEL) + len(_SENTINEL) :]
         if not after.startswith(tail):
@@ -210,7 +234,9 @@ def _trains(ids: list[int], turn: _Turn) -> bool:
     return ids[: len(expected)] == expected
 
 
-def conversation_samples(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: str = "", reasoning: str = "drop") -> list[_Sample]:
+def conversation_samples(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: str = "", reasoning: str = "drop"
+) -> list[_Sample]:
     renderer = _Renderer(tokenizer, messages, tools)
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     turns = {i: renderer.turn(i) for i in assistant}
@@ -240,7 +266,9 @@ def _kept_reasoning_sample(renderer: _Renderer, assistant: list[int], turns: dic
     return _Sample(ids, ranges, [i + 1 for i in assistant])
 
 
-def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: str = "", reasoning: str = "drop") -> list[dict[str, Any]]:
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: str = "", reasoning: str = "drop"
+) -> list[dict[str, Any]]:
     """The training samples of one conversation (one for prefix-preserving templates, see the module docstring),
     each with input_ids, labels that are -100 outside trained assistant turns, `turn_ends` (the token position just
     after each trained turn, where the sample may be cut without splitting a turn) and `turn_messages` (how many
@@ -253,7 +281,14 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dic
         for start, end in sample.trained:
             labels[start:end] = sample.input_ids[start:end]
         turn_ends = [end for _, end in sample.trained]
-        out.append({"input_ids": sample.input_ids, "labels": labels, "turn_ends": turn_ends, "turn_messages": sample.turn_messages})
+        out.append(
+            {
+                "input_ids": sample.input_ids,
+                "labels": labels,
+                "turn_ends": turn_ends,
+                "turn_messages": sample.turn_messages,
+            }
+        )
     return out
 
 
@@ -265,7 +300,9 @@ def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> dict[str, An
     return {"input_ids": ids, "labels": list(ids), "turn_ends": [len(ids)], "turn_messages": [0]}
 
 
-def truncate_at_turn(tokens: dict[str, Any], messages: list[dict[str, Any]], max_length: int) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+def truncate_at_turn(
+    tokens: dict[str, Any], messages: list[dict[str, Any]], max_length: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
     """Keep the longest run of whole turns, ending with a trained assistant turn, that fits in max_length; None if
     the first one does not fit."""
     fitting = [i for i, end in enumerate(tokens["turn_ends"]) if end <= max_length]

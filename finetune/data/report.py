@@ -35,7 +35,9 @@ class DataReport:
     leaked_into_heldout: int = 0
     truncated: int = 0
     text_chunks_added: int = 0
-    samples_added: int = 0  # extra samples for turns a whole conversation does not show as at inference (finetune.data.masks)
+    samples_added: int = (
+        0  # extra samples for turns a whole conversation does not show as at inference (finetune.data.masks)
+    )
     weighted: dict[str, int] = field(default_factory=dict)  # source -> training rows after weighting
     augmented: int = 0
     splits: dict[str, int] = field(default_factory=dict)
@@ -64,7 +66,9 @@ class DataReport:
         if self.text_chunks_added:
             out.append(f"{self.text_chunks_added} extra chunks from splitting long text rows at data.max_length")
         if self.weighted:
-            out.append("training rows per source after weighting: " + ", ".join(f"{k} {v}" for k, v in self.weighted.items()))
+            out.append(
+                "training rows per source after weighting: " + ", ".join(f"{k} {v}" for k, v in self.weighted.items())
+            )
         if self.augmented:
             out.append(f"{self.augmented} augmented copies added to the training split")
         out.append("splits: " + ", ".join(f"{name} {count}" for name, count in self.splits.items()))
@@ -74,5 +78,7 @@ class DataReport:
 
 @dataclass
 class PreparedData:
-    splits: DatasetDict  # train / validation / test; columns: messages, text, tools, origin, source, input_ids, labels, ...
+    splits: (
+        DatasetDict  # train / validation / test; columns: messages, text, tools, origin, source, input_ids, labels, ...
+    )
     report: DataReport

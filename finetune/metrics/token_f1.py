@@ -36,7 +36,9 @@ class TokenF1(evaluate.Metric):
             description=__doc__,
             citation="Rajpurkar et al., 2016. SQuAD: 100,000+ Questions for Machine Comprehension of Text.",
             inputs_description="predictions: list[str]; references: list[str], one per prediction.",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:

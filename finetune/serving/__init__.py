@@ -9,4 +9,15 @@ from finetune.serving.api import ApiError, ChatRequest, Limits, create_app, serv
 from finetune.serving.chat_model import ChatModel, Completion, Decoding, load_chat_model
 from finetune.serving.terminal import chat_loop
 
-__all__ = ["ApiError", "ChatModel", "ChatRequest", "Completion", "Decoding", "Limits", "chat_loop", "create_app", "load_chat_model", "serve"]
+__all__ = [
+    "ApiError",
+    "ChatModel",
+    "ChatRequest",
+    "Completion",
+    "Decoding",
+    "Limits",
+    "chat_loop",
+    "create_app",
+    "load_chat_model",
+    "serve",
+]

@@ -65,9 +65,18 @@ class _Message(BaseModel):
 
     def plain(self) -> dict[str, Any]:
         """As a data row's message; `to_messages` then checks the tool calls the way training data is checked."""
-        text = self.content if isinstance(self.content, str) or self.content is None else "".join(part.text for part in self.content)
+        text = (
+            self.content
+            if isinstance(self.content, str) or self.content is None
+            else "".join(part.text for part in self.content)
+        )
         message = {"role": "system" if self.role == "developer" else self.role, "content": text}
-        return {**message, **{k: v for k, v in (("tool_calls", self.tool_calls), ("tool_call_id", self.tool_call_id)) if v is not None}}
+        return {
+            **message,
+            **{
+                k: v for k, v in (("tool_calls", self.tool_calls), ("tool_call_id", self.tool_call_id)) if v is not None
+            },
+        }
 
 
 class ChatRequest(BaseModel):
@@ -108,7 +117,9 @@ def create_app(
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         # compare_digest takes as long wherever the strings differ, so response times do not leak the key.
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            raise ApiError(401, "Incorrect or missing API key: send `Authorization: Bearer KEY`.", code="invalid_api_key")
+            raise ApiError(
+                401, "Incorrect or missing API key: send `Authorization: Bearer KEY`.", code="invalid_api_key"
+            )
 
     async def chat_completions(request: Request) -> Response:
         authorize(request)
@@ -122,17 +133,24 @@ def create_app(
         name = req.model or chat.default
         if name not in chat.variants:
             raise ApiError(
-                404, f"The model `{name}` does not exist here. Models served: {', '.join(chat.variants)}.",
-                param="model", code="model_not_found",
+                404,
+                f"The model `{name}` does not exist here. Models served: {', '.join(chat.variants)}.",
+                param="model",
+                code="model_not_found",
             )
         if len(req.messages) > limits.max_messages:
-            raise ApiError(400, f"{len(req.messages)} messages; this server takes at most {limits.max_messages}.", param="messages")
+            raise ApiError(
+                400, f"{len(req.messages)} messages; this server takes at most {limits.max_messages}.", param="messages"
+            )
         if req.stop:
-            raise ApiError(400, "`stop` sequences are not supported; replies end at the model's end-of-turn token.", param="stop")
+            raise ApiError(
+                400, "`stop` sequences are not supported; replies end at the model's end-of-turn token.", param="stop"
+            )
         max_tokens = req.max_completion_tokens or req.max_tokens or limits.max_tokens
         if max_tokens > limits.max_tokens:
             raise ApiError(
-                400, f"max_tokens={max_tokens} is more than this server allows ({limits.max_tokens}); ask for fewer.",
+                400,
+                f"max_tokens={max_tokens} is more than this server allows ({limits.max_tokens}); ask for fewer.",
                 param="max_tokens",
             )
         messages, tools, tool_format = _conversation(req, chat)
@@ -143,9 +161,11 @@ def create_app(
         context = chat.context_length
         if context and len(prompt) + max_tokens > context:
             raise ApiError(
-                400, f"This model's context is {context} tokens: the messages take {len(prompt)} and max_tokens asks "
+                400,
+                f"This model's context is {context} tokens: the messages take {len(prompt)} and max_tokens asks "
                 f"for {max_tokens}. Shorten the conversation or lower max_tokens.",
-                param="messages", code="context_length_exceeded",
+                param="messages",
+                code="context_length_exceeded",
             )
         settings = Decoding(
             max_new_tokens=max_tokens,
@@ -159,24 +179,32 @@ def create_app(
         job = partial(chat.complete, name, prompt, settings)
         completion = await asyncio.get_running_loop().run_in_executor(worker, job)
         content, calls = tool_format.parse(completion.text) if tool_format else (completion.text, [])
-        message = {"role": "assistant", "content": content or None, "tool_calls": calls} if calls else {"role": "assistant", "content": content}
-        return JSONResponse({
-            "id": reply_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": name,
-            "choices": [{
-                "index": 0,
-                "message": message,
-                "finish_reason": "tool_calls" if calls else completion.finish_reason,
-                "logprobs": None,
-            }],
-            "usage": {
-                "prompt_tokens": completion.prompt_tokens,
-                "completion_tokens": completion.completion_tokens,
-                "total_tokens": completion.prompt_tokens + completion.completion_tokens,
-            },
-        })
+        message = (
+            {"role": "assistant", "content": content or None, "tool_calls": calls}
+            if calls
+            else {"role": "assistant", "content": content}
+        )
+        return JSONResponse(
+            {
+                "id": reply_id,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": message,
+                        "finish_reason": "tool_calls" if calls else completion.finish_reason,
+                        "logprobs": None,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": completion.prompt_tokens,
+                    "completion_tokens": completion.completion_tokens,
+                    "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+                },
+            }
+        )
 
     async def list_models(request: Request) -> Response:
         authorize(request)
@@ -231,13 +259,19 @@ def _conversation(req: ChatRequest, chat: ChatModel) -> tuple[list[dict[str, Any
         raise ApiError(400, f"Invalid request: {exc}.", param="tools") from None
     choice = req.tool_choice if req.tool_choice is not None else "auto"
     if choice not in ("auto", "none"):
-        raise ApiError(400, "`tool_choice` may be `auto` or `none` here: the model decides itself whether to call a tool.", param="tool_choice")
+        raise ApiError(
+            400,
+            "`tool_choice` may be `auto` or `none` here: the model decides itself whether to call a tool.",
+            param="tool_choice",
+        )
     if not tools or choice == "none":
         return messages, tools, None
     if chat.tool_format is None:
         raise ApiError(
-            400, "This model's chat template does not write tool calls, so it cannot be offered `tools`; serve a model "
-            "whose template does (e.g. one fine-tuned on tool-calling rows with a Qwen2.5-style template).", param="tools",
+            400,
+            "This model's chat template does not write tool calls, so it cannot be offered `tools`; serve a model "
+            "whose template does (e.g. one fine-tuned on tool-calling rows with a Qwen2.5-style template).",
+            param="tools",
         )
     return messages, tools, chat.tool_format
 
@@ -259,7 +293,12 @@ async def _read_json(request: Request, limit: int) -> Any:
 
 
 async def _sse(
-    chat: ChatModel, worker: ThreadPoolExecutor, name: str, prompt: list[int], decoding: Decoding, reply_id: str,
+    chat: ChatModel,
+    worker: ThreadPoolExecutor,
+    name: str,
+    prompt: list[int],
+    decoding: Decoding,
+    reply_id: str,
     tool_format: ToolCallFormat | None = None,
 ) -> AsyncIterator[str]:
     """The reply as OpenAI's server-sent events: a role chunk, content chunks, tool-call chunks when the model called
@@ -317,6 +356,9 @@ def serve(
     except ValueError:  # a host name other than localhost
         exposed = True
     if exposed and api_key is None:
-        print(f"warning: serving on {host} with no API key: anyone who can reach this port can use the model.", file=sys.stderr)
+        print(
+            f"warning: serving on {host} with no API key: anyone who can reach this port can use the model.",
+            file=sys.stderr,
+        )
     print(f"Models: {', '.join(chat.variants)}. Web chat: http://{host}:{port}/", file=sys.stderr)
     uvicorn.run(create_app(chat, api_key=api_key, limits=limits, decoding=decoding), host=host, port=port)

@@ -46,7 +46,12 @@ class Decoding:
     def generate_kwargs(self) -> dict[str, Any]:
         if self.temperature == 0:
             return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+        return {
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+        }
 
 
 @dataclass(frozen=True)
@@ -172,7 +177,9 @@ def load_chat_model(
     with_tokenizer = next((folder for _, folder in named if (folder / "tokenizer_config.json").is_file()), None)
     tokenizer = models.load_tokenizer(base_cfg, folder=with_tokenizer)  # the adapter's copy has the trained template
     model = models.load_model(base_cfg)
-    models.fit_vocabulary(model, tokenizer, for_adapter=bool(named))  # rows for tokens training added; the adapter holds their trained values
+    models.fit_vocabulary(
+        model, tokenizer, for_adapter=bool(named)
+    )  # rows for tokens training added; the adapter holds their trained values
     models.configure_generation(model, tokenizer, end_of_turn_ids(tokenizer))
     variants: dict[str, str | None] = {base_name: None}
     for index, (name, folder) in enumerate(named):
@@ -200,7 +207,9 @@ def _named_adapter(spec: str) -> tuple[str, Path]:
     if RunFolder(folder).has_adapter():
         name, folder = name or folder.name, RunFolder(folder).adapter
     if not is_adapter(folder):
-        raise FinetuneError(f"{argument('adapter', spec)}: no adapter_config.json in {folder}; pass a LoRA adapter folder or a run folder.")
+        raise FinetuneError(
+            f"{argument('adapter', spec)}: no adapter_config.json in {folder}; pass a LoRA adapter folder or a run folder."
+        )
     return name or _display_name(str(folder)), folder
 
 

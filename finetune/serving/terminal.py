@@ -62,7 +62,9 @@ def chat_loop(
             continue
         context = chat.context_length
         if context and len(prompt) + decoding.max_new_tokens > context:
-            out.write(f"(the conversation is {len(prompt)} tokens and the model's context {context}; /reset to start over)\n")
+            out.write(
+                f"(the conversation is {len(prompt)} tokens and the model's context {context}; /reset to start over)\n"
+            )
             history.pop()
             continue
         out.write(f"{name}> ")

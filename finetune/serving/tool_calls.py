@@ -23,9 +23,18 @@ from finetune.errors import FinetuneError
 _NAME = "finetune_probe_function"
 _CONTENT = "finetune-probe-content"
 _ARGUMENTS = {"finetune_probe_argument": "finetune-probe-value"}
-_PROBE_TOOLS = json.dumps([{"type": "function", "function": {
-    "name": _NAME, "description": "probe", "parameters": {"type": "object", "properties": {"finetune_probe_argument": {"type": "string"}}},
-}}])
+_PROBE_TOOLS = json.dumps(
+    [
+        {
+            "type": "function",
+            "function": {
+                "name": _NAME,
+                "description": "probe",
+                "parameters": {"type": "object", "properties": {"finetune_probe_argument": {"type": "string"}}},
+            },
+        }
+    ]
+)
 _CALL = {"type": "function", "function": {"name": _NAME, "arguments": json.dumps(_ARGUMENTS)}}
 _PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _CONTENT, "tool_calls": [_CALL]}]
 
@@ -76,7 +85,11 @@ class ToolCallFormat:
             arguments = _json_or_none(arguments)
         if not isinstance(arguments, dict):
             return None
-        return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": value[self.name_key], "arguments": json.dumps(arguments)}}
+        return {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": value[self.name_key], "arguments": json.dumps(arguments)},
+        }
 
 
 def _json_or_none(text: str) -> Any:
@@ -113,7 +126,12 @@ def tool_call_format(tokenizer: PreTrainedTokenizerBase) -> ToolCallFormat | Non
             continue
         name_key = next((key for key, item in value.items() if item == _NAME), None)
         arguments_key = next(
-            (key for key, item in value.items() if item == _ARGUMENTS or (isinstance(item, str) and _json_or_none(item) == _ARGUMENTS)), None
+            (
+                key
+                for key, item in value.items()
+                if item == _ARGUMENTS or (isinstance(item, str) and _json_or_none(item) == _ARGUMENTS)
+            ),
+            None,
         )
         if name_key and arguments_key:
             return ToolCallFormat(generation[:start].strip(), generation[end:].strip(), name_key, arguments_key)
@@ -138,7 +156,9 @@ class StreamedReply:
                 self.holding = True
                 safe = found
             else:
-                partial = next((k for k in range(len(self.fmt.open) - 1, 0, -1) if self.text.endswith(self.fmt.open[:k])), 0)
+                partial = next(
+                    (k for k in range(len(self.fmt.open) - 1, 0, -1) if self.text.endswith(self.fmt.open[:k])), 0
+                )
                 safe = len(self.text) - partial
         elif self.text[: self.sent].strip():  # a bare-JSON call is the whole reply: text came first, so no call
             safe = len(self.text)

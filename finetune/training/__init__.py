@@ -16,7 +16,22 @@ from finetune.training.speed import PACKED_ATTENTION, packed_sdpa_attention, tra
 from finetune.training.trainer import build_trainer, logged_train_loss, loss_history, sft_config, total_steps
 
 __all__ = [
-    "PACKED_ATTENTION", "Checkpoints", "NonFiniteLoss", "NonFiniteLossGuard", "RunLog", "StopOnSignal", "TrainingProgress", "build_trainer",
-    "checkpoint_is_complete", "data_fingerprint", "find_checkpoints", "logged_train_loss", "loss_history",
-    "packed_sdpa_attention", "sft_config", "total_steps", "trained_logits_loss", "use_packed_attention",
+    "PACKED_ATTENTION",
+    "Checkpoints",
+    "NonFiniteLoss",
+    "NonFiniteLossGuard",
+    "RunLog",
+    "StopOnSignal",
+    "TrainingProgress",
+    "build_trainer",
+    "checkpoint_is_complete",
+    "data_fingerprint",
+    "find_checkpoints",
+    "logged_train_loss",
+    "loss_history",
+    "packed_sdpa_attention",
+    "sft_config",
+    "total_steps",
+    "trained_logits_loss",
+    "use_packed_attention",
 ]

@@ -40,7 +40,9 @@ def checkpoint_is_complete(folder: Path) -> bool:
 
 
 def find_checkpoints(output_dir: Path) -> Checkpoints:
-    folders = [p for p in output_dir.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)] if output_dir.is_dir() else []
+    folders = (
+        [p for p in output_dir.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)] if output_dir.is_dir() else []
+    )
     folders.sort(key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
     complete = [p for p in folders if checkpoint_is_complete(p)]
     latest = complete[-1] if complete else None

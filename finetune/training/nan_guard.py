@@ -44,7 +44,11 @@ class NonFiniteLossGuard(TrainerCallback):
 
     def _error(self, args, step: int, what: str) -> NonFiniteLoss:
         found = find_checkpoints(Path(args.output_dir))
-        kept = f"The last good checkpoint is kept: {found.latest}." if found.latest else "No checkpoint had been saved yet."
+        kept = (
+            f"The last good checkpoint is kept: {found.latest}."
+            if found.latest
+            else "No checkpoint had been saved yet."
+        )
         return NonFiniteLoss(
             f"training stopped at step {step}: {what}, so the loss is no longer a number. Nothing from this step "
             f"was applied or saved. {kept} Usual causes and fixes: a learning rate too high (training.learning_rate "

@@ -37,7 +37,9 @@ class TrainingProgress(TrainerCallback):
             TextColumn("left"),
             console=self.console,
         )
-        self.task = self.progress.add_task("Training", total=state.max_steps, completed=state.global_step, loss="-", speed="- tokens/s")
+        self.task = self.progress.add_task(
+            "Training", total=state.max_steps, completed=state.global_step, loss="-", speed="- tokens/s"
+        )
         self.progress.start()
         return control
 

@@ -34,7 +34,9 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     edges = bounds.tolist()
     parts = [
-        sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **{**kwargs, "is_causal": True})[0]
+        sdpa_attention_forward(
+            module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **{**kwargs, "is_causal": True}
+        )[0]
         for a, b in zip(edges[:-1], edges[1:])
     ]
     return torch.cat(parts, dim=1), None
@@ -47,14 +49,18 @@ def use_packed_attention(model: torch.nn.Module) -> None:
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     if base.config._attn_implementation == "sdpa":
         AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
-        AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # padded batches and generation still need sdpa's mask
+        AttentionMaskInterface.register(
+            PACKED_ATTENTION, sdpa_mask
+        )  # padded batches and generation still need sdpa's mask
         base.set_attn_implementation(PACKED_ATTENTION)
 
 
 # ---------------------------------------------------------------- logits only where the loss is taken
 
 
-def trained_logits_loss(model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def trained_logits_loss(
+    model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Mean next-token loss over labelled tokens, running the output layer only at the positions that predict one,
     a chunk of them at a time (`finetune.chunked_loss`).
 
@@ -69,7 +75,10 @@ def trained_logits_loss(model: torch.nn.Module, inputs: dict[str, Any], num_item
         # every labelled position at once (transformers' boolean `logits_to_keep` selects them before the head).
         selected = torch.nn.functional.pad(keep, (0, 1))
         logits = model(**model_inputs, use_cache=False, logits_to_keep=selected).logits.float()
-        total, hits = torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), (logits.argmax(-1) == targets).sum()
+        total, hits = (
+            torch.nn.functional.cross_entropy(logits, targets, reduction="sum"),
+            (logits.argmax(-1) == targets).sum(),
+        )
     else:
         hidden = final_hidden_states(model, model_inputs)
         total, hits = cross_entropy_sum(model, hidden[:, :-1][keep], targets)

@@ -34,8 +34,12 @@ def total_steps(cfg: TrainingConfig, train_rows: int, world_size: int = 1) -> in
     return max(1, math.ceil(cfg.epochs * math.ceil(train_rows / per_step)))
 
 
-def sft_config(cfg: TrainingConfig, output_dir: Path, *, train_rows: int, has_validation: bool, dtype: torch.dtype) -> SFTConfig:
-    steps = total_steps(cfg, train_rows, world_size=distributed.state().num_processes)  # each step uses every process's batch
+def sft_config(
+    cfg: TrainingConfig, output_dir: Path, *, train_rows: int, has_validation: bool, dtype: torch.dtype
+) -> SFTConfig:
+    steps = total_steps(
+        cfg, train_rows, world_size=distributed.state().num_processes
+    )  # each step uses every process's batch
     # Keeping the best adapter needs a checkpoint at every validation (transformers requires save_steps to be a
     # multiple of eval_steps), so an explicit save_steps sets the default validation cadence in that case.
     keep_best = has_validation and (cfg.keep_best or cfg.early_stopping_patience is not None)
@@ -110,7 +114,9 @@ def build_trainer(
     """`callbacks` come on top of the NaN/inf guard, which every run gets."""
     columns = ["input_ids", "labels"]
     validation = splits["validation"].select_columns(columns) if "validation" in splits else None
-    args = sft_config(cfg, output_dir, train_rows=len(splits["train"]), has_validation=validation is not None, dtype=dtype)
+    args = sft_config(
+        cfg, output_dir, train_rows=len(splits["train"]), has_validation=validation is not None, dtype=dtype
+    )
     callbacks = [NonFiniteLossGuard(cfg.learning_rate), *callbacks]
     if validation is not None and cfg.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
@@ -229,7 +235,13 @@ class _TrainedLogitsSFTTrainer(_SFTTrainer):
         correct, labelled = self.accelerator.gather_for_metrics(counts.unsqueeze(0)).sum(0).tolist()
         self._metrics[mode]["mean_token_accuracy"].append(correct / labelled if labelled else 0.0)
         if mode == "train":  # TRL's running count of processed tokens (padding excluded)
-            real = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(inputs["input_ids"].numel())
-            self._total_train_tokens += int(self.accelerator.gather_for_metrics(real.to(hits.device).unsqueeze(0)).sum())
+            real = (
+                inputs["attention_mask"].sum()
+                if "attention_mask" in inputs
+                else torch.tensor(inputs["input_ids"].numel())
+            )
+            self._total_train_tokens += int(
+                self.accelerator.gather_for_metrics(real.to(hits.device).unsqueeze(0)).sum()
+            )
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return loss

@@ -25,7 +25,9 @@ def test_each_noise_kind_changes_words_as_described():
     assert sorted(noisy(text, AugmentConfig(word_swaps=1.0), random.Random(0)).split()) == sorted(text.split())
     deleted = noisy(text, AugmentConfig(word_deletions=0.5), random.Random(0)).split()
     assert 0 < len(deleted) < 8 and all(word in text.split() for word in deleted)
-    assert noisy("solo", AugmentConfig(word_deletions=1.0), random.Random(0)) == "solo"  # never deletes the whole prompt
+    assert (
+        noisy("solo", AugmentConfig(word_deletions=1.0), random.Random(0)) == "solo"
+    )  # never deletes the whole prompt
 
 
 def test_copies_are_reproducible_touch_only_user_turns_and_only_train(tmp_path, chatml_tokenizer):
@@ -43,10 +45,15 @@ def test_copies_are_reproducible_touch_only_user_turns_and_only_train(tmp_path, 
         assert reply in originals and row["messages"][0]["content"] != originals[reply]  # prompt noisy, reply clean
     for name in ("validation", "test"):
         assert first.splits[name]["messages"] == plain.splits[name]["messages"]
-    noisy_prompts = lambda prepared: [r["messages"][0]["content"] for r in prepared.splits["train"] if "(augmented" in r["origin"]]  # noqa: E731
+
+    def noisy_prompts(prepared):
+        return [r["messages"][0]["content"] for r in prepared.splits["train"] if "(augmented" in r["origin"]]
+
     assert noisy_prompts(first) != noisy_prompts(other_seed)
 
 
 def test_neftune_alpha_reaches_the_trainer(tmp_path):
-    args = sft_config(TrainingConfig(neftune_noise_alpha=5.0), tmp_path, train_rows=10, has_validation=False, dtype=None)
+    args = sft_config(
+        TrainingConfig(neftune_noise_alpha=5.0), tmp_path, train_rows=10, has_validation=False, dtype=None
+    )
     assert args.neftune_noise_alpha == 5.0

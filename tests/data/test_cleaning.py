@@ -56,14 +56,17 @@ def _rows(tmp_path, rows):
 
 
 def test_report_counts_each_step_and_drops(tmp_path):
-    path = _rows(tmp_path, [
-        ("<b>Hi</b>", "Hello  "),            # html + whitespace
-        ("Email me: a@b.com", "OK"),         # pii
-        ("Tell me about darn things", "No"), # blocklist
-        ("CAPS", "YES"),                     # lowercase
-        ("caps", "yes"),                     # becomes an exact duplicate after lowercasing
-        ("ctrl\x07", "x"),                   # control char
-    ])
+    path = _rows(
+        tmp_path,
+        [
+            ("<b>Hi</b>", "Hello  "),  # html + whitespace
+            ("Email me: a@b.com", "OK"),  # pii
+            ("Tell me about darn things", "No"),  # blocklist
+            ("CAPS", "YES"),  # lowercase
+            ("caps", "yes"),  # becomes an exact duplicate after lowercasing
+            ("ctrl\x07", "x"),  # control char
+        ],
+    )
     clean = CleaningConfig(html=True, lowercase=True, pii=True, blocklist=["DARN"])
     report = DataReport()
     dataset = load_conversations(DataConfig(sources=[DataSource(path=str(path))], clean=clean), report)
@@ -86,22 +89,33 @@ def test_blocklist_file_and_word_boundaries(tmp_path):
     blocklist.write_text("# one term per line\nass\n")
     path = _rows(tmp_path, [("a class act", "yes"), ("you ass", "no")])
     report = DataReport()
-    dataset = load_conversations(DataConfig(sources=[DataSource(path=str(path))], clean=CleaningConfig(blocklist=str(blocklist))), report)
+    dataset = load_conversations(
+        DataConfig(sources=[DataSource(path=str(path))], clean=CleaningConfig(blocklist=str(blocklist))), report
+    )
     assert len(dataset) == 1 and dataset[0]["messages"][0]["content"] == "a class act"
     with pytest.raises(FinetuneError, match="data.clean.blocklist: file `nope.txt` not found"):
-        load_conversations(DataConfig(sources=[DataSource(path=str(path))], clean=CleaningConfig(blocklist="nope.txt")), DataReport())
+        load_conversations(
+            DataConfig(sources=[DataSource(path=str(path))], clean=CleaningConfig(blocklist="nope.txt")), DataReport()
+        )
 
 
 def test_near_duplicates_are_dropped_and_named(tmp_path):
-    base = ("The quick brown fox jumps over the lazy dog near the quiet river bank every single morning, "
-            "while seven sleepy owls watch from an old oak tree and count the ripples until the sun finally rises")
-    path = _rows(tmp_path, [
-        (base, "It is a pangram."),
-        (base + " again", "It is a pangram."),  # near copy
-        ("What is the boiling point of water at sea level in degrees Celsius?", "One hundred degrees."),
-    ])
+    base = (
+        "The quick brown fox jumps over the lazy dog near the quiet river bank every single morning, "
+        "while seven sleepy owls watch from an old oak tree and count the ripples until the sun finally rises"
+    )
+    path = _rows(
+        tmp_path,
+        [
+            (base, "It is a pangram."),
+            (base + " again", "It is a pangram."),  # near copy
+            ("What is the boiling point of water at sea level in degrees Celsius?", "One hundred degrees."),
+        ],
+    )
     report = DataReport()
-    dataset = load_conversations(DataConfig(sources=[DataSource(path=str(path))], clean=CleaningConfig(near_duplicates=0.8)), report)
+    dataset = load_conversations(
+        DataConfig(sources=[DataSource(path=str(path))], clean=CleaningConfig(near_duplicates=0.8)), report
+    )
     assert len(dataset) == 2 and report.dropped["near duplicate (similarity >= 0.8)"] == 1
     assert f"{path}:2 ~ {path}:1" in " ".join(report.invalid_examples)
     off = load_conversations(DataConfig(sources=[DataSource(path=str(path))]), DataReport())

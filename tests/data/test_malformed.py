@@ -31,7 +31,11 @@ def _load(path: Path, **data):
     ("name", "content", "error"),
     [
         ("truncated.jsonl", (GOOD_LINE + "\n") * 3 + GOOD_LINE[:20], r"truncated.jsonl:4: invalid JSON"),
-        ("latin1.jsonl", (GOOD_LINE + "\n" + '{"prompt": "caf\u00e9", "completion": "x"}\n').encode("latin-1"), r"latin1.jsonl:2: not UTF-8 text"),
+        (
+            "latin1.jsonl",
+            (GOOD_LINE + "\n" + '{"prompt": "caf\u00e9", "completion": "x"}\n').encode("latin-1"),
+            r"latin1.jsonl:2: not UTF-8 text",
+        ),
         ("utf16.jsonl", (GOOD_LINE + "\n").encode("utf-16"), r"utf16.jsonl:1: not UTF-8 text"),
         ("empty.jsonl", b"", r"empty.jsonl: the file is empty"),
         ("garbage.jsonl", bytes(range(256)) * 4, r"garbage.jsonl: binary data, not a text file"),
@@ -87,12 +91,29 @@ def test_bad_data_never_costs_the_previous_run(tiny_llama_dir, tmp_path):
 
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(["role", "content", "from", "value", "x"]), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(["role", "content", "from", "value", "x"]), children, max_size=3)
+    ),
     max_leaves=8,
 )
 _ROWS = st.dictionaries(
-    st.sampled_from(["messages", "conversations", "instruction", "input", "output", "prompt", "completion", "text", "system", "other"]),
-    _JSON, max_size=4,
+    st.sampled_from(
+        [
+            "messages",
+            "conversations",
+            "instruction",
+            "input",
+            "output",
+            "prompt",
+            "completion",
+            "text",
+            "system",
+            "other",
+        ]
+    ),
+    _JSON,
+    max_size=4,
 )
 
 

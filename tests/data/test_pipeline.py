@@ -45,7 +45,10 @@ def test_only_assistant_replies_and_their_end_of_turn_carry_labels(chatml_tokeni
     decoded = [chatml_tokenizer.decode(segment) for segment in trained_segments(tokens)]
     assert decoded == ["Hello! How can I help?<|im_end|>", "Blue.<|im_end|>"]
     # The whole rendering is tokenized once, exactly as apply_chat_template would tokenize it.
-    assert tokens["input_ids"] == chatml_tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    assert (
+        tokens["input_ids"]
+        == chatml_tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    )
 
 
 def test_masks_on_the_real_smollm2_template(smollm2_tokenizer):
@@ -77,8 +80,16 @@ def test_non_prefix_preserving_template_is_refused():
 @pytest.mark.parametrize(
     ("row", "fmt", "expected_roles"),
     [
-        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "auto", ["user", "assistant"]),
-        ({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}, "auto", ["user", "assistant"]),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+            "auto",
+            ["user", "assistant"],
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+            "auto",
+            ["user", "assistant"],
+        ),
         ({"instruction": "a", "input": "ctx", "output": "b"}, "auto", ["user", "assistant"]),
         ({"prompt": "a", "completion": "b"}, "auto", ["user", "assistant"]),
         ({"instruction": "a", "output": "b", "system": "s"}, "alpaca", ["system", "user", "assistant"]),
@@ -97,7 +108,14 @@ def test_formats_become_messages(row, fmt, expected_roles):
         ([{"role": "user", "content": "a"}], "no assistant reply"),
         ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}], "empty content"),
         ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
-        ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "b"}], "system"),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "system", "content": "s"},
+                {"role": "assistant", "content": "b"},
+            ],
+            "system",
+        ),
     ],
 )
 def test_invalid_conversations_are_named(messages, problem):
@@ -119,9 +137,15 @@ def _write_jsonl(path, rows):
 
 def test_bad_rows_are_skipped_counted_and_located(tmp_path):
     good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
-    path = _write_jsonl(tmp_path / "d.jsonl", [good, {"messages": [{"role": "user", "content": "only"}]}] + [
-        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]} for i in range(30)
-    ] + [good])
+    path = _write_jsonl(
+        tmp_path / "d.jsonl",
+        [good, {"messages": [{"role": "user", "content": "only"}]}]
+        + [
+            {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+            for i in range(30)
+        ]
+        + [good],
+    )
     report = DataReport()
     cfg = DataConfig(sources=[DataSource(path=str(path))], max_bad_fraction=0.1)
     dataset = load_conversations(cfg, report)
@@ -135,7 +159,9 @@ def test_bad_rows_are_skipped_counted_and_located(tmp_path):
 
 
 def test_invalid_json_names_the_line(tmp_path):
-    path = _write_jsonl(tmp_path / "broken.jsonl", ['{"prompt": "a", "completion": "b"}', '{"prompt": "a", "completion": '])
+    path = _write_jsonl(
+        tmp_path / "broken.jsonl", ['{"prompt": "a", "completion": "b"}', '{"prompt": "a", "completion": ']
+    )
     with pytest.raises(FinetuneError, match=rf"{path}:2: invalid JSON"):
         load_conversations(DataConfig(sources=[DataSource(path=str(path))]), DataReport())
 
@@ -158,7 +184,9 @@ def test_splits_are_disjoint_and_seeded(tmp_path):
 
 
 def test_chatterbot_source_and_too_long_policy(chatml_tokenizer):
-    cfg = DataConfig(sources=[DataSource(type="chatterbot", categories=["greetings", "food"])], max_length=24, too_long="drop")
+    cfg = DataConfig(
+        sources=[DataSource(type="chatterbot", categories=["greetings", "food"])], max_length=24, too_long="drop"
+    )
     prepared = prepare_data(cfg, chatml_tokenizer)
     assert prepared.report.dropped["longer than data.max_length"] > 0
     assert all(len(ids) <= 24 for split in prepared.splits.values() for ids in split["input_ids"])

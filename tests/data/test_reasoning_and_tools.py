@@ -12,10 +12,16 @@ from finetune.errors import FinetuneError
 from tests.conftest import build_chatml_tokenizer
 from tests.families import FAMILIES, assert_masks_exact, build_tokenizer, qwen3_template, template_ids, trained_text
 
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
 CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
 TOOL_CHAT = [
     {"role": "user", "content": "Weather in Oslo?"},
@@ -29,7 +35,10 @@ REASONING_CHAT = [
     {"role": "user", "content": "What is 2+2?"},
     {"role": "assistant", "content": "4.", "reasoning_content": "Two and two make four."},
     {"role": "user", "content": "And 3+3?"},
-    {"role": "assistant", "content": "<think>\nThree and three make six.\n</think>\n\n6."},  # inline, as Qwen3 also accepts
+    {
+        "role": "assistant",
+        "content": "<think>\nThree and three make six.\n</think>\n\n6.",
+    },  # inline, as Qwen3 also accepts
 ]
 
 
@@ -84,7 +93,9 @@ def test_keep_is_one_sample_rendered_as_a_template_that_keeps_reasoning(qwen3):
         [sample] = tokenize_conversation(qwen3, messages, tools, "keep")
         assert sample["input_ids"] == template_ids(keeping, messages, tools)
         assert sample["turn_messages"] == [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
-        expected = [text for s in tokenize_conversation(keeping, messages, tools, "drop") for text in trained_text(keeping, s)]
+        expected = [
+            text for s in tokenize_conversation(keeping, messages, tools, "drop") for text in trained_text(keeping, s)
+        ]
         assert trained_text(qwen3, sample) == expected and len(expected) == len(sample["turn_messages"])
 
 
@@ -104,7 +115,10 @@ def test_tool_results_never_carry_loss_and_calls_do(qwen2):
     call = trained_text(qwen2, sample)[0]
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>' in call
     rendered = qwen2.decode(sample["input_ids"])
-    assert "<tool_response>\n{\"temp\": 3}\n</tool_response>" in rendered and '"get_weather"' in rendered.split("<|im_start|>user")[0]
+    assert (
+        '<tool_response>\n{"temp": 3}\n</tool_response>' in rendered
+        and '"get_weather"' in rendered.split("<|im_start|>user")[0]
+    )
 
 
 def test_tool_rows_validate_and_bad_ones_are_named():
@@ -112,7 +126,9 @@ def test_tool_rows_validate_and_bad_ones_are_named():
     assert ok[1]["content"] == "" and ok[1]["tool_calls"][0]["function"] == CALL["function"]
     # Arguments given as an object become JSON text; a chat that ends with a call teaches the model to call.
     dict_args = {**CALL, "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
-    calls_only, _ = _messages({"messages": [TOOL_CHAT[0], {"role": "assistant", "content": "", "tool_calls": [dict_args]}]})
+    calls_only, _ = _messages(
+        {"messages": [TOOL_CHAT[0], {"role": "assistant", "content": "", "tool_calls": [dict_args]}]}
+    )
     assert json.loads(calls_only[1]["tool_calls"][0]["function"]["arguments"]) == {"city": "Oslo"}
     user, call, result = TOOL_CHAT[0], TOOL_CHAT[1], TOOL_CHAT[2]
     bad = [
@@ -129,8 +145,14 @@ def test_tool_rows_validate_and_bad_ones_are_named():
         _messages({"messages": TOOL_CHAT, "tools": [{"type": "function", "function": {"name": "other"}}]})
     broken = {**CALL, "function": {"name": "get_weather", "arguments": "{city: Oslo"}}
     for chat, problem in (
-        ([user, {"role": "assistant", "content": "", "tool_calls": [broken]}], r"tool_calls\[0\].function.arguments is not valid JSON"),
-        ([user, {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}], r"tool_calls\[0\] must look like"),
+        (
+            [user, {"role": "assistant", "content": "", "tool_calls": [broken]}],
+            r"tool_calls\[0\].function.arguments is not valid JSON",
+        ),
+        (
+            [user, {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}],
+            r"tool_calls\[0\] must look like",
+        ),
         ([user, {"role": "assistant", "content": "x", "reasoning_content": 3}], "reasoning_content"),
     ):
         with pytest.raises(RowError, match=problem):
@@ -144,14 +166,21 @@ def test_stored_rows_render_like_the_originals(qwen2):
     messages, _ = _messages({"messages": TOOL_CHAT})
     from datasets import Dataset
 
-    stored = Dataset.from_list([{"messages": messages}, {"messages": [{"role": "user", "content": "x", "name": "bob"}]}])[0]["messages"]
+    stored = Dataset.from_list(
+        [{"messages": messages}, {"messages": [{"role": "user", "content": "x", "name": "bob"}]}]
+    )[0]["messages"]
     assert stored[0]["tool_calls"] is None and chat_messages(stored) == chat_messages(messages)
-    assert "tool_calls" not in chat_messages(stored)[0] and chat_messages(stored)[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+    assert "tool_calls" not in chat_messages(stored)[0] and chat_messages(stored)[1]["tool_calls"][0]["function"][
+        "arguments"
+    ] == {"city": "Oslo"}
 
 
 def test_pipeline_splits_samples_and_inspect_reports_the_policy(tmp_path, qwen3):
     path = tmp_path / "reasoning.jsonl"
-    rows = [{"messages": REASONING_CHAT[:2] + [{**REASONING_CHAT[2], "content": f"And {i}+{i}?"}] + REASONING_CHAT[3:]} for i in range(10)]
+    rows = [
+        {"messages": REASONING_CHAT[:2] + [{**REASONING_CHAT[2], "content": f"And {i}+{i}?"}] + REASONING_CHAT[3:]}
+        for i in range(10)
+    ]
     rows += [{"messages": TOOL_CHAT, "tools": TOOLS}]
     path.write_text("\n".join(json.dumps(row) for row in rows))
     cfg = DataConfig(sources=[DataSource(path=str(path))], validation_split=0, test_split=0, max_length=512)
@@ -162,7 +191,10 @@ def test_pipeline_splits_samples_and_inspect_reports_the_policy(tmp_path, qwen3)
     assert "11 extra samples" in "\n".join(prepared.report.lines())
     assert "prompt tokens" not in {f.check for f in prepared.report.findings}
     findings = {f.check: f for f in prepared.report.findings}
-    assert findings["earlier reasoning"].level == "info" and "data.reasoning: drop" in findings["earlier reasoning"].message
+    assert (
+        findings["earlier reasoning"].level == "info"
+        and "data.reasoning: drop" in findings["earlier reasoning"].message
+    )
     assert findings["end of turn trained"].level == "ok"
     kept = inspect_data(cfg.model_copy(update={"reasoning": "keep"}), qwen3, tmp_path / "inspect")
     assert kept.report.splits["train"] == 11 and kept.report.samples_added == 0
@@ -172,10 +204,21 @@ def test_pipeline_splits_samples_and_inspect_reports_the_policy(tmp_path, qwen3)
 def test_a_template_that_writes_no_reasoning_gets_a_warning(tmp_path):
     tokenizer = build_chatml_tokenizer()
     # Strips every <think> block, even from the latest turn: the rows' reasoning can never be trained.
-    tokenizer.chat_template = tokenizer.chat_template.replace("message['content']", "message['content'].split('</think>')[-1].lstrip()")
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        "message['content']", "message['content'].split('</think>')[-1].lstrip()"
+    )
     path = tmp_path / "r.jsonl"
-    path.write_text("\n".join(json.dumps({"messages": REASONING_CHAT[:2] + [{**REASONING_CHAT[2], "content": f"{i}?"}] + REASONING_CHAT[3:]}) for i in range(5)))
-    prepared = prepare_data(DataConfig(sources=[DataSource(path=str(path))], validation_split=0, test_split=0), tokenizer)
+    path.write_text(
+        "\n".join(
+            json.dumps(
+                {"messages": REASONING_CHAT[:2] + [{**REASONING_CHAT[2], "content": f"{i}?"}] + REASONING_CHAT[3:]}
+            )
+            for i in range(5)
+        )
+    )
+    prepared = prepare_data(
+        DataConfig(sources=[DataSource(path=str(path))], validation_split=0, test_split=0), tokenizer
+    )
     finding = {f.check: f for f in prepared.report.findings}["reasoning"]
     assert finding.level == "warning" and "no reasoning is trained" in finding.message
     assert not any("Two and two" in text for row in prepared.splits["train"] for text in trained_text(tokenizer, row))

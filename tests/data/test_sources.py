@@ -25,15 +25,24 @@ def _replies(dataset) -> list[str]:
 
 def test_jsonl_json_csv_parquet_and_txt(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"prompt": q, "completion": a}) for q, a in PAIRS))
-    (tmp_path / "b.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in PAIRS]))
+    (tmp_path / "b.json").write_text(
+        json.dumps([{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in PAIRS])
+    )
     with open(tmp_path / "c.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["instruction", "input", "output"])
         for q, a in PAIRS:
             writer.writerow([q, "", a])
-    Dataset.from_list([{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in PAIRS]).to_parquet(str(tmp_path / "d.parquet"))
+    Dataset.from_list(
+        [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in PAIRS]
+    ).to_parquet(str(tmp_path / "d.parquet"))
     (tmp_path / "e.txt").write_text("First paragraph\nstill first.\n\nSecond paragraph.\n\n\n\nThird.\n")
-    for name, fmt in (("a.jsonl", "prompt_completion"), ("b.json", "sharegpt"), ("c.csv", "alpaca"), ("d.parquet", "messages")):
+    for name, fmt in (
+        ("a.jsonl", "prompt_completion"),
+        ("b.json", "sharegpt"),
+        ("c.csv", "alpaca"),
+        ("d.parquet", "messages"),
+    ):
         dataset, report = _load(DataSource(path=str(tmp_path / name)))
         assert _replies(dataset) == [a for _, a in PAIRS] and report.formats == {fmt: 6}, name
     text, report = _load(DataSource(path=str(tmp_path / "e.txt")))
@@ -73,13 +82,18 @@ def test_folder_glob_and_save_to_disk(tmp_path):
     (folder / "sub" / "two.jsonl").write_text(json.dumps({"prompt": "b?", "completion": "B."}) + "\n")
     (folder / "notes.md").write_text("ignored: not a data file type")
     dataset, _ = _load(DataSource(path=str(folder)))
-    assert _replies(dataset) == ["A.", "B."] and dataset["origin"] == [f"{folder / 'one.jsonl'}:1", f"{folder / 'sub' / 'two.jsonl'}:1"]
+    assert _replies(dataset) == ["A.", "B."] and dataset["origin"] == [
+        f"{folder / 'one.jsonl'}:1",
+        f"{folder / 'sub' / 'two.jsonl'}:1",
+    ]
     globbed, _ = _load(DataSource(path=str(folder / "**" / "*.jsonl")))
     assert _replies(globbed) == ["A.", "B."]
 
     rows = [{"instruction": q, "output": a} for q, a in PAIRS]
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
-    DatasetDict({"train": Dataset.from_list(rows[:2]), "extra": Dataset.from_list(rows[2:])}).save_to_disk(str(tmp_path / "saved_dict"))
+    DatasetDict({"train": Dataset.from_list(rows[:2]), "extra": Dataset.from_list(rows[2:])}).save_to_disk(
+        str(tmp_path / "saved_dict")
+    )
     saved, _ = _load(DataSource(path=str(tmp_path / "saved")))
     assert len(saved) == 6
     extra, _ = _load(DataSource(path=str(tmp_path / "saved_dict"), split="extra"))
@@ -92,7 +106,9 @@ def test_missing_paths_and_unsupported_types_are_named(tmp_path):
     with pytest.raises(FinetuneError, match="nothing.jsonl` not found"):
         _load(DataSource(path=str(tmp_path / "nothing.jsonl")))
     (tmp_path / "data.xlsx").write_bytes(b"PK")
-    with pytest.raises(FinetuneError, match=r"unsupported file type '.xlsx'; use one of .jsonl, .json, .csv, .parquet, .txt"):
+    with pytest.raises(
+        FinetuneError, match=r"unsupported file type '.xlsx'; use one of .jsonl, .json, .csv, .parquet, .txt"
+    ):
         _load(DataSource(path=str(tmp_path / "data.xlsx")))
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(FinetuneError, match="holds no .jsonl, .json, .csv, .parquet, .txt files"):
@@ -109,10 +125,16 @@ def test_column_and_role_mapping(tmp_path):
     path = tmp_path / "odd.jsonl"
     rows = [{"dialog": [{"speaker": "human", "text": q}, {"speaker": "bot", "text": a}]} for q, a in PAIRS]
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    source = DataSource(path=str(path), format="messages", columns={"messages": "dialog", "role": "speaker", "content": "text"},
-                        roles={"human": "user", "bot": "assistant"})
+    source = DataSource(
+        path=str(path),
+        format="messages",
+        columns={"messages": "dialog", "role": "speaker", "content": "text"},
+        roles={"human": "user", "bot": "assistant"},
+    )
     dataset, _ = _load(source)
-    assert [m["role"] for m in dataset[0]["messages"]] == ["user", "assistant"] and _replies(dataset) == [a for _, a in PAIRS]
+    assert [m["role"] for m in dataset[0]["messages"]] == ["user", "assistant"] and _replies(dataset) == [
+        a for _, a in PAIRS
+    ]
     qa = tmp_path / "qa.jsonl"
     qa.write_text("\n".join(json.dumps({"question": q, "answer": a}) for q, a in PAIRS))
     dataset, report = _load(DataSource(path=str(qa), columns={"prompt": "question", "completion": "answer"}))
@@ -125,16 +147,24 @@ def test_weights_mix_sources_in_the_training_split_only(tmp_path, chatml_tokeniz
     many, few = tmp_path / "many.jsonl", tmp_path / "few.jsonl"
     many.write_text("\n".join(json.dumps({"prompt": f"m{i}?", "completion": f"M{i}."}) for i in range(40)))
     few.write_text("\n".join(json.dumps({"prompt": f"f{i}?", "completion": f"F{i}."}) for i in range(10)))
-    cfg = DataConfig(sources=[DataSource(path=str(many), weight=0.5), DataSource(path=str(few), weight=3)],
-                     validation_split=0.1, test_split=0.1, max_length=64)
-    plain = prepare_data(cfg.model_copy(update={"sources": [DataSource(path=str(many)), DataSource(path=str(few))]}), chatml_tokenizer)
+    cfg = DataConfig(
+        sources=[DataSource(path=str(many), weight=0.5), DataSource(path=str(few), weight=3)],
+        validation_split=0.1,
+        test_split=0.1,
+        max_length=64,
+    )
+    plain = prepare_data(
+        cfg.model_copy(update={"sources": [DataSource(path=str(many)), DataSource(path=str(few))]}), chatml_tokenizer
+    )
     mixed = prepare_data(cfg, chatml_tokenizer)
 
     def count(split, prefix):
         return sum(row["messages"][-1]["content"].startswith(prefix) for row in split)
 
     train_m, train_f = count(plain.splits["train"], "M"), count(plain.splits["train"], "F")
-    assert count(mixed.splits["train"], "M") == round(train_m * 0.5) and count(mixed.splits["train"], "F") == 3 * train_f
+    assert (
+        count(mixed.splits["train"], "M") == round(train_m * 0.5) and count(mixed.splits["train"], "F") == 3 * train_f
+    )
     for name in ("validation", "test"):
         assert mixed.splits[name]["origin"] == plain.splits[name]["origin"]
     assert mixed.report.weighted == {str(many): round(train_m * 0.5), str(few): 3 * train_f}
@@ -143,9 +173,14 @@ def test_weights_mix_sources_in_the_training_split_only(tmp_path, chatml_tokeniz
 def test_raw_text_rows_train_every_token_and_long_ones_are_chunked(tmp_path, chatml_tokenizer):
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(" ".join(f"word{i}_{j}" for j in range(60 if i == 0 else 5)) for i in range(12)))
-    prepared = prepare_data(DataConfig(sources=[DataSource(path=str(path))], max_length=64, validation_split=0.1, test_split=0.1), chatml_tokenizer)
+    prepared = prepare_data(
+        DataConfig(sources=[DataSource(path=str(path))], max_length=64, validation_split=0.1, test_split=0.1),
+        chatml_tokenizer,
+    )
     rows = [row for split in prepared.splits.values() for row in split]
     assert all(row["labels"] == row["input_ids"] and len(row["input_ids"]) <= 64 for row in rows)
     assert prepared.report.text_chunks_added >= 1 and prepared.report.trained_token_share == 1.0
     chunks = [row for row in rows if "(chunk" in row["origin"]]
-    assert chunks and all(row["input_ids"][-1] == chatml_tokenizer.eos_token_id for row in rows if "(chunk" not in row["origin"])
+    assert chunks and all(
+        row["input_ids"][-1] == chatml_tokenizer.eos_token_id for row in rows if "(chunk" not in row["origin"]
+    )
