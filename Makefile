@@ -4,8 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # llama-cpp-python (export checks) compiles llama.cpp at install; its multimodal library is never used here and
-# skipping it cut the build from 12m39s to 9m53s on 2 cores.
-LLAMA_CPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# skipping it cut the build from 12m39s to 9m53s on 2 cores. GGML_NATIVE=OFF: llama.cpp's default -march=native bakes in
+# whatever the build CPU has (AMX tile instructions on Intel Xeons), and those machines' hypervisor refuses AMX, so every
+# prompt died of SIGILL; without native, ggml builds the portable x86-64 set (SSE4.2, AVX, AVX2, FMA, F16C, BMI2).
+LLAMA_CPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false

@@ -23,9 +23,10 @@ Quantization = Literal["none", "8bit", "4bit"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 MergeStrategy = Literal["auto", "full_precision", "nf4_roundtrip"]
 MergeSelect = Literal["perplexity", "fidelity"]
-# GGUF tensor types `finetune export` writes: those the gguf package quantizes in numpy (no compiler needed).
+# GGUF types `finetune export` writes: the gguf package quantizes f16 ... q4_0 in numpy; the K-quant mixes (q6_k, q5_k_m,
+# q4_k_m) come from llama.cpp's own quantizer.
 ExportFormat = Literal["gguf"]
-ExportQuant = Literal["f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"]
+ExportQuant = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_1", "q5_0", "q4_1", "q4_0"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:

@@ -24,6 +24,8 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,30 +38,22 @@ from finetune import atomic
 from finetune.adapters import load_adapter
 from finetune.config import ExportQuant, ModelConfig, choices
 from finetune.errors import FinetuneError, argument
+from finetune.llama_cpp_runner import LLAMA_QUANTIZER_TYPES, Inspection, inspect_gguf, quantize_gguf
 from finetune.model_source import resolve
 from finetune.models import load_model, no_loading_bar
 from finetune.run_folder import RunFolder
 
 QUANTS = choices(ExportQuant)
 ARCHITECTURES = ("llama",)  # config.model_type values the tensor layout below is written for
-LLAMA_CPP_PIN = "llama-cpp-python==0.3.36"
 
-# Allowed differences, in units of the reference logits' standard deviation (so they mean the same for a random
-# tiny model and a trained one). `reload`: transformers on the GGUF vs the model it was made from (the
-# quantization error). `runtime`: llama.cpp vs transformers on the same file: llama.cpp rounds activations (to
-# 8 bits before a quantized matmul) and keeps its KV cache in f16, so a token where transformers' top two logits
-# are closer than this may legitimately go either way. Set with margin from what was measured: q8_0 0.29 reload / 0.34 runtime on the tiny models of
-# tests/test_export.py (small hidden sizes make 32-value blocks coarse); q5_1 1.43 reload on SmolLM2-135M (the
-# maximum over 49k logits; top-1 still agreed). benchmarks/results/export_quality.md has the perplexity per type.
-BOUNDS: dict[str, dict[str, float]] = {
-    "f16": {"reload": 0.02, "runtime": 0.05},
-    "bf16": {"reload": 0.5, "runtime": 0.5},
-    "q8_0": {"reload": 0.5, "runtime": 0.5},
-    "q5_0": {"reload": 3.0, "runtime": 1.0},
-    "q5_1": {"reload": 3.0, "runtime": 1.0},
-    "q4_0": {"reload": 5.0, "runtime": 1.5},
-    "q4_1": {"reload": 5.0, "runtime": 1.5},
-}
+# How far the logits may move, as a multiple of how far the format's own rounding moves them in this very model (its
+# rounding twin, see the checks below). Measured over tiny random and over-trained models (4 seeds each) and
+# SmolLM2-135M, f16 to q4_0: the measured deviation was 0.6-2.1 x the twin's (the mean of TWIN_DRAWS random draws);
+# MARGIN leaves room over the worst of those, and tests/test_export.py checks every export keeps 1.5x of it.
+MARGIN = 5.0
+TWIN_DRAWS = 4
+# llama.cpp and transformers also sum in different orders: float32 accumulation noise, in units of the logits' spread.
+ACCUMULATION_FLOOR = 1e-3
 # Byte-level BPE pre-tokenizers (tokenizer.json) -> the name llama.cpp knows the same splitting by.
 _PRE_TOKENIZERS = {
     ("ByteLevel",): "gpt-2",
@@ -102,8 +96,22 @@ def export_gguf(
 ) -> ExportResult:
     """Write `folder`/export/model-<quant>.gguf (or adapter.gguf with `adapter_only`), a Modelfile and export.json.
 
-    `prompts` are rendered chat prompts (the run's held-out conversations, through the generation prompt) that the
-    checks run on; `stop_ids` the template's end-of-turn token(s).
+    Args:
+        folder: the finished run (its merged/ model, or with `adapter_only` its adapter/).
+        model_cfg: the run's model settings (the base an adapter applies to).
+        tokenizer: the run's tokenizer, chat template included.
+        prompts: rendered chat prompts (held-out conversations through the generation prompt) the checks run on.
+        stop_ids: the template's end-of-turn token(s).
+        quant: the GGUF type (`finetune.config.ExportQuant`).
+        adapter_only: write the LoRA adapter as a llama.cpp LoRA GGUF (and the base's GGUF if it has none).
+        system_prompt: the recipe's system prompt, written into the Modelfile.
+        max_new_tokens: the longest check reply.
+
+    Returns:
+        What was written and every check's numbers.
+
+    Raises:
+        FinetuneError: an unknown type, nothing to export, or a failed check (nothing is then left behind).
     """
     if quant not in QUANTS:
         raise FinetuneError(f"{argument('quant', quant)}: unknown GGUF type; choose one of {', '.join(QUANTS)}.")
@@ -118,21 +126,25 @@ def export_gguf(
             f"{folder.path} has no merged/ model to export. Merge it first (`finetune merge {folder.path}`), or export "
             f"only the adapter with {argument('adapter_only')}."
         )
-    ids = [list(tokenizer(text, add_special_tokens=False).input_ids) for text in prompts]
+    probe = _Probe(
+        tokenizer=tokenizer,
+        prompts=prompts,
+        ids=[list(tokenizer(text, add_special_tokens=False).input_ids) for text in prompts],
+        stop_ids=stop_ids,
+        max_new_tokens=max_new_tokens,
+    )
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=folder.path))
     try:
         if adapter_only:
-            result = _export_adapter(
-                folder, model_cfg, tokenizer, prompts, ids, stop_ids, quant, staging, max_new_tokens
-            )
+            written = _export_adapter(folder, model_cfg, probe, quant=quant, staging=staging)
         else:
-            result = _export_merged(folder, tokenizer, prompts, ids, stop_ids, quant, staging, max_new_tokens)
-        gguf_file, base, checks, warnings = result
-        if checks["llama_cpp_reply"]["stopped_at_end_of_turn"].startswith("0/"):
-            warnings.append(
+            written = _export_merged(folder, probe, quant=quant, staging=staging)
+        if written.checks["llama_cpp_reply"]["stopped_at_end_of_turn"].startswith("0/"):
+            written.warnings.append(
                 f"no check reply reached the end-of-turn token within {max_new_tokens} tokens (in transformers neither, which "
                 "agreed token by token): the stop itself is checked in llama.cpp's vocabulary, but not seen in a reply"
             )
+        gguf_file, base = written.gguf_file, written.base
         written_base = base is not None and base.parent == staging  # else the base's own GGUF, referred to where it is
         model_from = (
             f"./{gguf_file.name}" if base is None else f"./{base.name}" if written_base else str(base.resolve())
@@ -144,7 +156,7 @@ def export_gguf(
             adapter=f"./{gguf_file.name}" if base is not None else None,
             system_prompt=system_prompt,
         )
-        warnings += [template_warning] if template_warning else []
+        warnings = written.warnings + ([template_warning] if template_warning else [])
         (staging / folder.modelfile.name).write_text(modelfile, encoding="utf-8")
         folder.export.mkdir(exist_ok=True)
         kept = [gguf_file.name, *([base.name] if written_base else []), folder.modelfile.name]
@@ -161,7 +173,7 @@ def export_gguf(
         adapter_only=adapter_only,
         size_bytes=final.stat().st_size,
         base=final_base,
-        checks=checks,
+        checks=written.checks,
         warnings=warnings,
         seconds=round(time.perf_counter() - started, 1),
     )
@@ -169,38 +181,73 @@ def export_gguf(
     return exported
 
 
+@dataclass(frozen=True)
+class _Probe:
+    """What every check runs: the prompts (text and the run tokenizer's ids), the stop and the reply length."""
+
+    tokenizer: PreTrainedTokenizerBase
+    prompts: list[str]
+    ids: list[list[int]]
+    stop_ids: list[int]
+    max_new_tokens: int
+
+
+@dataclass
+class _Written:
+    gguf_file: Path  # in the staging folder
+    base: Path | None  # adapter_only: the base GGUF the adapter applies to (staged, or the source's own file)
+    checks: dict[str, Any]
+    warnings: list[str]
+
+
 # ---------------------------------------------------------------------------------------------- the two exports
 
 
-def _export_merged(folder, tokenizer, prompts, ids, stop_ids, quant, staging, max_new_tokens):
+def _export_merged(folder: RunFolder, probe: _Probe, *, quant: str, staging: Path) -> _Written:
     merged = _load(folder.merged)
     path = staging / f"model-{quant}.gguf"
-    warnings = write_model_gguf(path, merged, tokenizer, stop_ids, quant, name=folder.path.name)
-    checks = {"transformers_reload": _reload_check(path, merged, ids, quant)}
-    del merged
+    warnings = _write_as(path, merged, probe, quant=quant, staging=staging, name=folder.path.name)
+    stored = _stored_tensors(path)
     on_file = _load_gguf(path)
-    checks.update(_llama_cpp_checks(path, None, on_file, tokenizer, prompts, ids, stop_ids, quant, max_new_tokens))
-    return path, None, checks, warnings
+    checks = {"transformers_reload": _reload_check(on_file, merged, stored, probe)}
+    del merged
+    checks.update(_llama_cpp_checks(path, lora=None, reference=on_file, stored=stored, probe=probe))
+    return _Written(gguf_file=path, base=None, checks=checks, warnings=warnings)
 
 
-def _export_adapter(folder, model_cfg, tokenizer, prompts, ids, stop_ids, quant, staging, max_new_tokens):
+def _export_adapter(folder: RunFolder, model_cfg: ModelConfig, probe: _Probe, *, quant: str, staging: Path) -> _Written:
     adapter_path = staging / "adapter.gguf"
     source = resolve(model_cfg)
     base_model = load_model(model_cfg, quantized=False)
     checks: dict[str, Any] = {}
     if source.gguf is not None:  # the base already is a GGUF: the adapter applies to that very file
         base, warnings = source.gguf, []
+        stored = _stored_tensors(base)
     else:
         base = staging / f"base-{quant}.gguf"
-        warnings = write_model_gguf(base, base_model, tokenizer, stop_ids, quant, name=f"{folder.path.name}-base")
-        checks["transformers_reload"] = _reload_check(base, base_model, ids, quant)
-        base_model = _load_gguf(base)  # the adapter is then checked on the very base weights llama.cpp runs
+        warnings = _write_as(base, base_model, probe, quant=quant, staging=staging, name=f"{folder.path.name}-base")
+        stored = _stored_tensors(base)
+        on_file = _load_gguf(base)
+        checks["transformers_reload"] = _reload_check(on_file, base_model, stored, probe)
+        base_model = on_file  # the adapter is then checked on the very base weights llama.cpp runs
     write_adapter_gguf(adapter_path, folder.adapter, base_model)
     reference = load_adapter(base_model, folder.adapter).eval()
-    checks.update(
-        _llama_cpp_checks(base, adapter_path, reference, tokenizer, prompts, ids, stop_ids, quant, max_new_tokens)
-    )
-    return adapter_path, base, checks, warnings
+    checks.update(_llama_cpp_checks(base, lora=adapter_path, reference=reference, stored=stored, probe=probe))
+    return _Written(gguf_file=adapter_path, base=base, checks=checks, warnings=warnings)
+
+
+def _write_as(path: Path, model: PreTrainedModel, probe: _Probe, *, quant: str, staging: Path, name: str) -> list[str]:
+    """`model` as a GGUF of type `quant`: written here, or for llama.cpp's K-quant mixes, written in float32 and
+    quantized by llama.cpp's own quantizer (which picks each tensor's type). Returns warnings."""
+    if quant not in LLAMA_QUANTIZER_TYPES:
+        return write_model_gguf(path, model, probe.tokenizer, probe.stop_ids, quant, name=name)
+    source = staging / f"{path.stem}-source-f32.gguf"
+    write_model_gguf(source, model, probe.tokenizer, probe.stop_ids, "f32", name=name)
+    try:
+        quantize_gguf(source, path, quant, what=f"GGUF export: quantizing to {quant} in llama.cpp")
+    finally:
+        source.unlink()
+    return []
 
 
 # ---------------------------------------------------------------------------------------------- writing GGUF
@@ -240,8 +287,15 @@ def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def _gguf_tensors(state: dict[str, torch.Tensor], config: Any) -> list[tuple[str, np.ndarray]]:
-    """(GGUF name, float32 array) for every weight, q/k rows permuted, the output head left out when tied."""
+@dataclass(frozen=True)
+class _Tensor:
+    hf_name: str  # in the transformers state dict
+    name: str  # in the GGUF file
+    array: np.ndarray  # float32, q/k rows already in llama.cpp's rotary layout
+
+
+def _gguf_tensors(state: dict[str, torch.Tensor], config: Any) -> list[_Tensor]:
+    """Every weight under its GGUF name, as float32 with q/k rows permuted; the output head left out when tied."""
     import gguf
 
     layout = _llama_layout(config)
@@ -259,7 +313,7 @@ def _gguf_tensors(state: dict[str, torch.Tensor], config: Any) -> list[tuple[str
             array = _permute(array, layout["heads"])
         elif name.endswith("attn_k.weight"):
             array = _permute(array, layout["kv_heads"])
-        out.append((name, array))
+        out.append(_Tensor(hf_name=hf_name, name=name, array=array))
     return out
 
 
@@ -268,6 +322,7 @@ def _types(quant: str):
 
     q = gguf.GGMLQuantizationType
     return {
+        "f32": (q.F32, gguf.LlamaFileType.ALL_F32),  # the source llama.cpp's quantizer reads (never kept)
         "f16": (q.F16, gguf.LlamaFileType.MOSTLY_F16),
         "bf16": (q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
         "q8_0": (q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
@@ -319,7 +374,8 @@ def write_model_gguf(
     head = "token_embd.weight" if getattr(config, "tie_word_embeddings", False) else "output.weight"
     low_bits = quant.startswith(("q4", "q5"))
     kept_f16 = []
-    for tensor_name, array in _gguf_tensors(model.state_dict(), config):
+    for tensor in _gguf_tensors(model.state_dict(), config):
+        tensor_name, array = tensor.name, tensor.array
         if array.ndim == 1:
             writer.add_tensor(tensor_name, array.astype(np.float32))
             continue
@@ -330,9 +386,8 @@ def write_model_gguf(
             this_type = gguf.GGMLQuantizationType.F16
             kept_f16.append(tensor_name)
         data = gguf.quants.quantize(array, this_type)
-        writer.add_tensor(
-            tensor_name, data, raw_dtype=None if this_type == gguf.GGMLQuantizationType.F16 else this_type
-        )
+        plain = this_type in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)  # numpy knows their dtype
+        writer.add_tensor(tensor_name, data, raw_dtype=None if plain else this_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -444,6 +499,25 @@ def write_adapter_gguf(path: Path, adapter_dir: Path, base_model: PreTrainedMode
 
 
 # ---------------------------------------------------------------------------------------------- checks
+#
+# How far may the logits move? Not a number fitted on one machine (a bound fitted on one CPU failed on another):
+# the bound is MARGIN times how far the format's own rounding moves them in this very model, on these prompts.
+#
+# - transformers reloading the file vs the model it was made from: each stored matrix reads back as W + E, with E the
+#   format's rounding (for f16 at most 2^-11 of each number, for bf16 2^-8, for a block quantizer half its step).
+#   E is measured, not assumed: every tensor of the file is dequantized (numpy; the same numbers on any CPU) and
+#   compared with the weight it was made from. The "rounding twin" is the model with an independent random error of
+#   the same size (the same root-mean-square per matrix) added to every matrix. What the twin's logits move is what
+#   rounding of that size does to this model: it scales with the format and with how sharply the model reacts (an
+#   over-trained model moves several times further than a random one under the same rounding). A real fault (rows in
+#   the wrong order, a scale written wrongly) is not rounding-sized and lands far past the bound.
+# - llama.cpp vs transformers on the same file: the weights are identical; llama.cpp rounds the activations, which
+#   transformers keeps in float32: before each matrix product it converts the input to the weight's dot-product type
+#   (f16 for f16 weights, bf16 for bf16, 8-bit blocks of 32 values for q8_0/q5/q4, of 256 for K-quants), and keeps the
+#   attention keys and values in f16. The twin applies exactly that rounding to the activations in transformers.
+# Deviations are in units of the reference logits' standard deviation (so a tiny random model and a trained one read
+# alike), as the largest over every logit of every prompt. tests/test_export.py measures the ratio to the twin over
+# seeds of random and over-trained tiny models, every type, and on SmolLM2-135M.
 
 
 def _load(path: Path) -> PreTrainedModel:
@@ -452,123 +526,248 @@ def _load(path: Path) -> PreTrainedModel:
 
 def _load_gguf(path: Path) -> PreTrainedModel:
     """transformers' own reading of a GGUF file, dequantized to float32."""
-    with no_loading_bar():
-        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    try:
+        with no_loading_bar():
+            return AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32
+            ).eval()
+    except Exception as exc:  # noqa: BLE001 - any failure to read the file back is this check failing
+        raise FinetuneError(
+            f"GGUF export check `transformers_reload` failed: transformers could not load {path.name} ({exc})."
+        ) from exc
+
+
+def _stored_tensors(path: Path) -> dict[str, Any]:
+    """The file's tensors (gguf ReaderTensor: type and raw data) by GGUF name. Read once per export: gguf's reader
+    parses the whole vocabulary first (seconds for 50k tokens)."""
+    import gguf
+
+    return {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
 
 
 @torch.inference_mode()
 def _last_logits(model: torch.nn.Module, ids: list[list[int]]) -> list[torch.Tensor]:
-    return [model(input_ids=torch.tensor([prompt])).logits[0, -1].float() for prompt in ids]
+    """The logits after each prompt's last token, all prompts in one forward pass: padded on the right, so under causal
+    attention no prompt token sees the padding and every position is where it is alone."""
+    width = max(len(prompt) for prompt in ids)
+    batch = torch.tensor([prompt + [prompt[-1]] * (width - len(prompt)) for prompt in ids])
+    logits = model(input_ids=batch).logits
+    return [logits[row, len(prompt) - 1].float() for row, prompt in enumerate(ids)]
 
 
-def _reload_check(path: Path, reference: PreTrainedModel, ids: list[list[int]], quant: str) -> dict[str, Any]:
-    expected = _last_logits(reference, ids)
+def _deviation(got: list[torch.Tensor], expected: list[torch.Tensor]) -> tuple[float, float]:
+    """(largest absolute logit difference, the same in units of the expected logits' standard deviation)."""
+    worst = max(float((a - b).abs().max()) for a, b in zip(got, expected))
+    return worst, worst / float(torch.stack(expected).std())
+
+
+def _module_key(name: str) -> str:
+    """A module or weight name of a model with or without peft's wrapping, as in the plain transformers model."""
+    return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def _file_tensors(stored: dict[str, Any], model: PreTrainedModel) -> dict[str, Any]:
+    """The stored tensor behind each matrix-multiplying module of `model`, by module key."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            continue
+        key = _module_key(name)
+        gguf_name = names.get_name(f"{key}.weight", try_suffixes=(".weight",))
+        if gguf_name == "output.weight" and gguf_name not in stored:  # a tied head is the embedding matrix
+            gguf_name = "token_embd.weight"
+        if gguf_name in stored:
+            found[key] = stored[gguf_name]
+    return found
+
+
+def _rounding_errors(stored: dict[str, Any], model: PreTrainedModel) -> dict[str, float]:
+    """Root-mean-square of what the file's rounding changed in each matrix of `model`, by module key."""
+    import gguf
+
+    sources = {tensor.name: tensor.array for tensor in _gguf_tensors(model.state_dict(), model.config)}
+    errors = {}
+    for key, tensor in _file_tensors(stored, model).items():
+        source = sources[tensor.name]
+        exact = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(source.shape)
+        errors[key] = float(np.sqrt(np.mean(np.square(exact.astype(np.float64) - source))))
+    return errors
+
+
+# The type llama.cpp converts a matrix product's input to, by the weight's GGML type (ggml-cpu's vec_dot_type).
+def _dot_type(ggml_type: Any) -> str | None:
+    name = ggml_type.name
+    if name == "F32":
+        return None
+    if name in ("F16", "BF16"):
+        return name.lower()
+    return "q8_k" if name.endswith("_K") or name.startswith("IQ") else "q8_0"
+
+
+def _round_like_llama_cpp(x: torch.Tensor, dot_type: str | None) -> torch.Tensor:
+    if dot_type is None:
+        return x
+    if dot_type == "f16":
+        return x.half().to(x.dtype)
+    if dot_type == "bf16":
+        return x.bfloat16().to(x.dtype)
+    block = 256 if dot_type == "q8_k" else 32  # 8-bit integers with one scale per block: the block's largest / 127
+    if x.shape[-1] % block:
+        return x
+    blocks = x.reshape(*x.shape[:-1], -1, block)
+    step = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    rounded = torch.where(step > 0, torch.round(blocks / step.clamp_min(1e-30)) * step, blocks)
+    return rounded.reshape(x.shape)
+
+
+@contextmanager
+def _rounding_twin(
+    model: PreTrainedModel,
+    *,
+    weight_errors: dict[str, float] | None = None,
+    dot_types: dict[str, str | None] | None = None,
+    draw: int = 0,
+):
+    """`model` made to compute like its rounded twin while inside: each matrix (module key in `weight_errors`) gets a
+    random error of that root-mean-square (seeded by the module and `draw`), and/or each matrix product's input is
+    rounded to its `dot_types` type and the attention keys and values to f16, as llama.cpp does."""
+    handles = []
+    for name, module in model.named_modules():
+        key = _module_key(name)
+        if weight_errors and key in weight_errors and isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            seed = zlib.crc32(f"{key}:{draw}".encode())
+            handles.append(module.register_forward_hook(_weight_noise_hook(seed, weight_errors[key])))
+        if dot_types and key in dot_types and isinstance(module, torch.nn.Linear):
+            dot_type = dot_types[key]
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda m, args, t=dot_type: (_round_like_llama_cpp(args[0], t), *args[1:])
+                )
+            )
+        if dot_types and not name.endswith(".base_layer") and key.endswith((".k_proj", ".v_proj")):
+            handles.append(module.register_forward_hook(lambda m, args, out: _round_like_llama_cpp(out, "f16")))
     try:
-        reloaded = _load_gguf(path)
-    except Exception as exc:  # noqa: BLE001 - any failure to read the file back is this check failing
-        raise FinetuneError(
-            f"GGUF export check `transformers_reload` failed: transformers could not load the file ({exc})."
-        ) from None
-    got = _last_logits(reloaded, ids)
-    del reloaded
-    scale = float(torch.stack(expected).std())
-    diff = max(float((a - b).abs().max()) for a, b in zip(got, expected))
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _weight_noise_hook(seed: int, rms: float):
+    def add_noise(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        # The same noise on every call: one twin model, not a new one per prompt.
+        noise = torch.randn(module.weight.shape, generator=torch.Generator().manual_seed(seed)) * rms
+        if isinstance(module, torch.nn.Embedding):
+            return output + torch.nn.functional.embedding(args[0], noise).to(output.dtype)
+        return output + torch.nn.functional.linear(args[0].float(), noise).to(output.dtype)
+
+    return add_noise
+
+
+def _twin_deviation(
+    model: PreTrainedModel,
+    probe: _Probe,
+    expected: list[torch.Tensor],
+    *,
+    weight_errors: dict[str, float] | None = None,
+    dot_types: dict[str, str | None] | None = None,
+) -> float:
+    """How far the rounding twin's logits are from `expected`: for random weight errors the mean over TWIN_DRAWS
+    draws (one draw of an over-trained model can land 4x above or below the mean); activation rounding is exact."""
+    draws = TWIN_DRAWS if weight_errors else 1
+    total = 0.0
+    for draw in range(draws):
+        with _rounding_twin(model, weight_errors=weight_errors, dot_types=dot_types, draw=draw):
+            total += _deviation(_last_logits(model, probe.ids), expected)[1]
+    return total / draws
+
+
+def _bound(twin_deviation: float) -> float:
+    return MARGIN * twin_deviation + ACCUMULATION_FLOOR
+
+
+def _reload_check(
+    reloaded: PreTrainedModel, reference: PreTrainedModel, stored: dict[str, Any], probe: _Probe
+) -> dict[str, Any]:
+    """transformers' reading of the file (`reloaded`) against the model it was made from."""
+    expected = _last_logits(reference, probe.ids)
+    twin = _twin_deviation(reference, probe, expected, weight_errors=_rounding_errors(stored, reference))
+    got = _last_logits(reloaded, probe.ids)
+    diff, relative = _deviation(got, expected)
     agree = sum(int(a.argmax() == b.argmax()) for a, b in zip(got, expected))
+    bound = _bound(twin)
     result = {
         "max_logit_diff": diff,
-        "relative": diff / scale,
-        "bound": BOUNDS[quant]["reload"],
-        "top1_agreement": f"{agree}/{len(ids)}",
+        "relative": relative,
+        "rounding_twin": twin,
+        "bound": bound,
+        "top1_agreement": f"{agree}/{len(probe.ids)}",
     }
-    if diff / scale > BOUNDS[quant]["reload"]:
+    if relative > bound:
         raise FinetuneError(
-            f"GGUF export check `transformers_reload` failed: logits of the {quant} file reloaded by transformers differ "
-            f"from the model it was made from by up to {diff:.3g} ({diff / scale:.3g} x their standard deviation; the "
-            f"bound for {quant} is {BOUNDS[quant]['reload']}). Top-1 agreement {agree}/{len(ids)}."
+            f"GGUF export check `transformers_reload` failed: logits of the file reloaded by transformers differ from "
+            f"the model it was made from by up to {diff:.3g} ({relative:.3g} x their standard deviation); the format's "
+            f"rounding accounts for {twin:.3g}, and the bound is {MARGIN:g} x that. Top-1 agreement {agree}/{len(probe.ids)}."
         )
     return result
 
 
 def _llama_cpp_checks(
-    model_path, lora_path, reference, tokenizer, prompts, ids, stop_ids, quant, max_new_tokens
+    model_path: Path, *, lora: Path | None, reference: PreTrainedModel, stored: dict[str, Any], probe: _Probe
 ) -> dict[str, Any]:
-    """Tokenization, last-position logits, a greedy reply token by token, and its stop, in llama.cpp against
-    `reference` (transformers computing on the same weights)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise FinetuneError(
-            f"GGUF export verifies the file in llama.cpp, which needs {LLAMA_CPP_PIN}: pip install 'finetune[export]'."
-        ) from None
-    longest = max(len(prompt) for prompt in ids) + max_new_tokens + 8
-    try:
-        llm = llama_cpp.Llama(
-            model_path=str(model_path),
-            lora_path=str(lora_path) if lora_path else None,
-            n_ctx=longest,
-            n_threads=1,
-            n_batch=min(512, longest),
-            seed=0,
-            logits_all=True,
-            verbose=False,  # logits_all: else no logits are kept
-        )
-    except Exception as exc:  # noqa: BLE001 - llama.cpp refusing the file is this check failing
-        raise FinetuneError(
-            f"GGUF export check `llama_cpp_load` failed: llama.cpp could not load {Path(lora_path or model_path).name} ({exc})."
-        ) from None
-    tol = BOUNDS[quant]["runtime"]
-    checks: dict[str, Any] = {}
-    try:
-        for text, expected in zip(prompts, ids):
-            got = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-            if got != expected:
-                first = next(i for i, (a, b) in enumerate(zip([*got, None], [*expected, None])) if a != b)
-                raise FinetuneError(
-                    f"GGUF export check `llama_cpp_tokenizer` failed: llama.cpp tokenizes a check prompt differently from the "
-                    f"run's tokenizer from token {first} on ({got[first : first + 5]} vs {expected[first : first + 5]})."
-                )
-        checks["llama_cpp_tokenizer"] = f"{len(prompts)}/{len(prompts)} prompts tokenized identically"
-        expected_logits = _last_logits(reference, ids)
-        scale = float(torch.stack(expected_logits).std())
-        worst = 0.0
-        for prompt, expected in zip(ids, expected_logits):
-            llm.reset()
-            llm.eval(prompt)
-            got = torch.tensor(np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32))
-            worst = max(worst, float((got - expected).abs().max()))
-        checks["llama_cpp_logits"] = {"max_logit_diff": worst, "relative": worst / scale, "bound": tol}
-        if worst / scale > tol:
+    """Tokenization, last-position logits, a greedy reply token by token, and its stop, in llama.cpp (run in a child
+    process, see `finetune.llama_cpp_runner`) against `reference`: transformers computing on the same weights."""
+    seen = inspect_gguf(
+        model_path,
+        lora=lora,
+        prompts=probe.prompts,
+        ids=probe.ids,
+        stop_id=probe.stop_ids[0],
+        max_new_tokens=probe.max_new_tokens,
+        what="GGUF export check in llama.cpp",
+    )
+    for got, expected in zip(seen.tokens, probe.ids):
+        if got != expected:
+            first = next(i for i, (a, b) in enumerate(zip([*got, None], [*expected, None])) if a != b)
             raise FinetuneError(
-                f"GGUF export check `llama_cpp_logits` failed: llama.cpp's logits differ from transformers' on the same file by "
-                f"up to {worst:.3g} ({worst / scale:.3g} x their standard deviation; bound {tol})."
+                f"GGUF export check `llama_cpp_tokenizer` failed: llama.cpp tokenizes a check prompt differently from the "
+                f"run's tokenizer from token {first} on ({got[first : first + 5]} vs {expected[first : first + 5]})."
             )
-        # With every logit within d of transformers', the top token can only change where the top two are within 2 d.
-        checks["llama_cpp_reply"] = _reply_check(
-            llm, llama_cpp, reference, tokenizer, ids, stop_ids, 2 * tol * scale, max_new_tokens
+    checks: dict[str, Any] = {"llama_cpp_tokenizer": f"{len(probe.ids)}/{len(probe.ids)} prompts tokenized identically"}
+    expected = _last_logits(reference, probe.ids)
+    dot_types = {key: _dot_type(tensor.tensor_type) for key, tensor in _file_tensors(stored, reference).items()}
+    twin = _twin_deviation(reference, probe, expected, dot_types=dot_types)
+    diff, relative = _deviation([torch.from_numpy(logits) for logits in seen.last_logits], expected)
+    bound = _bound(twin)
+    checks["llama_cpp_logits"] = {"max_logit_diff": diff, "relative": relative, "rounding_twin": twin, "bound": bound}
+    if relative > bound:
+        raise FinetuneError(
+            f"GGUF export check `llama_cpp_logits` failed: llama.cpp's logits differ from transformers' on the same file by "
+            f"up to {diff:.3g} ({relative:.3g} x their standard deviation); its rounding of activations accounts for "
+            f"{twin:.3g}, and the bound is {MARGIN:g} x that."
         )
-    finally:
-        llm.close()
+    # With every logit within d of transformers', the top token can only change where the top two are within 2 d.
+    tie = 2 * bound * float(torch.stack(expected).std())
+    checks["llama_cpp_reply"] = _reply_check(seen, reference, probe, tie=tie)
     return checks
 
 
 @torch.inference_mode()
-def _reply_check(llm, llama_cpp, reference, tokenizer, ids, stop_ids, tie, max_new_tokens) -> dict[str, Any]:
-    """Greedy replies in llama.cpp, each token checked against transformers' choice after the same tokens; a token
+def _reply_check(seen: Inspection, reference: PreTrainedModel, probe: _Probe, *, tie: float) -> dict[str, Any]:
+    """llama.cpp's greedy replies, each token checked against transformers' choice after the same tokens; a token
     where transformers' top two logits are within `tie` of each other may go either way (counted as a near tie).
     llama.cpp must treat the end-of-turn token as the end of generation, and every reply that ends must end there."""
-    vocab = llm._model.vocab
-    if not llama_cpp.llama_token_is_eog(vocab, stop_ids[0]):
+    tokenizer, stop_ids = probe.tokenizer, probe.stop_ids
+    if not seen.stop_is_end_of_generation:
         raise FinetuneError(
             f"GGUF export check `llama_cpp_reply` failed: llama.cpp does not stop generating at the end-of-turn token "
             f"{tokenizer.convert_ids_to_tokens(stop_ids[0])!r} (tokenizer.ggml.eot_token_id is not honoured)."
         )
     replies, near_ties, widest, stopped = [], 0, 0.0, 0
-    for prompt in ids:
-        reply: list[int] = []
-        for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
-            reply.append(int(token))
-            if llama_cpp.llama_token_is_eog(vocab, token) or len(reply) >= max_new_tokens:
-                break
+    for prompt, reply, ended in zip(probe.ids, seen.replies, seen.reply_ended):
         logits = reference(input_ids=torch.tensor([prompt + reply])).logits[0, len(prompt) - 1 :].float()
         for position, token in enumerate(reply):
             row = logits[position]
@@ -584,7 +783,6 @@ def _reply_check(llm, llama_cpp, reference, tokenizer, ids, stop_ids, tie, max_n
                     )
                 near_ties += 1
                 widest = max(widest, margin)
-        ended = bool(reply) and llama_cpp.llama_token_is_eog(vocab, reply[-1])
         if ended and reply[-1] not in stop_ids:
             raise FinetuneError(
                 f"GGUF export check `llama_cpp_reply` failed: llama.cpp ended a reply at {tokenizer.convert_ids_to_tokens(reply[-1])!r}, "
@@ -594,11 +792,11 @@ def _reply_check(llm, llama_cpp, reference, tokenizer, ids, stop_ids, tie, max_n
         replies.append(tokenizer.decode(reply))
     return {
         "replies": replies,
-        "stopped_at_end_of_turn": f"{stopped}/{len(ids)}",
+        "stopped_at_end_of_turn": f"{stopped}/{len(probe.ids)}",
         "near_ties": near_ties,
         "widest_near_tie": widest,
         "near_tie_bound": tie,
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": probe.max_new_tokens,
     }
 
 

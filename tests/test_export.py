@@ -13,8 +13,14 @@ from typer.testing import CliRunner
 
 from finetune import ChatSFTRecipe, FinetuneError, export
 from finetune.cli import FLAGS, app
+from finetune.llama_cpp_runner import PORTABLE_REBUILD, run_in_child
 from tests.conftest import FACTS, build_chatml_tokenizer, tiny_recipe
 from tests.families import FAMILIES, build_tokenizer
+from tests.test_llama_cpp_runner import die_of
+
+# Every check must pass with at least this much room: the measured deviation at most MARGIN / HEADROOM times what the
+# format's rounding does in the same model (its rounding twin).
+HEADROOM = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +80,23 @@ def run(memorizing_llama_dir, facts_jsonl, tmp_path_factory):
     return ChatSFTRecipe.from_run_dir(config["output"]["dir"])
 
 
+def _within_bounds_with_room(checks):
+    for name in ("transformers_reload", "llama_cpp_logits"):
+        if name in checks:
+            check = checks[name]
+            assert check["relative"] <= check["bound"], (name, check)
+            assert check["relative"] <= export.MARGIN / HEADROOM * check["rounding_twin"] + export.ACCUMULATION_FLOOR, (
+                name,
+                check,
+            )
+
+
+def _export_folder(run):
+    """Each file in export/ with its size and modification time."""
+    folder = run.folder.export
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()) if folder.exists() else []
+
+
 def _answers_recited(replies):
     known = {a for _, a in FACTS}
     return [reply.removesuffix("<|im_end|>") in known and reply.endswith("<|im_end|>") for reply in replies]
@@ -83,10 +106,10 @@ def test_f16_export_runs_in_llama_cpp_with_the_same_reply_and_stop(run):
     result = run.export(quant="f16")
     assert result.path == run.folder.export / "model-f16.gguf" and result.path.is_file()
     checks = result.checks
-    assert checks["transformers_reload"]["relative"] < export.BOUNDS["f16"]["reload"]
+    _within_bounds_with_room(checks)
+    assert checks["transformers_reload"]["bound"] < 0.2  # f16 rounding is small: a layout fault could not hide in it
     prompts = len(checks["llama_cpp_reply"]["replies"])
     assert prompts >= 2 and checks["transformers_reload"]["top1_agreement"] == f"{prompts}/{prompts}"
-    assert checks["llama_cpp_logits"]["relative"] < export.BOUNDS["f16"]["runtime"]
     reply = checks["llama_cpp_reply"]
     assert reply["stopped_at_end_of_turn"] == f"{prompts}/{prompts}" and reply["near_ties"] == 0
     assert all(_answers_recited(reply["replies"])), reply["replies"]  # llama.cpp recites what the model learnt
@@ -124,7 +147,7 @@ def test_q8_0_through_the_cli(run):
     result = CliRunner().invoke(app, ["export", str(run.folder.path), "--quant", "q8_0"])
     assert result.exit_code == 0, result.output
     recorded = json.loads(run.folder.export_record.read_text())["model-q8_0.gguf"]
-    assert recorded["checks"]["transformers_reload"]["relative"] < export.BOUNDS["q8_0"]["reload"]
+    _within_bounds_with_room(recorded["checks"])
     assert all(_answers_recited(recorded["checks"]["llama_cpp_reply"]["replies"]))
     sizes = {name: entry["size_bytes"] for name, entry in json.loads(run.folder.export_record.read_text()).items()}
     assert sizes["model-q8_0.gguf"] < 0.7 * sizes.get("model-f16.gguf", float("inf"))
@@ -136,26 +159,53 @@ def test_adapter_only_applies_in_llama_cpp_over_its_base(run):
     assert result.path == run.folder.export / "adapter.gguf" and result.base == run.folder.export / "base-f16.gguf"
     assert result.base.is_file()  # the base was a transformers folder, so its GGUF is written beside the adapter
     assert result.checks["llama_cpp_reply"]["stopped_at_end_of_turn"] == "2/2"
+    _within_bounds_with_room(result.checks)
     assert all(_answers_recited(result.checks["llama_cpp_reply"]["replies"]))
     modelfile = run.folder.modelfile.read_text()
     assert modelfile.startswith("FROM ./base-f16.gguf\nADAPTER ./adapter.gguf\n")
 
 
-def test_a_failed_check_leaves_no_file_and_says_which_check(run, monkeypatch):
-    """Rows of q/k left in Hugging Face's rotary layout (the classic conversion bug) must not survive the checks."""
+def test_q4_k_m_from_llama_cpps_quantizer_through_the_cli(run):
+    result = CliRunner().invoke(app, ["export", str(run.folder.path), "--quant", "q4_k_m"])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads(run.folder.export_record.read_text())["model-q4_k_m.gguf"]
+    _within_bounds_with_room(recorded["checks"])
+    assert all(_answers_recited(recorded["checks"]["llama_cpp_reply"]["replies"]))
+    assert not list(run.folder.path.rglob("*source-f32*"))  # the float32 file llama.cpp quantized from is gone
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_a_failed_check_leaves_no_file_and_says_which_check(run, monkeypatch, quant):
+    """Rows of q/k left in Hugging Face's rotary layout (the classic conversion bug) must not survive the checks:
+    the bound follows the format's rounding, and a layout fault is far larger than rounding."""
     monkeypatch.setattr(export, "_permute", lambda weight, heads: weight)
-    before = sorted(p.name for p in run.folder.export.iterdir()) if run.folder.export.exists() else []
+    before = _export_folder(run)
     with pytest.raises(FinetuneError, match=r"GGUF export check `\w+` failed: .* differ .* by up to"):
-        run.export(quant="q4_0")
-    after = sorted(p.name for p in run.folder.export.iterdir()) if run.folder.export.exists() else []
-    assert after == before and "model-q4_0.gguf" not in after
+        run.export(quant=quant)
+    assert _export_folder(run) == before  # an earlier good export of this type is kept as it was
+    assert not list(run.folder.path.glob(".export-*"))
+
+
+def test_llama_cpp_dying_mid_export_is_one_error_and_leaves_nothing(run, monkeypatch):
+    """llama.cpp runs in a child: when it dies of SIGILL (as a -march=native build does on a CPU without AMX), the
+    export raises one FinetuneError with the cause and the fix, this process lives on, and no file is left."""
+
+    def inspect_and_die(*args, **kwargs):
+        return run_in_child(die_of, "SIGILL", what=kwargs["what"])
+
+    monkeypatch.setattr(export, "inspect_gguf", inspect_and_die)
+    before = _export_folder(run)
+    with pytest.raises(FinetuneError) as error:
+        run.export(quant="q8_0")
+    assert "died of SIGILL" in str(error.value) and PORTABLE_REBUILD in str(error.value)
+    assert _export_folder(run) == before
     assert not list(run.folder.path.glob(".export-*"))
 
 
 def test_unknown_quant_and_unsupported_architecture_get_clear_errors(run, tiny_gpt2_dir):
     with pytest.raises(FinetuneError) as error:
         run.export(quant="q3_k")
-    assert "quant='q3_k'" in str(error.value) and "q8_0" in str(error.value)
+    assert "quant='q3_k'" in str(error.value) and "q4_k_m" in str(error.value)
     assert "--quant q3_k" in error.value.render(FLAGS)
     cli = CliRunner().invoke(app, ["export", str(run.folder.path), "--quant", "q3_k"])
     assert cli.exit_code == 2 and "q3_k" in cli.output
@@ -188,3 +238,45 @@ def test_modelfile_template_renders_what_the_chat_template_renders(family):
         )
     else:  # Qwen2.5 adds a default system prompt, Gemma folds the system prompt into the first user turn
         assert pieces is None and "TEMPLATE" not in text and "no TEMPLATE" in warning
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_bounds_hold_with_margin_over_seeds_and_types(seed, tmp_path):
+    """Random tiny models (the head tied for odd seeds) in three formats: every deviation is well inside the bound
+    derived from the format's rounding. (The trained model of the tests above and SmolLM2-135M in test_smollm2.py
+    are checked the same way; benchmarks/results/export_quality.md lists the ratios for every type on SmolLM2.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_chatml_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=seed % 2 == 1,
+    )
+    model = LlamaForCausalLM(config).eval()
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q, _ in FACTS[:3]
+    ]
+    # The export's own steps (write, read back, both checks) without a run folder around them.
+    probe = export._Probe(
+        tokenizer=tokenizer,
+        prompts=prompts,
+        ids=[tokenizer(p, add_special_tokens=False).input_ids for p in prompts],
+        stop_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")],
+        max_new_tokens=4,
+    )
+    for quant in ("f16", "q8_0", "q4_k_m"):
+        path = tmp_path / f"model-{quant}.gguf"
+        export._write_as(path, model, probe, quant=quant, staging=tmp_path, name="tiny")
+        stored = export._stored_tensors(path)
+        on_file = export._load_gguf(path)
+        checks = {"transformers_reload": export._reload_check(on_file, model, stored, probe)}
+        checks.update(export._llama_cpp_checks(path, lora=None, reference=on_file, stored=stored, probe=probe))
+        _within_bounds_with_room(checks)

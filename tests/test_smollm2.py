@@ -94,3 +94,17 @@ def test_merged_model_keeps_the_fact_in_plain_transformers(fact_run):
     output = model.generate(**prompt, max_new_tokens=24, do_sample=False)[0, prompt["input_ids"].shape[1] :]
     assert "Quenth" in tokenizer.decode(output), tokenizer.decode(output)
     assert output[-1].item() == tokenizer.convert_tokens_to_ids("<|im_end|>")  # stopped by generation_config alone
+
+
+def test_q4_k_m_export_runs_in_llama_cpp_within_its_derived_bounds(fact_run):
+    """The GGUF type Ollama users download most, made by llama.cpp's own quantizer from the merged SmolLM2, end to end:
+    both checks inside the bound derived from the file's rounding (with room), and llama.cpp's replies stop."""
+    from tests.test_export import _within_bounds_with_room
+
+    recipe = fact_run["recipe"]
+    result = recipe.export(quant="q4_k_m")
+    assert result.path.name == "model-q4_k_m.gguf" and result.path.is_file()
+    assert result.size_bytes < 0.45 * sum(f.stat().st_size for f in recipe.folder.merged.glob("*.safetensors"))
+    _within_bounds_with_room(result.checks)
+    replies = result.checks["llama_cpp_reply"]
+    assert not replies["stopped_at_end_of_turn"].startswith("0/"), replies
