@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
@@ -27,30 +29,44 @@ from finetune.adapters import load_adapter
 from finetune.config import DataConfig, EvaluationConfig, ModelConfig
 from finetune.data import IGNORE_INDEX, end_of_turn_ids, prepare_data, render_prompt
 from finetune.errors import FinetuneError, argument
-from finetune.metrics import lower_is_better, score_generations
+from finetune.metrics import intervals, score_generations
+from finetune.metrics.intervals import (
+    INTERVAL_NOTE,
+    Change,
+    RowScores,
+    comparison_markdown,
+    generation_rows,
+    recorded_changes,
+)
 from finetune.run_folder import RunFolder, is_adapter
 
 
 @dataclass
 class NLL:
-    """Summed negative log-likelihood and token counts, over assistant tokens and over all tokens; sums add up."""
+    """Negative log-likelihood and token counts of each scored conversation, over assistant tokens and over all
+    tokens: rows (conversations) x (assistant NLL, assistant tokens, all-token NLL, all tokens). Adding two appends
+    their rows; the metrics sum them, and the rows give before/after changes their intervals."""
 
-    assistant: float = 0.0
-    assistant_tokens: int = 0
-    every: float = 0.0
-    every_tokens: int = 0
+    rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
 
     def __add__(self, other: NLL) -> NLL:
-        return NLL(*(a + b for a, b in zip(self.totals(), other.totals())))
+        return NLL(np.concatenate([self.rows, other.rows]))
 
-    def totals(self) -> tuple[float, int, float, int]:
-        return self.assistant, self.assistant_tokens, self.every, self.every_tokens
+    def __len__(self) -> int:
+        return len(self.rows)
 
     def metrics(self) -> dict[str, float]:
+        assistant, assistant_tokens, every, every_tokens = self.rows.sum(axis=0)
         return {
-            "perplexity": math.exp(self.assistant / max(self.assistant_tokens, 1)),
-            "perplexity_all_tokens": math.exp(self.every / max(self.every_tokens, 1)),
-            "scored_tokens": self.assistant_tokens,
+            "perplexity": math.exp(assistant / max(assistant_tokens, 1)),
+            "perplexity_all_tokens": math.exp(every / max(every_tokens, 1)),
+            "scored_tokens": int(assistant_tokens),
+        }
+
+    def row_scores(self) -> dict[str, RowScores]:
+        return {
+            "perplexity": RowScores("perplexity", self.rows[:, :2]),
+            "perplexity_all_tokens": RowScores("perplexity", self.rows[:, 2:]),
         }
 
 
@@ -83,27 +99,32 @@ def nll(
     desc: str = "Scoring",
     across_processes: bool = False,
 ) -> NLL:
-    """The sums behind `perplexity`, computed in length-sorted batches (see there for `across_processes`)."""
+    """The per-conversation sums behind `perplexity`, in the dataset's order (computed in length-sorted batches; see
+    `perplexity` for `across_processes`, where the rows come back in process order)."""
     if across_processes:
         dataset = distributed.shard(dataset)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    rows = sorted(zip(dataset["input_ids"], dataset["labels"]), key=lambda row: len(row[0]))
-    sums = {"assistant": 0.0, "all": 0.0}
-    counts = {"assistant": 0, "all": 0}
+    ids, all_labels = dataset["input_ids"], dataset["labels"]
+    order = sorted(range(len(ids)), key=lambda index: len(ids[index]))
+    per_row = np.zeros((len(ids), 4))
     for start in tqdm(
-        range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False, disable=not distributed.is_main()
+        range(0, len(order), batch_size),
+        desc=desc,
+        unit="batch",
+        leave=False,
+        disable=not distributed.is_main(),
     ):
-        batch = rows[start : start + batch_size]
-        width = max(len(ids) for ids, _ in batch)
+        batch = order[start : start + batch_size]
+        width = max(len(ids[index]) for index in batch)
         input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (ids, lab) in enumerate(batch):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, : len(lab)] = torch.tensor(lab)
-            attention[i, : len(ids)] = 1
+        for i, index in enumerate(batch):
+            input_ids[i, : len(ids[index])] = torch.tensor(ids[index])
+            labels[i, : len(all_labels[index])] = torch.tensor(all_labels[index])
+            attention[i, : len(ids[index])] = 1
         input_ids, labels, attention = input_ids.to(device), labels.to(device), attention.to(device)
         real = attention[:, 1:] == 1  # position i predicts token i + 1
         targets = input_ids[:, 1:][real]
@@ -117,13 +138,16 @@ def nll(
                 :, :-1
             ][real]
             token_nll = chunked_loss.token_nll(model, hidden, targets)
-        assistant = labels[:, 1:][real] != IGNORE_INDEX  # labels are the input tokens wherever they are set
-        sums["assistant"] += token_nll[assistant].sum().item()
-        sums["all"] += token_nll.sum().item()
-        counts["assistant"] += int(assistant.sum())
-        counts["all"] += len(token_nll)
+        row = torch.arange(len(batch), device=device)[:, None].expand_as(real)[real]
+        assistant = (labels[:, 1:][real] != IGNORE_INDEX).to(token_nll.dtype)  # labels are the input tokens where set
+        sums = torch.zeros((len(batch), 4), dtype=torch.float64, device=device)
+        sums[:, 0].index_add_(0, row, (token_nll * assistant).double())
+        sums[:, 1].index_add_(0, row, assistant.double())
+        sums[:, 2].index_add_(0, row, token_nll.double())
+        sums[:, 3].index_add_(0, row, torch.ones_like(token_nll, dtype=torch.float64))
+        per_row[batch] = sums.cpu().numpy()
     model.train(was_training)
-    total = NLL(sums["assistant"], counts["assistant"], sums["all"], counts["all"])
+    total = NLL(per_row)
     if across_processes:
         total = sum(distributed.gather([total]), NLL())
     return total
@@ -180,6 +204,39 @@ def generate(
 class Evaluation:
     metrics: dict[str, float]
     samples: list[dict[str, str]] = field(default_factory=list)  # prompt, reference, prediction
+    rows: dict[str, RowScores] = field(default_factory=dict)  # the per-row statistics behind each metric
+
+
+@dataclass(frozen=True)
+class Replies:
+    """Generated replies to held-out prompts beside the real replies; scores are computed from all of them."""
+
+    samples: list[dict[str, str]]  # prompt, reference, prediction
+
+    def __add__(self, other: Replies) -> Replies:
+        return Replies(self.samples + other.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def scores(self) -> dict[str, float]:
+        return score_generations(*self._texts())
+
+    def row_scores(self) -> dict[str, RowScores]:
+        return generation_rows(*self._texts())
+
+    def _texts(self) -> tuple[list[str], list[str]]:
+        return [s["prediction"] for s in self.samples], [s["reference"] for s in self.samples]
+
+
+def _evaluation(scored: NLL, replies: Replies | None) -> Evaluation:
+    if replies is None or not len(replies):
+        return Evaluation(scored.metrics(), rows=scored.row_scores())
+    return Evaluation(
+        {**scored.metrics(), **replies.scores()},
+        replies.samples,
+        {**scored.row_scores(), **replies.row_scores()},
+    )
 
 
 def score(
@@ -197,51 +254,92 @@ def score(
     collective step, so there each process runs every row instead (and generate() keeps the processes in step).
     """
     rows = heldout.select(range(min(cfg.max_rows or len(heldout), len(heldout))))
-    metrics = _nll(model, tokenizer, rows, cfg, label).metrics()
-    prompts = reply_prompts(heldout, cfg.generation_rows) if cfg.generation else None
-    if not prompts:
-        return Evaluation(metrics)
-    scores, samples = _generation(model, tokenizer, prompts, cfg)
-    return Evaluation({**metrics, **scores}, samples)
+    prompts = reply_prompts(heldout, cfg.generation_rows) if cfg.generation else []
+    replies = _generation(model, tokenizer, prompts, cfg) if prompts else None
+    return _evaluation(_nll(model, tokenizer, rows, cfg, label), replies)
 
 
 # Of a budgeted evaluation, the share perplexity may take when replies are generated too (generation, one token at a
 # time, is the expensive part and gets the rest).
 _PERPLEXITY_SHARE = 0.4
-# A budget never cuts below one batch of conversations to score, nor below this many replies to generate.
-_MIN_GENERATIONS = 8
+
+
+@dataclass(frozen=True)
+class EvaluationCost:
+    """What the before/after evaluation took against what it was allowed.
+
+    It is planned within `budget` from measured costs (a first batch of each kind is timed, then only what fits is
+    run). The one way past the budget is its smallest sample: one batch of conversations scored and one batch of
+    replies generated, before and after, is always run; `minimum_seconds` is what that took."""
+
+    seconds: float
+    budget: float | None  # None: no evaluation.time_share
+    minimum_seconds: float
+    requested_rows: int  # conversations evaluation.max_rows asked to score
+    requested_replies: int  # replies evaluation.generation_rows asked to generate
+
+    @property
+    def over_budget(self) -> float:
+        return max(0.0, self.seconds - self.budget) if self.budget is not None else 0.0
 
 
 @dataclass
 class Comparison:
-    """The trained model and the base it started from, scored on the same held-out rows."""
+    """The trained model and the base it started from, scored on the same held-out rows, and each metric's change
+    with its 95% paired bootstrap interval (`finetune.metrics.intervals`)."""
 
     before: Evaluation | None
     after: Evaluation
     rows: Dataset  # the conversations scored for perplexity (a merge check scores the same ones)
     generated: int
-    seconds: float
-    budget: float | None  # seconds allowed, or None without evaluation.time_share
+    cost: EvaluationCost
+    changes: list[Change] = field(default_factory=list)
 
     def summary(self, train_seconds: float | None) -> dict[str, Any]:
-        share = self.seconds / train_seconds if train_seconds else None
+        share = self.cost.seconds / train_seconds if train_seconds else None
         return {
             "evaluation_rows": len(self.rows),
             "evaluation_generations": self.generated,
-            "evaluation_seconds": round(self.seconds, 1),
+            "evaluation_seconds": round(self.cost.seconds, 1),
+            "evaluation_budget_seconds": round(self.cost.budget, 1) if self.cost.budget is not None else None,
             "evaluation_share_of_training": round(share, 3) if share is not None else None,
+            "changes": [change.as_dict() for change in self.changes],
         }
 
-    def line(self, train_seconds: float | None, time_share: float | None) -> str:
-        summary = self.summary(train_seconds)
-        share = summary["evaluation_share_of_training"]
-        of = f" = {share:.0%} of the {train_seconds:.0f} s of training" if share is not None else ""
-        limit = f" (evaluation.time_share {time_share:.0%})" if time_share else ""
+    def lines(self, train_seconds: float | None, time_share: float | None) -> list[str]:
+        """What the run prints about its evaluation: its size and cost, and when it went over its budget or was too
+        small to tell a change, why and which setting to raise."""
+        cost = self.cost
+        of = f" = {cost.seconds / train_seconds:.0%} of the {train_seconds:.0f} s of training" if train_seconds else ""
+        limit = f" (evaluation.time_share {time_share:.0%})" if cost.budget is not None else ""
         passes = "before and after" if self.before else "after training"
-        return (
+        lines = [
             f"evaluation ({passes}): {len(self.rows)} conversations scored, {self.generated} replies generated, "
-            f"{self.seconds:.1f} s{of}{limit}"
-        )
+            f"{cost.seconds:.1f} s{of}{limit}"
+        ]
+        if cost.over_budget > 0:
+            lines.append(
+                f"evaluation went {cost.over_budget:.1f} s over its {cost.budget:.1f} s budget: its smallest sample (one "
+                f"batch of conversations and of replies, {passes}) took {cost.minimum_seconds:.1f} s. Raise "
+                "evaluation.time_share, or lower evaluation.batch_size for a smaller sample."
+            )
+        unclear = [change.metric for change in self.changes if change.verdict == "no clear change"]
+        if unclear:
+            cut = len(self.rows) < cost.requested_rows or self.generated < cost.requested_replies
+            if cut:
+                fix = (
+                    f"the time budget allowed {len(self.rows)} of {cost.requested_rows} conversations and "
+                    f"{self.generated} of {cost.requested_replies} replies: raise evaluation.time_share, or set it to "
+                    "null to evaluate all of them"
+                )
+            else:
+                fix = (
+                    f"{len(self.rows)} conversations and {self.generated} replies were evaluated: raise "
+                    "evaluation.max_rows / evaluation.generation_rows, or hold out more (data.test_split, "
+                    "data.test_sources)"
+                )
+            lines.append(f"too few held-out rows to tell a change in {', '.join(unclear)}: {fix}.")
+        return lines
 
 
 def before_and_after(
@@ -251,27 +349,33 @@ def before_and_after(
     cfg: EvaluationConfig,
     *,
     train_seconds: float | None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Comparison:
     """Score the trained model and (cfg.before_and_after) its base on the same held-out conversations.
 
     The base is the same model with its adapters switched off, so nothing is loaded again; LoRA starts as an exact
     no-op, so this is the model as it was before training. With `cfg.time_share`, scoring and generation together
-    take about that share of `train_seconds`: a first batch of each is timed and the number of conversations (taken
-    in the split's seeded order, so they are a fair sample) is cut to what fits, never below one batch.
+    take about that share of `train_seconds` (see `EvaluationCost` for the one way past it): a first batch of each is
+    timed and the conversations (taken in the split's seeded order, so they are a fair sample) are cut to what fits.
+    `clock` measures the time (a test passes a simulated one).
     """
-    started = time.perf_counter()
+    started = clock()
     budget = cfg.time_share * train_seconds if cfg.time_share and train_seconds else None
     passes = 2 if cfg.before_and_after else 1
     prompts = reply_prompts(heldout, cfg.generation_rows) if cfg.generation else []
+    requested_replies = len(prompts)
     rows = heldout.select(range(min(cfg.max_rows or len(heldout), len(heldout))))
+    requested_rows = len(rows)
 
     # Perplexity: time the first batch of the trained model, keep the rows that fit, score them with and without LoRA.
     first = rows.select(range(min(cfg.batch_size, len(rows))))
-    clock = time.perf_counter()
+    timer = clock()
     after_nll = _nll(model, tokenizer, first, cfg, "Scoring fine-tuned model")
+    first_seconds = clock() - timer
+    minimum = first_seconds * passes
     if budget is not None:
         allowed = budget * (_PERPLEXITY_SHARE if prompts else 1.0) / passes
-        count = rows_within(allowed, time.perf_counter() - clock, [len(ids) for ids in rows["input_ids"]], len(first))
+        count = rows_within(allowed, first_seconds, [len(ids) for ids in rows["input_ids"]], len(first))
         rows = rows.select(range(min(distributed.gather([count]))))  # every process keeps the same rows
     if len(rows) > len(first):
         after_nll = after_nll + _nll(
@@ -283,31 +387,41 @@ def before_and_after(
             before_nll = _nll(model, tokenizer, rows, cfg, "Scoring base model")
 
     # Generation: time a first batch on the slower model (the base stops less often), then fit the rest.
-    before = Evaluation(before_nll.metrics()) if before_nll else None
-    after = Evaluation(after_nll.metrics())
+    before_replies = after_replies = None
     if prompts:
 
-        def replies(conversations: list[Prompt], base: bool) -> tuple[dict[str, float], list[dict[str, str]]]:
+        def replies(conversations: list[Prompt], base: bool) -> Replies:
             with model.disable_adapter() if base else nullcontext():
                 return _generation(model, tokenizer, conversations, cfg)
 
         timed_base = cfg.before_and_after
-        size = min(len(prompts), max(cfg.batch_size, _MIN_GENERATIONS))
-        clock = time.perf_counter()
+        size = min(len(prompts), cfg.batch_size)
+        timer = clock()
         timed = replies(prompts[:size], base=timed_base)
+        batch_seconds = clock() - timer
+        minimum += batch_seconds * passes
         if budget is not None:
-            allowed = max(0.0, budget - (time.perf_counter() - started)) / passes
-            batches = int(allowed // max(time.perf_counter() - clock, 1e-9))
-            prompts = prompts[: min(distributed.gather([max(size, batches * size)]))]
+            # Each further batch costs itself and its twin in the other pass; the first batch's twin is still due.
+            left = budget - (clock() - started) - batch_seconds * (passes - 1)
+            more = int(max(0.0, left) // max(batch_seconds * passes, 1e-9))
+            prompts = prompts[: min(distributed.gather([size * (1 + more)]))]
         if len(prompts) > size:
-            timed = _joined(timed, replies(prompts[size:], base=timed_base))
+            timed = timed + replies(prompts[size:], base=timed_base)
         if timed_base:
-            before.metrics.update(timed[0])
-            before.samples = timed[1]
+            before_replies = timed
             timed = replies(prompts, base=False)
-        after.metrics.update(timed[0])
-        after.samples = timed[1]
-    return Comparison(before, after, rows, len(prompts), time.perf_counter() - started, budget)
+        after_replies = timed
+    before = _evaluation(before_nll, before_replies) if before_nll is not None else None
+    after = _evaluation(after_nll, after_replies)
+    cost = EvaluationCost(
+        seconds=clock() - started,
+        budget=budget,
+        minimum_seconds=minimum,
+        requested_rows=requested_rows,
+        requested_replies=requested_replies,
+    )
+    changes = intervals.compare(before.rows, after.rows) if before is not None else []
+    return Comparison(before, after, rows, len(prompts), cost, changes)
 
 
 def rows_within(seconds: float, first_seconds: float, lengths: list[int], first_rows: int) -> int:
@@ -345,8 +459,8 @@ def reply_prompts(heldout: Dataset, limit: int | None = None) -> list[Prompt]:
 
 def _generation(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversations: list[Prompt], cfg: EvaluationConfig
-) -> tuple[dict[str, float], list[dict[str, str]]]:
-    """Replies to each conversation's last turn, scored against the real last reply: (scores, samples)."""
+) -> Replies:
+    """Replies to each conversation's last turn, beside the real last reply."""
     split = not distributed.weights_sharded()
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else None
     share = distributed.shard(conversations) if split else conversations
@@ -361,18 +475,12 @@ def _generation(
     )
     predictions = [tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
     predictions = distributed.gather(predictions) if split else predictions
-    references = [c[-1]["content"] for c, _ in conversations]
-    samples = [
-        {"prompt": c[-2]["content"] or "", "reference": reference, "prediction": prediction}
-        for (c, _), reference, prediction in zip(conversations, references, predictions)
-    ]
-    return score_generations(predictions, references), samples
-
-
-def _joined(first: tuple[dict[str, float], list[dict[str, str]]], rest: tuple[dict[str, float], list[dict[str, str]]]):
-    """Generation results of two parts as one: samples concatenated, scores recomputed over all of them."""
-    samples = first[1] + rest[1]
-    return score_generations([s["prediction"] for s in samples], [s["reference"] for s in samples]), samples
+    return Replies(
+        [
+            {"prompt": c[-2]["content"] or "", "reference": c[-1]["content"], "prediction": prediction}
+            for (c, _), prediction in zip(conversations, predictions)
+        ]
+    )
 
 
 def evaluate_checkpoint(
@@ -398,27 +506,14 @@ def evaluate_checkpoint(
     return score(model, tokenizer, heldout, cfg, label="Scoring")
 
 
-def comparison_rows(before: dict[str, float], after: dict[str, float]) -> list[tuple[str, float, float, str]]:
-    rows = []
-    for metric, old in before.items():
-        if metric not in after or metric == "scored_tokens":
-            continue
-        new = after[metric]
-        if new == old:
-            rows.append((metric, old, new, "unchanged"))
-            continue
-        better = (new < old) if lower_is_better(metric) else (new > old)
-        change = f"{(new - old) / abs(old):+.1%}" if old else f"{new - old:+.4g}"  # no relative change from zero
-        rows.append((metric, old, new, f"{change} ({'better' if better else 'worse'})"))
-    return rows
-
-
-def comparison_table(before: dict[str, float], after: dict[str, float]) -> Table:
-    table = Table(title="Held-out evaluation: base vs fine-tuned")
+def comparison_table(changes: list[Change]) -> Table:
+    """The before/after table the run prints: each change with its 95% interval, and better or worse only when the
+    interval excludes no change."""
+    table = Table(title="Held-out evaluation: base vs fine-tuned (95% paired bootstrap intervals)")
     for column in ("metric", "before", "after", "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    for metric, old, new, change in comparison_rows(before, after):
-        table.add_row(metric, f"{old:.4g}", f"{new:.4g}", change)
+    for change in changes:
+        table.add_row(change.metric, f"{change.before:.4g}", f"{change.after:.4g}", change.text())
     return table
 
 
@@ -434,22 +529,21 @@ def write_report(
     run_dir.mkdir(parents=True, exist_ok=True)
     # Each file replaces its previous version in one rename: a crash mid-write leaves the last good report.
     atomic.write_text(run.metrics, json.dumps({**summary, "history": history, "samples": samples or {}}, indent=2))
-    before, after = summary.get("metrics_before") or {}, summary.get("metrics_after") or {}
+    changes = recorded_changes(summary)
     lines = [f"# Run report: {summary.get('name', run_dir.name)}", ""]
-    if before and after:
-        lines += ["| metric | before | after | change |", "|---|---:|---:|---:|"]
-        lines += [f"| {m} | {o:.4g} | {n:.4g} | {c} |" for m, o, n, c in comparison_rows(before, after)]
-        lines.append("")
+    if changes:
+        lines += comparison_markdown(changes)
+        lines += ["", INTERVAL_NOTE, ""]
     for key, value in summary.items():
         if key not in ("metrics_before", "metrics_after", "name") and not isinstance(value, (dict, list)):
             lines.append(f"- **{key}**: {value}")
     lines += ["", "![loss curves](loss_curves.png)", ""]
-    if before and after:
-        lines += ["![before and after](metrics.png)", ""]
+    if changes:
+        lines += ["![changes with their 95% intervals](metrics.png)", ""]
     if samples:
         lines += _samples_markdown(samples)
     atomic.write_text(run.report, "\n".join(lines))
-    _plot(run_dir, history, before, after)
+    _plot(run_dir, history, changes)
 
 
 def _samples_markdown(samples: dict[str, list[dict[str, str]]], limit: int = 5) -> list[str]:
@@ -473,9 +567,7 @@ def _samples_markdown(samples: dict[str, list[dict[str, str]]], limit: int = 5) 
     return [*lines, ""]
 
 
-def _plot(
-    run_dir: Path, history: dict[str, list[tuple[int, float]]], before: dict[str, float], after: dict[str, float]
-) -> None:
+def _plot(run_dir: Path, history: dict[str, list[tuple[int, float]]], changes: list[Change]) -> None:
     # matplotlib's object API draws into files without pyplot, so the caller's backend and open figures are untouched.
     from matplotlib.figure import Figure
 
@@ -491,18 +583,29 @@ def _plot(
     figure.tight_layout()
     with atomic.replacing_file(run_dir / "loss_curves.png") as partial:
         figure.savefig(partial, dpi=100, format="png")
-    metrics = [row for row in comparison_rows(before, after)]
-    if not metrics:
+    if not changes:
         return
-    columns = min(4, len(metrics))
-    rows = math.ceil(len(metrics) / columns)
-    figure = Figure(figsize=(3 * columns, 3.2 * rows))
-    axes = figure.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat[len(metrics) :]:
-        ax.set_visible(False)
-    for ax, (metric, old, new, change) in zip(axes.flat, metrics):
-        ax.bar(["before", "after"], [old, new], color=["#999999", "#2a7ab0"])
-        ax.set_title(f"{metric}\n{change}", fontsize=9)
+    # One line per metric: the change and its 95% interval; green better, red worse, grey no clear change.
+    colours = {"better": "#2a9d3a", "worse": "#c0392b", "no clear change": "#888888", "unchanged": "#888888"}
+    figure = Figure(figsize=(7, 0.45 * len(changes) + 1.4))
+    axes = figure.subplots()
+    for y, change in enumerate(reversed(changes)):
+        scale = 100 if change.relative else 1
+        axes.errorbar(
+            change.change * scale,
+            y,
+            xerr=[[(change.change - change.low) * scale], [(change.high - change.change) * scale]],
+            fmt="o",
+            color=colours[change.verdict],
+            capsize=3,
+        )
+    axes.axvline(0, color="black", linewidth=0.8)
+    axes.set_yticks(range(len(changes)))
+    axes.set_yticklabels(
+        [f"{c.metric} ({'%' if c.relative else 'abs.'}, n={c.rows})" for c in reversed(changes)], fontsize=8
+    )
+    axes.set_xlabel("change after fine-tuning (95% paired bootstrap interval)")
+    axes.set_title("Held-out metrics: fine-tuned vs base")
     figure.tight_layout()
     with atomic.replacing_file(run_dir / "metrics.png") as partial:
         figure.savefig(partial, dpi=100, format="png")

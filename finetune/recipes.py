@@ -156,7 +156,8 @@ class ChatSFTRecipe:
         self.comparison = comparison
         self.metrics_after = comparison.after.metrics
         self.evaluated_rows = len(comparison.rows)
-        self._say(f"  {comparison.line(train_seconds, self.config.evaluation.time_share)}")
+        for line in comparison.lines(train_seconds, self.config.evaluation.time_share):
+            self._say(f"  {line}")
         return comparison
 
     def train(self, callbacks: Sequence[TrainerCallback] = ()) -> None:
@@ -310,7 +311,7 @@ class ChatSFTRecipe:
         self.save()
         merge_report = self.merge() if self.config.output.merge else None
         if before:
-            self._say(evaluation.comparison_table(before.metrics, after.metrics))
+            self._say(evaluation.comparison_table(comparison.changes))
         result = RunResult(
             run_dir=self.run_dir,
             adapter_dir=self.folder.adapter,

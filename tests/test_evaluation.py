@@ -1,12 +1,14 @@
+import json
 import math
 
+import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from finetune.config import ModelConfig
 from finetune.data import tokenize_conversation
-from finetune.evaluation import comparison_rows, generate, perplexity, write_report
+from finetune.evaluation import generate, perplexity, write_report
 from finetune.models import configure_generation, load_tokenizer
 
 CHATS = [
@@ -54,19 +56,31 @@ def test_generation_is_batched_left_padded_and_stops_at_end_of_turn(tiny_llama_d
     assert tokenizer.padding_side == "right"
 
 
-def test_report_files_and_direction_of_change(tmp_path):
-    before, after = {"perplexity": 20.0, "bleu": 10.0}, {"perplexity": 15.0, "bleu": 8.0}
-    rows = {metric: change for metric, _, _, change in comparison_rows(before, after)}
-    assert rows == {"perplexity": "-25.0% (better)", "bleu": "-20.0% (worse)"}
-    from_zero = {
-        m: c for m, _, _, c in comparison_rows({"bleu": 0.0, "exact_match": 0.0}, {"bleu": 2.5, "exact_match": 0.0})
+def test_report_table_plot_and_card_carry_each_change_with_its_interval(tmp_path):
+    import numpy as np
+
+    from finetune.metrics.intervals import RowScores, compare
+
+    generator = np.random.default_rng(0)
+    quality = generator.uniform(0.2, 0.6, size=24)
+    before = {
+        "perplexity": RowScores("perplexity", np.stack([np.full(24, 30.0), np.full(24, 10.0)], axis=1)),
+        "rougeL": RowScores("mean", quality),
     }
-    assert from_zero == {"bleu": "+2.5 (better)", "exact_match": "unchanged"}
+    after = {
+        "perplexity": RowScores("perplexity", np.stack([np.full(24, 20.0), np.full(24, 10.0)], axis=1)),
+        "rougeL": RowScores("mean", quality + generator.normal(0, 0.1, size=24)),
+    }
+    changes = compare(before, after)
     write_report(
         tmp_path,
-        summary={"name": "t", "metrics_before": before, "metrics_after": after},
+        summary={"name": "t", "changes": [c.as_dict() for c in changes]},
         history={"train_loss": [(1, 3.0), (2, 2.5)], "eval_loss": [(2, 2.7)]},
     )
+    report = (tmp_path / "report.md").read_text()
+    assert "| perplexity | 20.09 | 7.389 | -63.2% (better; 95% CI -63.2% to -63.2%) |" in report
+    assert "| rougeL |" in report and "no clear change (n=24; 95% CI" in report
+    assert "paired bootstrap" in report
     for name in ("metrics.json", "report.md", "loss_curves.png", "metrics.png"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -142,7 +156,74 @@ def test_a_time_budget_cuts_held_out_rows_to_what_fits_and_reports_its_share(tin
     recipe.run()
     metrics = json.loads((recipe.run_dir / "metrics.json").read_text())
     # A budget far below one batch keeps exactly the timed first batch of each kind, for both models.
-    assert metrics["evaluation_rows"] == 2 and metrics["evaluation_generations"] == 8
-    assert len(metrics["samples"]["before"]) == len(metrics["samples"]["after"]) == 8
+    assert metrics["evaluation_rows"] == 2 and metrics["evaluation_generations"] == 2
+    assert len(metrics["samples"]["before"]) == len(metrics["samples"]["after"]) == 2
     assert len(recipe.data.splits["test"]) > 8
     assert metrics["evaluation_share_of_training"] > 0 and "evaluation_seconds" in metrics
+    assert {c["metric"] for c in metrics["changes"]} >= {"perplexity", "bleu", "rougeL", "token_f1"}
+    assert all(c["rows"] == 2 for c in metrics["changes"] if c["metric"] != "perplexity_all_tokens")
+
+
+class _SimulatedClock:
+    """Time that passes only inside the model: `per_token` seconds for each input token of each forward pass (counted
+    where tokens enter, the embedding), so a budget test is exact and does not depend on how busy the machine is."""
+
+    def __init__(self, model, per_token: float) -> None:
+        self.now, self.per_token = 0.0, per_token
+        model.get_input_embeddings().register_forward_pre_hook(self._advance)
+
+    def _advance(self, module, args):
+        self.now += self.per_token * args[0].numel()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("share", [0.05, 0.3, 1.0])
+def test_the_budget_holds_or_is_exceeded_only_by_its_smallest_sample(tiny_llama_dir, tmp_path, share):
+    """On a simulated clock: evaluation stays within its share of training, or, when even one batch of each kind
+    before and after does not fit, takes just that and says so; and when the budget cut the sample, the line about
+    telling changes names evaluation.time_share."""
+    from finetune import ChatSFTRecipe, evaluation
+    from tests.conftest import tiny_recipe
+
+    data = tmp_path / "sums.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"{n} + {n}?"},
+                        {"role": "assistant", "content": f"{2 * n}."},
+                    ]
+                }
+            )
+            + "\n"
+            for n in range(60)
+        )
+    )
+    config = tiny_recipe(tiny_llama_dir, data, tmp_path / "run", evaluation__time_share=share)
+    config["evaluation"].update(batch_size=4, max_rows=40, generation_rows=24, max_new_tokens=6)
+    config["data"]["test_split"] = 0.7
+    recipe = ChatSFTRecipe(**config)
+    recipe.setup()
+    clock = _SimulatedClock(recipe.model, per_token=0.001)
+    comparison = evaluation.before_and_after(
+        recipe.model,
+        recipe.tokenizer,
+        recipe.data.splits["test"],
+        recipe.config.evaluation,
+        train_seconds=10.0,
+        clock=clock,
+    )
+    cost = comparison.cost
+    assert cost.budget == pytest.approx(10.0 * share)
+    assert cost.seconds <= max(cost.budget, cost.minimum_seconds) * 1.10 + 1e-9  # 10%: batches of unequal length
+    lines = comparison.lines(10.0, share)
+    if cost.minimum_seconds > cost.budget:
+        assert any("over its" in line and "evaluation.time_share" in line for line in lines)
+        assert len(comparison.rows) == 4 and comparison.generated == 4  # one batch of each kind
+    if share == 1.0:
+        assert len(comparison.rows) == 40 and comparison.generated == 24  # everything asked for fits
+    if len(comparison.rows) < 40 and any(c.verdict == "no clear change" for c in comparison.changes):
+        assert any("raise evaluation.time_share" in line for line in lines)

@@ -228,16 +228,14 @@ def _hyperparameter_rows(config: RecipeConfig) -> list[str]:
 
 
 def _metric_lines(metrics: dict[str, Any]) -> list[str]:
-    from finetune.evaluation import comparison_rows  # lazy: imports torch
+    from finetune.metrics.intervals import INTERVAL_NOTE, comparison_markdown, recorded_changes
 
-    before, after = metrics.get("metrics_before"), metrics.get("metrics_after") or {}
+    after = metrics.get("metrics_after") or {}
+    changes = recorded_changes(metrics)
     lines = [f"On the held-out `{metrics.get('heldout_split')}` split (conversations never trained on).", ""]
-    if before:
-        lines += ["| metric | before | after | change |", "|---|---:|---:|---:|"]
-        lines += [
-            f"| {name} | {old:.4g} | {new:.4g} | {change} |"
-            for name, old, new, change in comparison_rows(before, after)
-        ]
+    if changes:
+        lines += comparison_markdown(changes)
+        lines += ["", INTERVAL_NOTE]
     else:
         lines += ["| metric | after |", "|---|---:|"]
         lines += [f"| {name} | {value:.4g} |" for name, value in after.items() if name != "scored_tokens"]
