@@ -134,7 +134,7 @@ def test_adapters_share_one_base_and_are_picked_by_name(chat, tiny_llama_dir, ot
     base = tiny_llama_dir.name
     assert chat.variants == {base: None, "llama": "adapter0", "other": "adapter1"} and chat.default == "llama"
     prompt = chat.prompt_ids(HELLO)
-    greedy = Decoding(max_new_tokens=8, temperature=0)
+    greedy = DecodingSettings(max_new_tokens=8, temperature=0)
     replies = {name: chat.complete(name, prompt, greedy).text for name in chat.variants}
     # The base through disable_adapter() answers exactly like the plain base model, and after it the adapter is back.
     plain = load_chat_model(tiny_llama_dir)
@@ -181,7 +181,7 @@ def test_chat_loop_streams_replies_and_reset_clears_history(chat):
     out = Recorder()
     read = scripted("Hello there", "And then?", "/reset", "/unknown", "Again", "/exit", "never read")
     history = chat_loop(
-        chat, model="other", system="Be brief.", decoding=Decoding(16, temperature=0), read=read, out=out
+        chat, model="other", system="Be brief.", decoding=DecodingSettings(16, temperature=0), read=read, out=out
     )
     text = out.getvalue()
     assert text.count("other> ") == 3 and "(conversation cleared)" in text and "unknown command /unknown" in text
@@ -203,13 +203,15 @@ def test_ctrl_c_stops_a_reply_but_not_the_chat(chat):
             return super().write(text)
 
     out = Interrupting()
-    history = chat_loop(chat, decoding=Decoding(64, temperature=0), read=scripted("Hi", "Still there?"), out=out)
+    history = chat_loop(
+        chat, decoding=DecodingSettings(64, temperature=0), read=scripted("Hi", "Still there?"), out=out
+    )
     assert out.getvalue().count(" (stopped)") == 2
     assert [m["role"] for m in history] == ["user", "assistant"] * 2
 
 
 def test_chat_loop_ends_at_end_of_input(chat):
-    history = chat_loop(chat, decoding=Decoding(4, temperature=0), read=scripted("Hi"), out=io.StringIO())
+    history = chat_loop(chat, decoding=DecodingSettings(4, temperature=0), read=scripted("Hi"), out=io.StringIO())
     assert [m["role"] for m in history] == ["user", "assistant"]
 
 
