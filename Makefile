@@ -40,12 +40,13 @@ browsers:
 test: $(STAMP) browsers
 	$(BIN)/python -m pytest -q --durations=10
 
-# Speed and memory against a plain TRL script, each lever on its own, batched evaluation, planner vs measured
-# (~45 min on 2 cores; run on a quiet machine). Tables land in benchmarks/results/.
+# Speed and memory against a plain TRL script, each lever on its own, batched evaluation, the repetition guard,
+# planner vs measured (~1 h on 2 cores; run on a quiet machine). Tables land in benchmarks/results/.
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py
 	$(BIN)/python benchmarks/train_speed.py --levers --quantization none
 	$(BIN)/python benchmarks/eval_speed.py
+	$(BIN)/python benchmarks/repetition_guard.py
 	$(BIN)/python benchmarks/memory_plan.py
 	$(BIN)/python benchmarks/memory_gemma.py
 

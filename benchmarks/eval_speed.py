@@ -2,9 +2,9 @@
 
     .venv/bin/python benchmarks/eval_speed.py                       # SmolLM2-135M-Instruct, 32 held-out prompts, CPU
 
-Both use `finetune.evaluation.generate` (greedy, KV cache, left padding when batched) on the same held-out
-prompts of the quickstart recipe's test split, then score the replies with the same metrics. A warm-up call
-comes first so neither pays one-off start-up costs. Results: benchmarks/results/eval_speed.{json,md}.
+Both use `finetune.evaluation.generate` (greedy with the repetition guard, KV cache, left padding when batched) on
+the same held-out prompts of the quickstart recipe's test split, then score the replies with the same metrics. A
+warm-up call comes first so neither pays one-off start-up costs. Results: benchmarks/results/eval_speed.{json,md}.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def main() -> None:
     args = arguments()
     from finetune import data, evaluation, models
     from finetune.config import RecipeConfig
+    from finetune.generation import DecodingSettings
     from finetune.metrics import score_generations
 
     config = RecipeConfig.from_yaml(
@@ -52,13 +53,17 @@ def main() -> None:
     references = [messages[-1]["content"] for messages in rows["messages"]]
     model = models.load_model(config.model)
     models.configure_generation(model, tokenizer, data.end_of_turn_ids(tokenizer))
-    evaluation.generate(model, tokenizer, prompts[:1], max_new_tokens=4, batch_size=1)  # warm-up
+    evaluation.generate(model, tokenizer, prompts[:1], decoding=DecodingSettings(4, temperature=0), batch_size=1)
 
     runs: dict[str, dict[str, Any]] = {}
     for label, batch_size in (("one_at_a_time", 1), ("batched", args.batch_size)):
         start = time.perf_counter()
         replies = evaluation.generate(
-            model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=batch_size
+            model,
+            tokenizer,
+            prompts,
+            decoding=DecodingSettings(args.max_new_tokens, temperature=0),
+            batch_size=batch_size,
         )
         seconds = time.perf_counter() - start
         predictions = [tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]

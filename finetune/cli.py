@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from finetune.config import Dtype, ExportFormat, ExportQuant, MergeStrategy, Quantization
+from finetune.config import Dtype, EvaluationConfig, ExportFormat, ExportQuant, MergeStrategy, Quantization
 from finetune.errors import FinetuneError, Interrupted
 
 # Python arguments named in error messages -> this CLI's flags (see finetune.errors.argument).
@@ -27,9 +27,12 @@ FLAGS = {
     "overrides": "--set",
     "overwrite": "--overwrite",
     "quant": "--quant",
+    "repetition_guard_strength": "--repetition-guard-strength",
     "repo_id": "--repo",
     "resume": "--resume",
     "space": "--space",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
     "trials": "--trials",
 }
 
@@ -39,6 +42,14 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+# The repetition guard's options say what the evaluation config says (one description for both).
+_EVALUATION = EvaluationConfig.model_fields
+GuardOption = Annotated[
+    bool, typer.Option("--repetition-guard/--no-repetition-guard", help=_EVALUATION["repetition_guard"].description)
+]
+GuardStrengthOption = Annotated[float, typer.Option(help=_EVALUATION["repetition_guard_strength"].description)]
+_GUARD_STRENGTH = _EVALUATION["repetition_guard_strength"].default
 
 
 @app.command()
@@ -203,9 +214,12 @@ def eval_(
     generation_rows: Annotated[int, typer.Option(help="Conversations whose last reply is generated and scored.")] = 50,
     max_new_tokens: Annotated[int, typer.Option(help="Longest generated reply.")] = 64,
     max_length: Annotated[int, typer.Option(help="Longest conversation scored, in tokens.")] = 1024,
+    repetition_guard: GuardOption = True,
+    repetition_guard_strength: GuardStrengthOption = _GUARD_STRENGTH,
     out: Annotated[Path | None, typer.Option(help="Write the metrics (and sample replies) to this JSON file.")] = None,
 ) -> None:
-    """Score any model or adapter on any file: perplexity (assistant and all tokens), BLEU, ROUGE, F1, exact match."""
+    """Score any model or adapter on any file: perplexity (assistant and all tokens), BLEU, ROUGE, F1, exact match,
+    repetition."""
     import json
 
     from rich.console import Console
@@ -218,7 +232,13 @@ def eval_(
         {
             "model": {"source": model, "quantization": quantization},
             "data": {"sources": [{"type": "file", "path": str(data)}], "max_length": max_length, "too_long": "drop"},
-            "evaluation": {"max_rows": max_rows, "generation_rows": generation_rows, "max_new_tokens": max_new_tokens},
+            "evaluation": {
+                "max_rows": max_rows,
+                "generation_rows": generation_rows,
+                "max_new_tokens": max_new_tokens,
+                "repetition_guard": repetition_guard,
+                "repetition_guard_strength": repetition_guard_strength,
+            },
         },
         source="finetune eval",
     )
@@ -292,16 +312,27 @@ def chat(
     system: Annotated[str | None, typer.Option(help="System prompt that opens the conversation.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 256,
     temperature: Annotated[
-        float, typer.Option(min=0, help="Sampling temperature; 0 = greedy, the same reply every time.")
-    ] = 0.7,
-    top_p: Annotated[float, typer.Option(min=0, max=1, help="Nucleus sampling mass.")] = 0.9,
+        float | None,
+        typer.Option(
+            min=0,
+            help="Sampling temperature; 0 = greedy, the same reply every time. Default: the model's own "
+            "(generation_config.json), else 0.7.",
+        ),
+    ] = None,
+    top_p: Annotated[
+        float | None, typer.Option(min=0, max=1, help="Nucleus sampling mass. Default: the model's own, else 0.9.")
+    ] = None,
+    repetition_guard: GuardOption = True,
+    repetition_guard_strength: GuardStrengthOption = _GUARD_STRENGTH,
     quantization: Annotated[Quantization, typer.Option(help="Load the model as none, 8bit or 4bit.")] = "none",
 ) -> None:
     """Chat in the terminal with the model's own chat template, replies streamed; /reset starts over, /exit quits."""
     from finetune import serving
 
+    # Checked before the model loads: a bad setting fails in a second, not after the loading.
+    decoding = serving.DecodingSettings(max_new_tokens, temperature, top_p, repetition_guard, repetition_guard_strength)
     model = serving.load_chat_model(target, [adapter] if adapter else [], quantization=quantization)
-    serving.chat_loop(model, system=system, decoding=serving.Decoding(max_new_tokens, temperature, top_p))
+    serving.chat_loop(model, system=system, decoding=decoding)
 
 
 @app.command()
@@ -324,13 +355,24 @@ def serve(
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens a request may ask for; also the default.")] = 512,
     max_messages: Annotated[int, typer.Option(min=1, help="Most messages in one request.")] = 100,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body, in bytes.")] = 1_000_000,
-    temperature: Annotated[float, typer.Option(min=0, help="Temperature when a request gives none; 0 = greedy.")] = 0.7,
-    top_p: Annotated[float, typer.Option(min=0, max=1, help="top_p when a request gives none.")] = 0.9,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            min=0, help="Temperature when a request gives none; 0 = greedy. Default: the model's own, else 0.7."
+        ),
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option(min=0, max=1, help="top_p when a request gives none. Default: the model's own, else 0.9."),
+    ] = None,
+    repetition_guard: GuardOption = True,
+    repetition_guard_strength: GuardStrengthOption = _GUARD_STRENGTH,
     quantization: Annotated[Quantization, typer.Option(help="Load the model as none, 8bit or 4bit.")] = "none",
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models) and a web chat page at /."""
     from finetune import serving
 
+    decoding = serving.DecodingSettings(max_tokens, temperature, top_p, repetition_guard, repetition_guard_strength)
     model = serving.load_chat_model(target, adapter or [], quantization=quantization)
     serving.serve(
         model,
@@ -338,7 +380,7 @@ def serve(
         port=port,
         api_key=api_key,
         limits=serving.Limits(max_tokens=max_tokens, max_messages=max_messages, max_body_bytes=max_body_bytes),
-        decoding=serving.Decoding(max_tokens, temperature, top_p),
+        decoding=decoding,
     )
 
 

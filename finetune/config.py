@@ -330,7 +330,8 @@ class EvaluationConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Conversations per scoring or generation batch.")
     generation: bool = Field(
         True,
-        description="Also generate replies to held-out prompts and score BLEU, ROUGE-1/2/L, token F1, exact match.",
+        description="Also generate replies to held-out prompts and score BLEU, ROUGE-1/2/L, token F1, exact match "
+        "and repetition (repeated_4gram_share, distinct_2).",
     )
     generation_rows: int = Field(
         50, ge=1, description="Held-out prompts to generate for (generation is the slow part)."
@@ -339,6 +340,17 @@ class EvaluationConfig(_Section):
     do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature (with do_sample).")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
+    repetition_guard: bool = Field(
+        True,
+        description="Lower the score of a token that would continue a verbatim repeat of an earlier part of the "
+        "reply (DRY), so replies do not loop; false = plain decoding.",
+    )
+    repetition_guard_strength: float = Field(
+        0.8,
+        gt=0,
+        description="The repetition guard's logit penalty on the third token of a repeat; each further token's is "
+        "1.75 times the one before.",
+    )
 
 
 class OutputConfig(_Section):

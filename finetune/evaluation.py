@@ -29,6 +29,7 @@ from finetune.adapters import load_adapter
 from finetune.config import DataConfig, EvaluationConfig, ModelConfig
 from finetune.data import IGNORE_INDEX, end_of_turn_ids, prepare_data, render_prompt
 from finetune.errors import FinetuneError, argument
+from finetune.generation import DecodingSettings, generate_kwargs
 from finetune.metrics import intervals, score_generations
 from finetune.metrics.intervals import (
     INTERVAL_NOTE,
@@ -160,11 +161,11 @@ def generate(
     conversations: list[list[dict[str, Any]]],
     *,
     tools: list[str] | None = None,
-    max_new_tokens: int = 64,
+    decoding: DecodingSettings = DecodingSettings(max_new_tokens=64, temperature=0),
     batch_size: int = 8,
-    sampling: dict[str, float] | None = None,
 ) -> list[list[int]]:
-    """Greedy replies (token ids, end-of-turn token included when reached) to each conversation's last turn.
+    """Replies (token ids, end-of-turn token included when reached) to each conversation's last turn, greedy with
+    the repetition guard by default (`finetune.generation`).
 
     `tools`: each conversation's tool list as JSON text ("" for none). Batched with left padding so every prompt
     ends where generation starts; the KV cache is on by default.
@@ -187,11 +188,11 @@ def generate(
             batch = tokenizer(
                 prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
             ).to(device)
-            decoding = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
-            output = model.generate(**batch, max_new_tokens=max_new_tokens, **decoding)
+            width = batch["input_ids"].shape[1]
+            output = model.generate(**batch, **generate_kwargs(decoding, model.generation_config, prompt_length=width))
             eos = model.generation_config.eos_token_id
             stops = {eos} if isinstance(eos, int) else set(eos or [])
-            for row in output[:, batch["input_ids"].shape[1] :].tolist():
+            for row in output[:, width:].tolist():
                 end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
                 replies.append(row[:end])
     finally:
@@ -462,16 +463,14 @@ def _generation(
 ) -> Replies:
     """Replies to each conversation's last turn, beside the real last reply."""
     split = not distributed.weights_sharded()
-    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else None
     share = distributed.shard(conversations) if split else conversations
     replies = generate(
         model,
         tokenizer,
         [c[:-1] for c, _ in share],
         tools=[tools for _, tools in share],
-        max_new_tokens=cfg.max_new_tokens,
+        decoding=DecodingSettings.for_evaluation(cfg),
         batch_size=cfg.batch_size,
-        sampling=sampling,
     )
     predictions = [tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
     predictions = distributed.gather(predictions) if split else predictions

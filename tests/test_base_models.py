@@ -167,9 +167,9 @@ def test_serving_answers_and_stops_with_the_added_tokens(run, merged):
 
 
 def _greedy():
-    from finetune.serving.chat_model import Decoding
+    from finetune.serving import DecodingSettings
 
-    return Decoding(max_new_tokens=20, temperature=0)
+    return DecodingSettings(max_new_tokens=20, temperature=0)
 
 
 def test_a_4bit_base_gets_rows_for_the_added_tokens_and_trains_them(base):

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from finetune.config import ModelConfig
 from finetune.data import tokenize_conversation
 from finetune.evaluation import generate, perplexity, write_report
+from finetune.generation import DecodingSettings
 from finetune.models import configure_generation, load_tokenizer
 
 CHATS = [
@@ -50,8 +51,9 @@ def test_generation_is_batched_left_padded_and_stops_at_end_of_turn(tiny_llama_d
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     configure_generation(model, tokenizer, [tokenizer.convert_tokens_to_ids("<|im_end|>")])
     prompts = [chat[:-1] for chat in CHATS]
-    batched = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
-    one_by_one = [generate(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    short = DecodingSettings(6, temperature=0)
+    batched = generate(model, tokenizer, prompts, decoding=short, batch_size=3)
+    one_by_one = [generate(model, tokenizer, [p], decoding=short)[0] for p in prompts]
     assert batched == one_by_one and all(0 < len(r) <= 6 for r in batched)
     assert tokenizer.padding_side == "right"
 

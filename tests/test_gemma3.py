@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoConfig
 
 from finetune import ChatSFTRecipe
-from finetune.serving import Decoding, load_chat_model
+from finetune.serving import DecodingSettings, load_chat_model
 
 pytestmark = pytest.mark.real_model
 
@@ -69,6 +69,6 @@ def test_gemma3_base_fine_tunes_with_chatml_and_stops_at_im_end(tmp_path):
     for row in recipe.data.splits["train"]:
         question, answer = row["messages"]
         completion = chat.complete(
-            chat.default, chat.prompt_ids([question]), Decoding(max_new_tokens=16, temperature=0)
+            chat.default, chat.prompt_ids([question]), DecodingSettings(max_new_tokens=16, temperature=0)
         )
         assert (completion.text, completion.finish_reason) == (answer["content"], "stop")

@@ -277,6 +277,7 @@ def test_adapter_loads_in_a_fresh_process_with_plain_peft(published, tiny_llama_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune.evaluation import generate
+    from finetune.generation import DecodingSettings
 
     run_dir, _, _ = published
     snippet = re.search(
@@ -296,7 +297,8 @@ def test_adapter_loads_in_a_fresh_process_with_plain_peft(published, tiny_llama_
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), run_dir / "adapter")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
-    here = generate(model, tokenizer, [[{"role": "user", "content": "Hello! What can you do?"}]], max_new_tokens=64)[0]
+    plain = DecodingSettings(64, temperature=0, repetition_guard=False)  # the snippet's own decoding: greedy, no guard
+    here = generate(model, tokenizer, [[{"role": "user", "content": "Hello! What can you do?"}]], decoding=plain)[0]
     assert len(fresh) > 1 and fresh == here
 
 

@@ -8,7 +8,8 @@ import logging, sys, warnings
 import matplotlib, optuna, peft, transformers, trl  # their own import-time effects are not ours
 from transformers import AttentionInterface
 filters, optuna_level = list(warnings.filters), optuna.logging.get_verbosity()
-import finetune.cli, finetune.data, finetune.evaluation, finetune.hub, finetune.merging, finetune.planning
+import finetune.cli, finetune.data, finetune.evaluation, finetune.generation, finetune.hub, finetune.merging
+import finetune.planning
 import finetune.recipes, finetune.serving, finetune.sweeps, finetune.training
 assert warnings.filters == filters, "a warning filter was added at import"
 assert "finetune_packed_sdpa" not in AttentionInterface._global_mapping, "attention registered at import"

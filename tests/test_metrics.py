@@ -4,7 +4,15 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from finetune.metrics import load_metric, score_generations
+from finetune.metrics import (
+    GENERATION_SCORES,
+    PER_REPLY_SCORES,
+    load_metric,
+    lower_is_better,
+    per_reply_scores,
+    score_generations,
+)
+from finetune.metrics.repetition import distinct_ngram_share, repeated_ngram_share, tokens
 
 PREDICTIONS = [
     "the quick brown fox jumps over the lazy dog",
@@ -73,12 +81,59 @@ def test_exact_match_normalises_case_punctuation_and_articles() -> None:
 
 def test_score_generations_combines_all_metrics() -> None:
     scores = score_generations(PREDICTIONS, REFERENCES)
-    assert set(scores) == {"bleu", "rouge1", "rouge2", "rougeL", "token_f1", "exact_match"}
+    assert list(scores) == list(GENERATION_SCORES)
+    assert set(scores) == {
+        "bleu",
+        "rouge1",
+        "rouge2",
+        "rougeL",
+        "token_f1",
+        "exact_match",
+        "repeated_4gram_share",
+        "distinct_2",
+    }
     assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDICTIONS, [REFERENCES]).score)
     assert {key: scores[key] for key in ("rouge1", "rouge2", "rougeL")} == pytest.approx(
         rouge_means(PREDICTIONS, REFERENCES)
     )
     assert scores["exact_match"] == pytest.approx(1 / 4)
+
+
+LOOPS = [
+    "I am a being that is a being that is a being",  # SmolLM2-135M-Instruct's own greedy reply, cut short
+    "I'm ready with a glass of wine! I'm ready with a glass of wine!",
+]
+
+
+def test_repetition_on_constructed_replies() -> None:
+    being, wine = (tokens(text) for text in LOOPS)
+    assert being == "i am a being that is a being that is a being".split()
+    # 9 4-grams; "a being that is", "being that is a", "that is a being" come back once each.
+    assert repeated_ngram_share(being, 4) == pytest.approx(3 / 9)
+    assert distinct_ngram_share(being, 2) == pytest.approx(6 / 11)  # i am, am a, a being, being that, that is, is a
+    assert wine[:4] == ["i", "'", "m", "ready"] and len(wine) == 20  # symbols count, so loops of them are seen
+    assert repeated_ngram_share(wine, 4) == pytest.approx(7 / 17)  # the second sentence's 7 4-grams are repeats
+    assert repeated_ngram_share(tokens("🌟🌟🌟🌟🌟"), 4) == pytest.approx(1 / 2)
+    assert repeated_ngram_share(tokens("The capital of Zorbia is Quenth."), 4) == 0.0
+    # Too short for an n-gram: nothing repeated.
+    assert repeated_ngram_share(tokens("Hi there"), 4) == 0.0 and distinct_ngram_share(tokens("Hi"), 2) == 1.0
+    assert lower_is_better("repeated_4gram_share") and not lower_is_better("distinct_2")
+
+
+def test_per_reply_scores_are_what_the_means_average() -> None:
+    predictions, references = [*PREDICTIONS, *LOOPS], [*REFERENCES, "a being", "cheers"]
+    rows = per_reply_scores(predictions, references)
+    assert list(rows) == list(PER_REPLY_SCORES) and "bleu" not in rows
+    assert all(len(values) == len(predictions) for values in rows.values())
+    scores = score_generations(predictions, references)
+    assert all(scores[name] == sum(values) / len(values) for name, values in rows.items())
+    for index, (prediction, reference) in enumerate(zip(predictions, references)):
+        assert {key: rows[key][index] for key in ("rouge1", "rouge2", "rougeL")} == pytest.approx(
+            rouge_means([prediction], [reference])
+        )
+    assert rows["exact_match"][0] == 1.0 and rows["repeated_4gram_share"][-2:] == [pytest.approx(3 / 9), 7 / 17]
+    with pytest.raises(ValueError, match="2 predictions and 1 references"):
+        per_reply_scores(["a b", "c d"], ["a b"])
 
 
 def test_length_mismatch_names_both_lengths() -> None:

@@ -30,7 +30,8 @@ from typer.testing import CliRunner
 
 from finetune import ChatSFTRecipe, FinetuneError
 from finetune.cli import app as cli_app
-from finetune.serving import ChatModel, Decoding, Limits, chat_loop, create_app, load_chat_model
+from finetune.evaluation import generate
+from finetune.serving import ChatModel, Decoding, DecodingSettings, Limits, chat_loop, create_app, load_chat_model
 from tests.conftest import tiny_recipe
 
 KEY = "test-key-0123456789"
@@ -133,7 +134,7 @@ def test_adapters_share_one_base_and_are_picked_by_name(chat, tiny_llama_dir, ot
     base = tiny_llama_dir.name
     assert chat.variants == {base: None, "llama": "adapter0", "other": "adapter1"} and chat.default == "llama"
     prompt = chat.prompt_ids(HELLO)
-    greedy = Decoding(max_new_tokens=8, temperature=0)
+    greedy = DecodingSettings(max_new_tokens=8, temperature=0)
     replies = {name: chat.complete(name, prompt, greedy).text for name in chat.variants}
     # The base through disable_adapter() answers exactly like the plain base model, and after it the adapter is back.
     plain = load_chat_model(tiny_llama_dir)
@@ -180,7 +181,7 @@ def test_chat_loop_streams_replies_and_reset_clears_history(chat):
     out = Recorder()
     read = scripted("Hello there", "And then?", "/reset", "/unknown", "Again", "/exit", "never read")
     history = chat_loop(
-        chat, model="other", system="Be brief.", decoding=Decoding(16, temperature=0), read=read, out=out
+        chat, model="other", system="Be brief.", decoding=DecodingSettings(16, temperature=0), read=read, out=out
     )
     text = out.getvalue()
     assert text.count("other> ") == 3 and "(conversation cleared)" in text and "unknown command /unknown" in text
@@ -202,13 +203,15 @@ def test_ctrl_c_stops_a_reply_but_not_the_chat(chat):
             return super().write(text)
 
     out = Interrupting()
-    history = chat_loop(chat, decoding=Decoding(64, temperature=0), read=scripted("Hi", "Still there?"), out=out)
+    history = chat_loop(
+        chat, decoding=DecodingSettings(64, temperature=0), read=scripted("Hi", "Still there?"), out=out
+    )
     assert out.getvalue().count(" (stopped)") == 2
     assert [m["role"] for m in history] == ["user", "assistant"] * 2
 
 
 def test_chat_loop_ends_at_end_of_input(chat):
-    history = chat_loop(chat, decoding=Decoding(4, temperature=0), read=scripted("Hi"), out=io.StringIO())
+    history = chat_loop(chat, decoding=DecodingSettings(4, temperature=0), read=scripted("Hi"), out=io.StringIO())
     assert [m["role"] for m in history] == ["user", "assistant"]
 
 
@@ -220,7 +223,56 @@ def test_cli_chat_on_a_run_folder(run_dir):
     assert "Chatting with llama." in result.output and "llama> " in result.output
 
 
+def test_chat_decodes_as_evaluation_does_and_the_guard_is_on_by_default(tiny_llama_dir):
+    """The tiny model answers "Hello there" with one token over and over: the guard's reply differs, and chat and
+    evaluation give the same reply for the same settings (one owner of decoding: finetune.generation)."""
+    plain = load_chat_model(tiny_llama_dir)
+    prompt = plain.prompt_ids(HELLO)
+    replies = {}
+    for guard in (True, False):
+        settings = DecodingSettings(24, temperature=0, repetition_guard=guard)
+        replies[guard] = plain.complete(plain.default, prompt, settings).text
+        ids = generate(plain.model, plain.tokenizer, [HELLO], decoding=settings)[0]
+        assert replies[guard] == plain.tokenizer.decode(ids, skip_special_tokens=True)
+    assert replies[True] != replies[False] and DecodingSettings().repetition_guard
+    assert Decoding is DecodingSettings  # the earlier name still works
+
+
+def test_cli_chat_and_serve_pass_their_decoding_flags(monkeypatch):
+    from finetune import serving
+    from finetune.cli import FLAGS
+
+    seen = {}
+    monkeypatch.setattr(serving, "load_chat_model", lambda target, adapters, quantization: "model")
+    monkeypatch.setattr(serving, "chat_loop", lambda model, system, decoding: seen.update(chat=decoding))
+    monkeypatch.setattr(serving, "serve", lambda model, **options: seen.update(serve=options["decoding"]))
+    runner = CliRunner()
+    result = runner.invoke(cli_app, ["chat", "x", "--no-repetition-guard", "--temperature", "0"])
+    assert result.exit_code == 0, result.output
+    assert seen["chat"] == DecodingSettings(256, temperature=0, repetition_guard=False)
+    result = runner.invoke(cli_app, ["serve", "x", "--max-tokens", "32", "--repetition-guard-strength", "1.5"])
+    assert result.exit_code == 0, result.output
+    # Unset temperature and top_p are left to the model's own generation_config (else finetune's fallback).
+    assert seen["serve"] == DecodingSettings(32, None, None, repetition_guard=True, repetition_guard_strength=1.5)
+    bad = runner.invoke(cli_app, ["chat", "x", "--repetition-guard-strength", "0"])
+    assert isinstance(bad.exception, FinetuneError)
+    assert bad.exception.render(FLAGS).startswith("--repetition-guard-strength 0.0: use a penalty above 0")
+
+
 # ------------------------------------------------------------------------------------------- server
+
+
+def test_every_request_gets_the_servers_guard_setting(tiny_llama_dir):
+    """A request's temperature and max_tokens replace the server's; its repetition guard setting stays."""
+    plain = load_chat_model(tiny_llama_dir)
+    prompt = plain.prompt_ids(HELLO)
+    for guard in (True, False):
+        expected = plain.complete(plain.default, prompt, DecodingSettings(12, 0, repetition_guard=guard)).text
+        with running(create_app(plain, decoding=DecodingSettings(temperature=0.9, repetition_guard=guard))) as url:
+            reply = client(url).chat.completions.create(
+                model=plain.default, messages=HELLO, max_tokens=12, temperature=0
+            )
+        assert reply.choices[0].message.content == expected
 
 
 def test_openai_client_plain_and_streaming_completion(server, chat):

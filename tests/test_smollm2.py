@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune import ChatSFTRecipe
 from finetune.evaluation import generate
+from finetune.generation import DecodingSettings
 from finetune.model_source import resolve
 from finetune.models import weights_path
 from tests.conftest import FACTS
@@ -16,6 +17,7 @@ from tests.conftest import FACTS
 pytestmark = pytest.mark.real_model
 
 QUESTION = [{"role": "user", "content": FACTS[0][0]}]  # "What is the capital of Zorbia?" -> "... Quenth."
+SHORT = DecodingSettings(24, temperature=0)
 
 
 def test_gguf_conversion_is_saveable_and_exact():
@@ -58,10 +60,10 @@ def fact_run(facts_jsonl, tmp_path_factory):
     )
     recipe.setup()
     before = recipe.evaluate()
-    reply_before = generate(recipe.model, recipe.tokenizer, [QUESTION], max_new_tokens=24)[0]
+    reply_before = generate(recipe.model, recipe.tokenizer, [QUESTION], decoding=SHORT)[0]
     recipe.train()
     after = recipe.evaluate()
-    reply_after = generate(recipe.model, recipe.tokenizer, [QUESTION], max_new_tokens=24)[0]
+    reply_after = generate(recipe.model, recipe.tokenizer, [QUESTION], decoding=SHORT)[0]
     recipe.save()
     merge = recipe.merge()
     recipe.cleanup()

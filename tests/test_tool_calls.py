@@ -10,7 +10,7 @@ import pytest
 
 from finetune import ChatSFTRecipe
 from finetune.data import tools_json
-from finetune.serving import Decoding, create_app, load_chat_model
+from finetune.serving import DecodingSettings, create_app, load_chat_model
 from finetune.serving.tool_calls import StreamedReply, ToolCallFormat, tool_call_format
 from tests.data.test_reasoning_and_tools import TOOLS
 from tests.families import FAMILIES, build_model_dir, build_tokenizer
@@ -129,7 +129,7 @@ def tool_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tool_server(tool_run):
     chat = load_chat_model(tool_run)
-    with running(create_app(chat, decoding=Decoding(temperature=0))) as url:
+    with running(create_app(chat, decoding=DecodingSettings(temperature=0))) as url:
         yield url, chat
 
 

@@ -1,8 +1,9 @@
-"""Text-generation metrics (BLEU, ROUGE, token F1 / exact match) loaded through `evaluate`.
+"""Text-generation metrics: BLEU, ROUGE, token F1 / exact match loaded through `evaluate`, and repetition.
 
 `evaluate.load("bleu")` fetches the metric script from the Hugging Face Hub, so it fails offline.
-The scripts shipped next to this file are loaded by path instead, which works with no network.
-They are only ever read by `evaluate.load`, never imported from here.
+The scripts shipped next to this file (bleu.py, rouge.py, token_f1.py) are loaded by path instead, which works with
+no network; they are only ever read by `evaluate.load`, never imported from here. repetition.py needs no reference
+reply and is plain Python, imported normally.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from finetune.metrics import repetition
+
 if TYPE_CHECKING:
     import evaluate
 
@@ -18,10 +21,21 @@ METRIC_NAMES = ("bleu", "rouge", "token_f1")
 SCRIPTS_DIR = Path(__file__).parent
 
 # Every score a run reports, and whether smaller is better: the one table that reports, the before/after comparison
-# and sweeps read. The generation scores are what the scripts above return.
+# and sweeps read. The generation scores are what the scripts above and repetition.py return.
 LOWER_IS_BETTER = {"eval_loss": True, "loss": True, "perplexity": True, "perplexity_all_tokens": True}
-GENERATION_SCORES = ("bleu", "rouge1", "rouge2", "rougeL", "token_f1", "exact_match")
-SCORES = {**LOWER_IS_BETTER, **{name: False for name in GENERATION_SCORES}}
+GENERATION_SCORES = {
+    "bleu": False,
+    "rouge1": False,
+    "rouge2": False,
+    "rougeL": False,
+    "token_f1": False,
+    "exact_match": False,
+    "repeated_4gram_share": True,
+    "distinct_2": False,
+}
+SCORES = {**LOWER_IS_BETTER, **GENERATION_SCORES}
+# Those of them that are means over replies; bleu is a corpus score (n-gram counts pooled over all replies).
+PER_REPLY_SCORES = tuple(name for name in GENERATION_SCORES if name != "bleu")
 
 
 def lower_is_better(score: str) -> bool:
@@ -40,6 +54,17 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
 
 
 def score_generations(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Every generation score (`GENERATION_SCORES`) of the replies against their references: corpus BLEU, and the
+    mean over replies of the others, which are exactly the means of `per_reply_scores`."""
+    per_reply = per_reply_scores(predictions, references)
+    scores = load_metric("bleu").compute(predictions=predictions, references=references)
+    scores.update({name: sum(values) / len(values) for name, values in per_reply.items()})
+    return {name: scores[name] for name in GENERATION_SCORES}
+
+
+def per_reply_scores(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+    """Each reply's value of every score that is a mean over replies (`PER_REPLY_SCORES`: not bleu, a corpus
+    score), in the order of `predictions`: what a paired bootstrap over replies resamples."""
     if len(predictions) != len(references):
         raise ValueError(
             f"predictions and references must have the same length, got {len(predictions)} predictions "
@@ -47,7 +72,8 @@ def score_generations(predictions: list[str], references: list[str]) -> dict[str
         )
     if not predictions:
         raise ValueError("need at least one prediction/reference pair to score")
-    scores: dict[str, float] = {}
-    for name in METRIC_NAMES:
-        scores.update(load_metric(name).compute(predictions=predictions, references=references))
-    return scores
+    scores: dict[str, list[float]] = {}
+    for name in ("rouge", "token_f1"):
+        scores.update(load_metric(name).per_row(predictions, references))
+    scores.update(repetition.per_reply(predictions))
+    return {name: scores[name] for name in PER_REPLY_SCORES}

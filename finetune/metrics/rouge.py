@@ -18,8 +18,12 @@ class Rouge(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
+    def per_row(self, predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+        """Each reply's F-measures, the values `compute` averages (for intervals over replies)."""
         scorer = rouge_scorer.RougeScorer(ROUGE_TYPES, use_stemmer=True)
         rows = [scorer.score(target=ref, prediction=pred) for pred, ref in zip(predictions, references)]
+        return {key: [row[key].fmeasure for row in rows] for key in ROUGE_TYPES}
+
+    def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
         # A plain mean, not rouge_score's BootstrapAggregator: deterministic and easy to check by hand.
-        return {key: sum(row[key].fmeasure for row in rows) / len(rows) for key in ROUGE_TYPES}
+        return {key: sum(values) / len(values) for key, values in self.per_row(predictions, references).items()}

@@ -41,9 +41,13 @@ class TokenF1(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
+    def per_row(self, predictions: list[str], references: list[str]) -> dict[str, list[float]]:
+        """Each reply's F1 and exact match (0 or 1), the values `compute` averages (for intervals over replies)."""
         pairs = list(zip(predictions, references))
         return {
-            "token_f1": sum(f1(pred, ref) for pred, ref in pairs) / len(pairs),
-            "exact_match": sum(normalize(pred) == normalize(ref) for pred, ref in pairs) / len(pairs),
+            "token_f1": [f1(pred, ref) for pred, ref in pairs],
+            "exact_match": [float(normalize(pred) == normalize(ref)) for pred, ref in pairs],
         }
+
+    def _compute(self, predictions: list[str], references: list[str]) -> dict[str, float]:
+        return {key: sum(values) / len(values) for key, values in self.per_row(predictions, references).items()}

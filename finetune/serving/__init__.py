@@ -5,9 +5,12 @@ Entry points: `load_chat_model(target, adapters)` (chat_model.py) loads what to 
 `tools` requests with OpenAI tool calls parsed in the chat template's own format (tool_calls.py).
 """
 
+from finetune.generation import DecodingSettings
 from finetune.serving.api import ApiError, ChatRequest, Limits, create_app, serve
-from finetune.serving.chat_model import ChatModel, Completion, Decoding, load_chat_model
+from finetune.serving.chat_model import ChatModel, Completion, load_chat_model
 from finetune.serving.terminal import chat_loop
+
+Decoding = DecodingSettings  # its earlier name here, before finetune.generation owned decoding for every stage
 
 __all__ = [
     "ApiError",
@@ -15,6 +18,7 @@ __all__ = [
     "ChatRequest",
     "Completion",
     "Decoding",
+    "DecodingSettings",
     "Limits",
     "chat_loop",
     "create_app",

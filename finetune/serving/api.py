@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from importlib import resources
 from typing import Any, Literal
@@ -29,7 +29,8 @@ from transformers import AsyncTextIteratorStreamer
 
 from finetune.data import RowError, to_messages, tools_json
 from finetune.errors import FinetuneError
-from finetune.serving.chat_model import ChatModel, Decoding
+from finetune.generation import DecodingSettings
+from finetune.serving.chat_model import ChatModel
 from finetune.serving.tool_calls import StreamedReply, ToolCallFormat
 
 
@@ -101,9 +102,14 @@ def _error(status: int, message: str, *, param: str | None = None, code: str | N
 
 
 def create_app(
-    chat: ChatModel, *, api_key: str | None = None, limits: Limits = Limits(), decoding: Decoding = Decoding()
+    chat: ChatModel,
+    *,
+    api_key: str | None = None,
+    limits: Limits = Limits(),
+    decoding: DecodingSettings = DecodingSettings(),
 ) -> Starlette:
-    """The OpenAI-compatible app. `decoding` gives temperature and top_p when a request omits them."""
+    """The OpenAI-compatible app. `decoding` gives temperature and top_p when a request omits them (None: the
+    model's own generation_config), and the repetition guard every request gets."""
     # One worker thread runs every generation, in arrival order. Two at once would race on the active adapter
     # (set_adapter changes the shared model) and split the same cores, making both slower; queued requests simply
     # wait their turn, so load never fails a request. Generation off the event loop keeps /health and streams live.
@@ -167,7 +173,8 @@ def create_app(
                 param="messages",
                 code="context_length_exceeded",
             )
-        settings = Decoding(
+        settings = replace(
+            decoding,
             max_new_tokens=max_tokens,
             temperature=decoding.temperature if req.temperature is None else req.temperature,
             top_p=decoding.top_p if req.top_p is None else req.top_p,
@@ -297,7 +304,7 @@ async def _sse(
     worker: ThreadPoolExecutor,
     name: str,
     prompt: list[int],
-    decoding: Decoding,
+    decoding: DecodingSettings,
     reply_id: str,
     tool_format: ToolCallFormat | None = None,
 ) -> AsyncIterator[str]:
@@ -346,7 +353,7 @@ def serve(
     port: int = 8000,
     api_key: str | None = None,
     limits: Limits = Limits(),
-    decoding: Decoding = Decoding(),
+    decoding: DecodingSettings = DecodingSettings(),
 ) -> None:
     """Run the app under uvicorn until Ctrl-C."""
     import uvicorn

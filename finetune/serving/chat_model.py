@@ -31,27 +31,9 @@ from finetune.adapters import load_adapter
 from finetune.config import ModelConfig, Quantization, choices
 from finetune.data import end_of_turn_ids, render_prompt
 from finetune.errors import FinetuneError, argument
+from finetune.generation import DecodingSettings, generate_kwargs
 from finetune.run_folder import RunFolder, is_adapter
 from finetune.serving.tool_calls import ToolCallFormat, tool_call_format
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """How a reply is generated; temperature 0 means greedy decoding (the same reply every time)."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.9
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        if self.temperature == 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
-        return {
-            "do_sample": True,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "max_new_tokens": self.max_new_tokens,
-        }
 
 
 @dataclass(frozen=True)
@@ -101,12 +83,14 @@ class ChatModel:
         self,
         name: str,
         prompt_ids: list[int],
-        decoding: Decoding,
+        decoding: DecodingSettings,
         *,
         streamer: TextIteratorStreamer | AsyncTextIteratorStreamer | None = None,
         cancel: threading.Event | None = None,
     ) -> Completion:
-        """Generate one reply with variant `name`. One call at a time: the active adapter is state on the model."""
+        """Generate one reply with variant `name`, decoded as `finetune.generation.generate_kwargs` says (the
+        model's own sampling settings, the user's, the repetition guard). One call at a time: the active adapter is
+        state on the model."""
         if cancel is not None and cancel.is_set():  # the requester left while this waited in the queue
             return Completion("", len(prompt_ids), 0, "stop")
         adapter = self.variants[name]
@@ -122,7 +106,7 @@ class ChatModel:
                     attention_mask=torch.ones_like(input_ids),
                     streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]) if cancel else None,
-                    **decoding.generate_kwargs(),
+                    **generate_kwargs(decoding, self.model.generation_config, prompt_length=len(prompt_ids)),
                 )
         except BaseException:
             if streamer is not None:

@@ -11,7 +11,8 @@ from typing import TextIO
 from transformers import TextIteratorStreamer
 
 from finetune.errors import FinetuneError
-from finetune.serving.chat_model import ChatModel, Completion, Decoding
+from finetune.generation import DecodingSettings
+from finetune.serving.chat_model import ChatModel, Completion
 
 
 def chat_loop(
@@ -19,7 +20,7 @@ def chat_loop(
     *,
     model: str | None = None,
     system: str | None = None,
-    decoding: Decoding = Decoding(),
+    decoding: DecodingSettings = DecodingSettings(),
     read: Callable[[str], str] = input,
     out: TextIO | None = None,
 ) -> list[dict[str, str]]:
@@ -74,7 +75,7 @@ def chat_loop(
         history.append({"role": "assistant", "content": completion.text})
 
 
-def _stream_to(out: TextIO, chat: ChatModel, name: str, prompt: list[int], decoding: Decoding) -> Completion:
+def _stream_to(out: TextIO, chat: ChatModel, name: str, prompt: list[int], decoding: DecodingSettings) -> Completion:
     streamer = TextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
     cancel = threading.Event()
     with ThreadPoolExecutor(max_workers=1) as worker:
