@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browsers quickstart test benchmark quality clean
+.PHONY: install browsers quickstart lint test benchmark quality clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ browsers:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
 		|| { echo "Could not install chromium; as root run: apt-get install chromium" >&2; exit 1; }
+
+# ruff (configured in pyproject.toml): lint, and formatting checked, never rewritten here.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: $(STAMP) browsers
 	$(BIN)/python -m pytest -q --durations=10

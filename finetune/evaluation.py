@@ -312,7 +312,7 @@ class Comparison:
         small to tell a change, why and which setting to raise."""
         cost = self.cost
         of = f" = {cost.seconds / train_seconds:.0%} of the {train_seconds:.0f} s of training" if train_seconds else ""
-        limit = f" (evaluation.time_share {time_share:.0%})" if cost.budget is not None else ""
+        limit = f" (evaluation.time_share {time_share:.0%})" if cost.budget is not None else " (no time budget)"
         passes = "before and after" if self.before else "after training"
         lines = [
             f"evaluation ({passes}): {len(self.rows)} conversations scored, {self.generated} replies generated, "

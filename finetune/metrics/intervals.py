@@ -101,7 +101,7 @@ class Change:
     before: float
     after: float
     rows: int  # how many held-out rows both were scored on
-    relative: bool  # change and interval as fractions of `before` (False when before is zero)
+    relative: bool  # change and interval as fractions of `before` (False where a resample's before is zero)
     change: float
     low: float
     high: float
@@ -129,20 +129,24 @@ def paired_change(metric: str, before: RowScores, after: RowScores, *, lower_is_
         raise ValueError(f"{metric}: before and after must be scored on the same rows ({len(before)} vs {len(after)})")
     old, new = before.score(), after.score()
     rows = len(before)
-    relative = old != 0
-    scale = abs(old) if relative else 1.0
     if np.array_equal(before.values, after.values):
-        return Change(metric, old, new, rows, relative, 0.0, 0.0, 0.0, "unchanged")
+        return Change(metric, old, new, rows, old != 0, 0.0, 0.0, 0.0, "unchanged")
     samples = np.random.default_rng(SEED).integers(0, rows, (RESAMPLES, rows))
-    differences = _resampled(after, samples) - _resampled(before, samples)
+    resampled_before, resampled_after = _resampled(before, samples), _resampled(after, samples)
+    # Relative when every resample has a non-zero before (perplexity, BLEU, most means); else in the metric's units.
+    relative = bool(np.all(resampled_before != 0))
+    if relative:
+        changes, change = resampled_after / resampled_before - 1, new / old - 1
+    else:
+        changes, change = resampled_after - resampled_before, new - old
     tail = (1 - LEVEL) / 2 * 100
-    low, high = np.percentile(differences, [tail, 100 - tail]) / scale
+    low, high = np.percentile(changes, [tail, 100 - tail])
     if low > 0 or high < 0:  # the interval excludes no change
         improved = (high < 0) if lower_is_better else (low > 0)
         verdict: Verdict = "better" if improved else "worse"
     else:
         verdict = "no clear change"
-    return Change(metric, old, new, rows, relative, (new - old) / scale, float(low), float(high), verdict)
+    return Change(metric, old, new, rows, relative, float(change), float(low), float(high), verdict)
 
 
 def comparison_markdown(changes: list[Change]) -> list[str]:

@@ -47,9 +47,9 @@ def test_under_no_change_the_interval_calls_a_change_about_one_time_in_twenty():
     generator = np.random.default_rng(3)
     called = 0
     for _ in range(200):
-        difficulty = generator.normal(0, 1, size=40)  # rows differ a lot; the models only by noise
-        before = difficulty + generator.normal(0, 0.3, size=40)
-        after = difficulty + generator.normal(0, 0.3, size=40)
+        difficulty = generator.uniform(0.2, 0.8, size=40)  # rows differ a lot; the models only by noise
+        before = difficulty + generator.normal(0, 0.05, size=40)
+        after = difficulty + generator.normal(0, 0.05, size=40)
         change = paired_change("rouge1", RowScores("mean", before), RowScores("mean", after), lower_is_better=False)
         called += change.verdict != "no clear change"
     assert 2 <= called <= 22, called  # 5% of 200 = 10; the binomial's 99.9% range is about 2-22
