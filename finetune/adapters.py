@@ -1,7 +1,8 @@
 """Stage 2: attach LoRA adapters (peft) to a loaded base model.
 
-Entry points: `attach_lora(model, cfg, gradient_checkpointing=...)` for training, `load_adapter(model, folder)` for a
-trained adapter folder (merge, evaluation, serving).
+Entry points: `attach_lora(model, cfg, gradient_checkpointing=...)` for training; `load_trained(base, tokenizer,
+folder)` puts a trained adapter (and the rows of any tokens training added) on a loaded base: merging, evaluation,
+serving, export and a reopened run all load adapters through it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from peft.tuners.lora import LoraLayer
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from finetune import models
 from finetune.config import LoraConfig
 
 
@@ -53,14 +55,31 @@ def _peft_quietly() -> Iterator[None]:
         yield
 
 
-def load_adapter(model: PreTrainedModel, folder: Path | str, *, adapter_name: str = "default") -> PeftModel:
+def load_trained(
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: Path | str,
+    *,
+    adapter_name: str = "default",
+) -> PeftModel:
+    """`base` with the trained adapter in `folder`: first an embedding row for every token of `tokenizer` that the
+    base lacks (chatml's turn markers on a base model; the adapter holds their trained values, so the rows only need
+    to exist), then the adapter. `base` is whatever the caller needs: quantized as in training, full precision for a
+    merge, the weights read back from a GGUF file."""
+    models.fit_vocabulary(base, tokenizer, for_adapter=True)
     with _peft_quietly():
-        return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name)
+        return PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
+
+
+def add_trained(model: PeftModel, folder: Path | str, *, adapter_name: str) -> None:
+    """One more trained adapter beside those of `model` (from `load_trained`), over the same base and vocabulary."""
+    with _peft_quietly():
+        model.load_adapter(str(folder), adapter_name=adapter_name)
 
 
 def attach_lora(
     model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointing: bool, new_tokens: list[int] = ()
-) -> tuple[PeftModel, TrainableParameters]:
+) -> PeftModel:
     """`new_tokens`: ids whose embedding rows the base never trained (`models.fit_vocabulary`), trained as whole rows
     beside LoRA (peft's trainable tokens, saved in the adapter), in the output layer too unless it is tied to the
     input embeddings (peft then trains the shared rows once)."""
@@ -76,8 +95,12 @@ def attach_lora(
         peft_model = get_peft_model(model, peft_config(cfg, _token_layers(model, list(new_tokens))))
     if cfg.fast_dropout:
         use_fast_cpu_dropout(peft_model)
-    trainable, total = peft_model.get_nb_trainable_parameters()
-    return peft_model, TrainableParameters(trainable=trainable, total=total)
+    return peft_model
+
+
+def trainable_parameters(model: PeftModel) -> TrainableParameters:
+    trainable, total = model.get_nb_trainable_parameters()
+    return TrainableParameters(trainable=trainable, total=total)
 
 
 def _token_layers(model: PreTrainedModel, tokens: list[int]) -> dict[str, list[int]]:

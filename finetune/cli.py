@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -42,6 +44,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+# `finetune --debug ...` or FINETUNE_DEBUG=1: an error also prints its whole traceback, causes included.
+DEBUG_VARIABLE = "FINETUNE_DEBUG"
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help=f"On an error, print the full traceback too (or set {DEBUG_VARIABLE}=1).")
+    ] = False,
+) -> None:
+    if debug:
+        os.environ[DEBUG_VARIABLE] = "1"
+
 
 # The repetition guard's options say what the evaluation config says (one description for both).
 _EVALUATION = EvaluationConfig.model_fields
@@ -418,6 +434,8 @@ def main() -> None:
         typer.secho(f"interrupted: {exc.render(FLAGS)}", fg=typer.colors.YELLOW, err=True)
         sys.exit(exc.exit_code)
     except FinetuneError as exc:
+        if os.environ.get(DEBUG_VARIABLE) == "1":
+            traceback.print_exception(exc, file=sys.stderr)
         typer.secho(f"error: {exc.render(FLAGS)}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -376,8 +376,8 @@ class OutputConfig(_Section):
     def _a_folder_of_its_own(cls, value: str) -> str:
         try:
             folder = value.format(name="run")
-        except (KeyError, IndexError, ValueError):
-            raise ValueError("the only placeholder allowed is {name}; write other braces doubled, {{ and }}") from None
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError("the only placeholder allowed is {name}; write other braces doubled, {{ and }}") from exc
         # --overwrite deletes the run folder: it must never be the working directory, a parent of it, or the root.
         if os.path.normpath(folder) in (".", os.sep) or os.path.basename(os.path.normpath(folder)) == "..":
             raise ValueError(
@@ -439,7 +439,7 @@ class RecipeConfig(_Section):
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise FinetuneError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)}).") from None
+            raise FinetuneError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)}).") from exc
         if not isinstance(raw, dict):
             raise FinetuneError(f"{path}: a recipe must be a YAML mapping of sections (model, lora, data, ...).")
         apply_overrides(raw, overrides)
@@ -458,7 +458,7 @@ class RecipeConfig(_Section):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            raise FinetuneError(_explain(exc, source, key_lines or {})) from None
+            raise FinetuneError(_explain(exc, source, key_lines or {})) from exc
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str] | Mapping[str, Any]) -> None:

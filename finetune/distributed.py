@@ -170,4 +170,4 @@ def launch(cli_args: list[str], num_processes: int) -> None:
         )
         raise FinetuneError(
             f"the {num_processes}-process run failed: {failed}. The processes' own errors are printed above."
-        ) from None
+        ) from exc

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune import atomic, chunked_loss, distributed, models
-from finetune.adapters import load_adapter
+from finetune.adapters import load_trained
 from finetune.config import DataConfig, EvaluationConfig, ModelConfig
 from finetune.data import IGNORE_INDEX, end_of_turn_ids, prepare_data, render_prompt
 from finetune.errors import FinetuneError, argument
@@ -495,11 +495,10 @@ def evaluate_checkpoint(
         if (adapter / "tokenizer_config.json").is_file():  # the adapter's own tokenizer carries its chat template
             tokenizer = models.load_tokenizer(model_cfg, folder=adapter)
     model = models.load_model(model_cfg)
-    models.fit_vocabulary(
-        model, tokenizer, for_adapter=adapter is not None
-    )  # rows for tokens training added; the adapter holds their trained values
     if adapter is not None:
-        model = load_adapter(model, adapter)
+        model = load_trained(model, tokenizer, adapter)
+    else:
+        models.fit_vocabulary(model, tokenizer)  # a template's turn markers the base lacks (chatml on a base model)
     models.configure_generation(model, tokenizer, end_of_turn_ids(tokenizer))
     heldout = prepare_data(data_cfg, tokenizer, split=False).splits["test"]
     return score(model, tokenizer, heldout, cfg, label="Scoring")

@@ -35,7 +35,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune import atomic
-from finetune.adapters import load_adapter
+from finetune.adapters import load_trained
 from finetune.config import ExportQuant, ModelConfig, choices
 from finetune.errors import FinetuneError, argument
 from finetune.llama_cpp_runner import LLAMA_QUANTIZER_TYPES, Inspection, inspect_gguf, quantize_gguf
@@ -231,7 +231,7 @@ def _export_adapter(folder: RunFolder, model_cfg: ModelConfig, probe: _Probe, *,
         checks["transformers_reload"] = _reload_check(on_file, base_model, stored, probe)
         base_model = on_file  # the adapter is then checked on the very base weights llama.cpp runs
     write_adapter_gguf(adapter_path, folder.adapter, base_model)
-    reference = load_adapter(base_model, folder.adapter).eval()
+    reference = load_trained(base_model, probe.tokenizer, folder.adapter).eval()
     checks.update(_llama_cpp_checks(base, lora=adapter_path, reference=reference, stored=stored, probe=probe))
     return _Written(gguf_file=adapter_path, base=base, checks=checks, warnings=warnings)
 

@@ -74,8 +74,8 @@ def run_in_child(function: Callable[[Any], Any], request: Any, *, what: str, tim
         command = [sys.executable, "-m", __name__, target, str(request_file), str(response_file)]
         try:
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise ChildFailed(f"{what}: llama.cpp did not finish within {timeout:.0f} s; it was stopped.") from None
+        except subprocess.TimeoutExpired as exc:
+            raise ChildFailed(f"{what}: llama.cpp did not finish within {timeout:.0f} s; it was stopped.") from exc
         if done.returncode < 0:
             raise ChildFailed(_signal_message(what, -done.returncode, done.stderr))
         if not response_file.is_file():

@@ -23,12 +23,12 @@ from datasets import Dataset
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune import atomic
-from finetune.adapters import load_adapter
+from finetune.adapters import load_trained
 from finetune.config import MergeSelect, MergeStrategy, ModelConfig, choices
 from finetune.errors import FinetuneError, argument
 from finetune.evaluation import perplexity
 from finetune.model_source import resolve
-from finetune.models import configure_generation, fit_vocabulary, load_model, weights_path
+from finetune.models import configure_generation, load_model, weights_path
 
 STRATEGIES = choices(MergeStrategy)
 
@@ -80,9 +80,13 @@ def _nf4_roundtrip_base(model_cfg: ModelConfig) -> PreTrainedModel:
 
 
 def _merged(
-    base: PreTrainedModel, adapter_dir: Path, probes: list[list[int]], tolerance: float
+    base: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    adapter_dir: Path,
+    probes: list[list[int]],
+    tolerance: float,
 ) -> tuple[PreTrainedModel, float]:
-    model = load_adapter(base, adapter_dir)
+    model = load_trained(base, tokenizer, adapter_dir)
     model.eval()
     expected = _logits(model, probes)
     merged = model.merge_and_unload()
@@ -134,19 +138,17 @@ def merge_adapter(
 
     if len(candidates) == 1 or heldout is None:
         name = candidates[0]
-        merged, diff = _merged(_base(model_cfg, name, tokenizer), adapter_dir, probes, tolerance)
+        merged, diff = _merged(_base(model_cfg, name), tokenizer, adapter_dir, probes, tolerance)
         reason = (
             f"{name}: {'the only candidate' if len(candidates) == 1 else 'no held-out rows to compare candidates on'}"
         )
     else:
         if reference_perplexity is None:  # a run already scored the adapter on its training base; reuse that
-            reference = load_model(model_cfg)
-            fit_vocabulary(reference, tokenizer, for_adapter=True)
-            reference = load_adapter(reference, adapter_dir)
+            reference = load_trained(load_model(model_cfg), tokenizer, adapter_dir)
             reference_perplexity = score(reference)
             del reference
         fidelity["adapter_on_training_base"] = reference_perplexity
-        merged, diff = _merged(_base(model_cfg, "full_precision", tokenizer), adapter_dir, probes, tolerance)
+        merged, diff = _merged(_base(model_cfg, "full_precision"), tokenizer, adapter_dir, probes, tolerance)
         fidelity["full_precision"] = score(merged)
         better = fidelity["full_precision"] <= reference_perplexity
         if select == "perplexity" and better:
@@ -158,7 +160,7 @@ def merge_adapter(
         else:
             del merged
             name = "nf4_roundtrip"
-            merged, diff = _merged(_base(model_cfg, name, tokenizer), adapter_dir, probes, tolerance)
+            merged, diff = _merged(_base(model_cfg, name), tokenizer, adapter_dir, probes, tolerance)
             fidelity[name] = reference_perplexity  # the same function, by the logit check just passed
             reason = (
                 f"nf4_roundtrip: held-out perplexity {reference_perplexity:.4f} (the adapter on its 4-bit base, reproduced) "
@@ -182,9 +184,7 @@ def merge_adapter(
     )
 
 
-def _base(model_cfg: ModelConfig, strategy: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """The base to merge into, with rows for any tokens training added (the adapter holds their trained values); the
-    merged model is saved with that vocabulary and the tokenizer that has them."""
-    base = _nf4_roundtrip_base(model_cfg) if strategy == "nf4_roundtrip" else load_model(model_cfg, quantized=False)
-    fit_vocabulary(base, tokenizer, for_adapter=True)
-    return base
+def _base(model_cfg: ModelConfig, strategy: str) -> PreTrainedModel:
+    """The base to merge into; `load_trained` gives it rows for any tokens training added, so the merged model is
+    saved with that vocabulary and the tokenizer that has them."""
+    return _nf4_roundtrip_base(model_cfg) if strategy == "nf4_roundtrip" else load_model(model_cfg, quantized=False)

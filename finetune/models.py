@@ -91,7 +91,7 @@ def load_tokenizer(cfg: ModelConfig, folder: str | Path | None = None) -> PreTra
             path, revision=None if folder else cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except OSError as exc:
-        raise FinetuneError(f"model.source `{cfg.source}`: could not load its tokenizer ({exc}).") from None
+        raise FinetuneError(f"model.source `{cfg.source}`: could not load its tokenizer ({exc}).") from exc
     if not tokenizer.is_fast:
         raise FinetuneError(
             f"model.source `{cfg.source}`: needs a fast tokenizer (character offsets build the loss masks)."
@@ -209,7 +209,7 @@ def load_model(cfg: ModelConfig, *, quantized: bool = True) -> PreTrainedModel:
                 **kwargs,
             )
     except OSError as exc:
-        raise FinetuneError(f"model.source `{cfg.source}`: could not load weights ({exc}).") from None
+        raise FinetuneError(f"model.source `{cfg.source}`: could not load weights ({exc}).") from exc
     disable_4bit_cpu_repacking(model)
     return model
 

@@ -85,7 +85,7 @@ class ModelShape:
         except AttributeError as exc:
             raise FinetuneError(
                 f"model config ({getattr(text, 'model_type', '?')}): cannot plan memory, {exc}."
-            ) from None
+            ) from exc
         intermediate = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
         return cls(
             model_type=str(getattr(text, "model_type", "")),
@@ -374,19 +374,18 @@ def plan(
     return result
 
 
-def needs_checkpointing(
+def plan_without_checkpointing(
     config: RecipeConfig, device: str | None = None, *, train: Any = None, added_tokens: int = 0
-) -> tuple[bool, MemoryPlan]:
-    """What `gradient_checkpointing: auto` resolves to: True when training only fits with it.
+) -> MemoryPlan:
+    """The memory plan of training without gradient checkpointing: `gradient_checkpointing: auto` turns it on
+    exactly when this plan does not fit.
 
     `train` (a tokenized split with input_ids and labels) replaces the worst case by this data's largest batch;
-    `added_tokens` counts the tokens `models.fit_vocabulary` gave new, trained rows. Returns the plan without
-    checkpointing too, for the record.
+    `added_tokens` counts the tokens `models.fit_vocabulary` gave new, trained rows.
     """
     batch = Batch.from_data(train, config) if train is not None else None
     shape = dataclasses.replace(model_shape(config), added_tokens=added_tokens)
-    without = plan(_resolved(config, checkpointing=False), device, batch=batch, shape=shape)
-    return not without.fits, without
+    return plan(_resolved(config, checkpointing=False), device, batch=batch, shape=shape)
 
 
 def model_shape(config: RecipeConfig) -> ModelShape:
@@ -407,7 +406,7 @@ def model_shape(config: RecipeConfig) -> ModelShape:
             **where, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        raise FinetuneError(f"model.source `{config.model.source}`: could not read its config ({exc}).") from None
+        raise FinetuneError(f"model.source `{config.model.source}`: could not read its config ({exc}).") from exc
     return ModelShape.from_config(hf_config)
 
 

@@ -2,6 +2,9 @@
 
 `ChatSFTRecipe.run()` reads top to bottom as the pipeline: load -> attach LoRA -> data -> train -> evaluate
 (before and after, on the same rows) -> save adapter -> merge -> report.
+
+What the stages produce lives in one declared place, `RecipeState`: each field is None until the stage that fills it
+has run, and a stage called too early says which one to call first.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ import shutil
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peft import PeftModel
 from rich.console import Console
-from transformers import TrainerCallback, set_seed
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
 
 from finetune import (
     adapters,
@@ -49,17 +53,64 @@ class RunResult:
     metrics_after: dict[str, float] | None
     train_loss: float | None
     merge_max_logit_diff: float | None
+    decisions: dict[str, Any] = field(default_factory=dict)  # what `auto` settings became, e.g. gradient checkpointing
+
+
+@dataclass
+class RunInputs:
+    """What every later stage reads: the tokenizer (chat template included), its end-of-turn ids, the prepared data,
+    and the ids of tokens training added to the vocabulary (trained beside LoRA)."""
+
+    tokenizer: PreTrainedTokenizerBase
+    stop_ids: list[int]
+    data: data.PreparedData
+    new_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def heldout_split(self) -> str:
+        return "test" if "test" in self.data.splits else "validation"
+
+    @property
+    def heldout(self) -> Any:
+        return self.data.splits[self.heldout_split]
+
+
+@dataclass
+class TrainingOutcome:
+    loss: float | None  # mean training loss (after a resume: over the logged steps of the whole run)
+    seconds: float
+    history: dict[str, list[tuple[int, float]]]  # train_loss and eval_loss by optimizer step
+
+
+@dataclass
+class RecipeState:
+    """Everything a recipe's stages have produced; each field stays None until its stage has run."""
+
+    inputs: RunInputs | None = None  # setup(), or from_run_dir()
+    model: PeftModel | None = None  # setup(); merge() and cleanup() release it, a later stage reloads it from adapter/
+    log: training.RunLog | None = None  # setup()
+    resume_from: Path | None = None  # setup(resume=True): the checkpoint training continues from
+    decisions: dict[str, Any] = field(default_factory=dict)  # setup(): what `auto` settings became
+    trainer: Trainer | None = None  # train()
+    training: TrainingOutcome | None = None  # train()
+    comparison: evaluation.Comparison | None = None  # evaluate_before_and_after()
+    recorded: dict[str, Any] | None = None  # from_run_dir(): the finished run's metrics.json
+    merge: merging.MergeReport | None = None  # merge()
+    merge_seconds: float | None = None  # merge()
 
 
 class ChatSFTRecipe:
     """Supervised chat fine-tuning with LoRA/QLoRA, loss on assistant tokens only.
 
     Build it from a YAML file (`from_yaml`), a `RecipeConfig`, or section keyword arguments
-    (`ChatSFTRecipe(model={"source": ...}, training={"max_steps": 20})`). Call `run()` for the whole pipeline,
-    or `setup()`, `evaluate()`, `train()`, `save()`, `merge()` one at a time; `export()` writes GGUF for llama.cpp.
+    (`ChatSFTRecipe(model={"source": ...}, training={"max_steps": 20})`). Call `run()` for the whole pipeline, or the
+    stages one at a time: `setup()` first, then `train()`, `evaluate_before_and_after()`, `save()`, `merge()`, in
+    that order; `evaluate()`, `save()`, `export()` and `push()` also work after `merge()` (the trained adapter is
+    loaded again from adapter/ when the training model was released). `from_run_dir()` reopens a finished run.
 
     Raises:
-        FinetuneError: invalid config, missing files, unusable data or a failed merge check, with the fix.
+        FinetuneError: invalid config, missing files, unusable data, a stage called before the one it needs, or a
+            failed merge check, with the fix.
     """
 
     def __init__(self, config: RecipeConfig | None = None, **sections: Any) -> None:
@@ -68,20 +119,97 @@ class ChatSFTRecipe:
         if config is None:
             raw = {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in sections.items()}
             config = RecipeConfig.from_dict(raw, source="ChatSFTRecipe(...)")
-        self.config = config
+        # A copy: decisions (an `auto` made concrete) are applied to the recipe's config, never to the caller's.
+        self.config = config.model_copy(deep=True)
         self.console = Console()
         self.folder = RunFolder.of(config)
-        self.merge_report: merging.MergeReport | None = None
-        self.metrics_after: dict[str, float] | None = None  # the trained adapter's scores, reused by merge()
-        self.evaluated_rows: int | None = None  # how many held-out conversations they cover
+        self.state = RecipeState()
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ChatSFTRecipe:
         return cls(RecipeConfig.from_yaml(path, overrides))
 
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path) -> ChatSFTRecipe:
+        """Reopen a finished run (its recipe.yaml, tokenizer and data splits) to merge, evaluate or export it again;
+        the trained adapter is loaded from adapter/ when a stage needs the model."""
+        folder = RunFolder(Path(run_dir))
+        folder.require_adapter()
+        recipe = cls(folder.read_config({"output.dir": str(folder.path)}))
+        tokenizer = models.load_tokenizer(recipe.config.model, folder=folder.adapter)
+        recipe.state.inputs = RunInputs(
+            tokenizer=tokenizer,
+            stop_ids=data.end_of_turn_ids(tokenizer),
+            data=data.prepare_data(recipe.config.data, tokenizer),  # same seed, same splits
+        )
+        if folder.is_finished():  # the rows it scored and the adapter's score on them: a merge compares against these
+            recipe.state.recorded = folder.read_metrics()
+        return recipe
+
+    # ------------------------------------------------------------------ what the stages produced
+
     @property
     def run_dir(self) -> Path:
         return self.folder.path
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._inputs("tokenizer").tokenizer
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return self._inputs("stop_ids").stop_ids
+
+    @property
+    def data(self) -> data.PreparedData:
+        return self._inputs("data").data
+
+    @property
+    def new_tokens(self) -> list[int]:
+        return self._inputs("new_tokens").new_tokens
+
+    @property
+    def heldout_split(self) -> str:
+        return self._inputs("heldout_split").heldout_split
+
+    @property
+    def model(self) -> PeftModel:
+        """The model with its adapter: the one being trained, or after merge() (or in a reopened run) the trained
+        adapter loaded again from adapter/ over the base as training saw it."""
+        if self.state.model is None:
+            inputs = self._inputs("model")
+            if not self.folder.has_adapter():
+                raise FinetuneError("there is no model yet: call setup() first.")
+            self._say(f"Loading the trained adapter from {self.folder.adapter}")
+            base = models.load_model(self.config.model)
+            models.configure_generation(base, inputs.tokenizer, inputs.stop_ids)
+            self.state.model = adapters.load_trained(base, inputs.tokenizer, self.folder.adapter)
+        return self.state.model
+
+    @property
+    def trainer(self) -> Trainer:
+        if self.state.trainer is None:
+            raise FinetuneError("there is no trainer yet: call train() first.")
+        return self.state.trainer
+
+    @property
+    def merge_report(self) -> merging.MergeReport | None:
+        return self.state.merge
+
+    @property
+    def evaluated_rows(self) -> int | None:
+        """How many held-out conversations the before/after scores cover (this run's, or a reopened run's)."""
+        if self.state.comparison is not None:
+            return len(self.state.comparison.rows)
+        return (self.state.recorded or {}).get("evaluation_rows")
+
+    @property
+    def metrics_after(self) -> dict[str, float] | None:
+        """The trained adapter's held-out scores, which a merge compares its candidates with."""
+        if self.state.comparison is not None:
+            return self.state.comparison.after.metrics
+        recorded = self.state.recorded or {}
+        return recorded.get("metrics_after") if recorded.get("evaluation_rows") else None
 
     # ------------------------------------------------------------------ stages
 
@@ -92,155 +220,163 @@ class ChatSFTRecipe:
         distributed.init()  # joins the process group of `accelerate launch` / `torchrun`, if any
         for finding in preflight.preflight(cfg):  # blocking problems raise here, before anything is loaded or written
             self._say(f"  pre-flight {finding.message}" + ("" if finding.ok else " [yellow](not checked)[/yellow]"))
-        self.resume_from: Path | None = None
+        self.state = RecipeState()
         if resume:
-            self.resume_from = distributed.on_main(self._resume_point)
+            self.state.resume_from = distributed.on_main(self._resume_point)
         else:
-            distributed.on_main(
-                lambda: self._claim_run_dir(replace=False)
-            )  # refuse early; an old run is replaced only once the data has proved usable
+            # Refuse early; an old run is replaced only once the data has proved usable.
+            distributed.on_main(lambda: self._claim_run_dir(replace=False))
         self._say(f"Loading tokenizer and data for [bold]{cfg.model.source}[/bold]")
-        self.tokenizer = models.load_tokenizer(cfg.model)
-        self.stop_ids = data.end_of_turn_ids(self.tokenizer)
-        self.data = data.prepare_data(cfg.data, self.tokenizer)
+        tokenizer = models.load_tokenizer(cfg.model)
+        inputs = RunInputs(
+            tokenizer=tokenizer, stop_ids=data.end_of_turn_ids(tokenizer), data=data.prepare_data(cfg.data, tokenizer)
+        )
         if not resume:
             distributed.on_main(self._claim_run_dir)
-        self._open_log(resume)
-        for line in self.data.report.lines():
+        self.state.log = self._open_log(inputs, resume)
+        for line in inputs.data.report.lines():
             self._say(f"  {line}")
-        for finding in self.data.report.findings:  # serious ones already stopped the run unless data.audit is 'warn'
+        for finding in inputs.data.report.findings:  # serious ones already stopped the run unless data.audit is 'warn'
             if finding.level in ("warning", "serious"):
                 self._say(f"  [yellow]audit {finding.level}[/yellow] {finding.check}: {finding.message}")
         self._say(f"Loading model (quantization: {cfg.model.quantization})")
         base = models.load_model(cfg.model)
-        models.configure_generation(base, self.tokenizer, self.stop_ids)
+        models.configure_generation(base, tokenizer, inputs.stop_ids)
         set_seed(cfg.training.seed)  # LoRA's initial weights (and new tokens' embedding rows): same seed, same run
-        self.new_tokens = models.fit_vocabulary(base, self.tokenizer)
-        if self.new_tokens:
-            self._say(
-                f"  added tokens {', '.join(self.tokenizer.convert_ids_to_tokens(self.new_tokens))}: embedding rows trained with LoRA"
-            )
+        inputs.new_tokens = models.fit_vocabulary(base, tokenizer)
+        if inputs.new_tokens:
+            added = ", ".join(tokenizer.convert_ids_to_tokens(inputs.new_tokens))
+            self._say(f"  added tokens {added}: embedding rows trained with LoRA")
         if cfg.training.gradient_checkpointing == "auto":
-            needed, memory = planning.needs_checkpointing(
-                cfg, train=self.data.splits["train"], added_tokens=len(self.new_tokens)
+            memory = planning.plan_without_checkpointing(
+                cfg, train=inputs.data.splits["train"], added_tokens=len(inputs.new_tokens)
             )
-            cfg.training.gradient_checkpointing = needed  # recipe.yaml records what ran
+            needed = not memory.fits  # checkpointing only where training does not fit without it
+            self._decide("training.gradient_checkpointing", needed)
             self._say(f"  memory plan: {memory.summary()}; gradient checkpointing {'on' if needed else 'off'}")
-        self.model, trainable = adapters.attach_lora(
-            base, cfg.lora, gradient_checkpointing=cfg.training.gradient_checkpointing, new_tokens=self.new_tokens
+        self.state.model = adapters.attach_lora(
+            base,
+            self.config.lora,
+            gradient_checkpointing=self.config.training.gradient_checkpointing,
+            new_tokens=inputs.new_tokens,
         )
-        self._say(f"  LoRA r={cfg.lora.r} alpha={cfg.lora.lora_alpha:g}: {trainable}")
-        self.history: dict[str, list[tuple[int, float]]] = {"train_loss": [], "eval_loss": []}
-        self.train_loss: float | None = None
+        self.state.inputs = inputs
+        self._say(
+            f"  LoRA r={cfg.lora.r} alpha={cfg.lora.lora_alpha:g}: {adapters.trainable_parameters(self.state.model)}"
+        )
 
-    @property
-    def heldout_split(self) -> str:
-        return "test" if "test" in self.data.splits else "validation"
+    def train(self, callbacks: Sequence[TrainerCallback] = ()) -> TrainingOutcome:
+        """Train, saving a checkpoint every `training.save_steps`. SIGINT/SIGTERM saves one more and raises
+        `Interrupted`; a NaN/inf loss raises `NonFiniteLoss` before the bad step reaches the weights.
+        `callbacks` are extra transformers TrainerCallbacks (a sweep's pruning hook)."""
+        inputs = self._inputs("train")
+        if self.state.model is None or self.state.log is None:
+            raise FinetuneError("train() needs the model setup() attaches LoRA to: call setup() first.")
+        resume_from = self.state.resume_from
+        self._say(f"Training (resuming from {resume_from})" if resume_from else "Training")
+        started = time.perf_counter()
+        stop = training.StopOnSignal()
+        trainer = self.state.trainer = training.build_trainer(
+            self.state.model,
+            inputs.tokenizer,
+            inputs.data.splits,
+            self.config.training,
+            self.folder.checkpoints,
+            dtype=models.compute_dtype(self.config.model),
+            callbacks=[stop, self.state.log, *callbacks],
+        )
+        try:
+            with stop:
+                output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except training.NonFiniteLoss:
+            self.state.log.event("stopped", reason="non-finite loss", step=trainer.state.global_step)
+            raise
+        if stop.signal is not None:
+            self._interrupted(stop.signal)
+        self.state.training = TrainingOutcome(
+            # After a resume, the trainer's own mean covers only the steps run in this process.
+            loss=training.logged_train_loss(trainer) if resume_from else float(output.training_loss),
+            seconds=time.perf_counter() - started,
+            history=training.loss_history(trainer),
+        )
+        return self.state.training
 
     def evaluate(self, label: str = "Scoring") -> evaluation.Evaluation:
         """Score the model as it is now on the held-out split (no time budget)."""
-        heldout = self.data.splits[self.heldout_split]
-        return evaluation.score(self.model, self.tokenizer, heldout, self.config.evaluation, label=label)
+        inputs = self._inputs("evaluate")
+        return evaluation.score(self.model, inputs.tokenizer, inputs.heldout, self.config.evaluation, label=label)
 
     def evaluate_before_and_after(self) -> evaluation.Comparison:
-        """After training: the trained model and its base (adapters off) on the same held-out conversations, within
+        """The trained model and its base (adapters off) on the same held-out conversations, within
         evaluation.time_share of the training time (see `finetune.evaluation.before_and_after`)."""
-        train_seconds = getattr(self, "train_seconds", None)
+        inputs = self._inputs("evaluate_before_and_after")
+        train_seconds = self.state.training.seconds if self.state.training else None
         comparison = evaluation.before_and_after(
-            self.model,
-            self.tokenizer,
-            self.data.splits[self.heldout_split],
-            self.config.evaluation,
-            train_seconds=train_seconds,
+            self.model, inputs.tokenizer, inputs.heldout, self.config.evaluation, train_seconds=train_seconds
         )
-        self.comparison = comparison
-        self.metrics_after = comparison.after.metrics
-        self.evaluated_rows = len(comparison.rows)
+        self.state.comparison = comparison
         for line in comparison.lines(train_seconds, self.config.evaluation.time_share):
             self._say(f"  {line}")
         return comparison
 
-    def train(self, callbacks: Sequence[TrainerCallback] = ()) -> None:
-        """Train, saving a checkpoint every `training.save_steps`. SIGINT/SIGTERM saves one more and raises
-        `Interrupted`; a NaN/inf loss raises `NonFiniteLoss` before the bad step reaches the weights.
-        `callbacks` are extra transformers TrainerCallbacks (a sweep's pruning hook)."""
-        resume_from = getattr(self, "resume_from", None)
-        self._say(f"Training (resuming from {resume_from})" if resume_from else "Training")
-        started = time.perf_counter()
-        stop = training.StopOnSignal()
-        self.trainer = training.build_trainer(
-            self.model,
-            self.tokenizer,
-            self.data.splits,
-            self.config.training,
-            self.folder.checkpoints,
-            dtype=models.compute_dtype(self.config.model),
-            callbacks=[stop, self.log, *callbacks],
-        )
-        try:
-            with stop:
-                output = self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except training.NonFiniteLoss as exc:
-            self.log.event("stopped", reason="non-finite loss", step=self.trainer.state.global_step)
-            raise exc from None
-        if stop.signal is not None:
-            self._interrupted(stop.signal)
-        # After a resume, the trainer's own mean covers only the steps run in this process.
-        self.train_loss = training.logged_train_loss(self.trainer) if resume_from else float(output.training_loss)
-        self.train_seconds = time.perf_counter() - started
-        self.history = training.loss_history(self.trainer)
-
     def save(self) -> Path:
         """Adapter weights plus tokenizer (with the exact chat template), replacing any previous adapter/ at once.
         Only the main process writes; in a multi-process run the others wait until it has."""
+        inputs = self._inputs("save")
+        model = self.model
         state_dict = None
-        if distributed.weights_sharded() and hasattr(self, "trainer"):
+        if distributed.weights_sharded() and self.state.trainer is not None:
             # FSDP / DeepSpeed ZeRO-3 slices are put back together first, by every process at once.
-            state_dict = self.trainer.accelerator.get_state_dict(self.trainer.model_wrapped)
-        return distributed.on_main(lambda: self._write_adapter(state_dict))
+            state_dict = self.state.trainer.accelerator.get_state_dict(self.state.trainer.model_wrapped)
 
-    def _write_adapter(self, state_dict: dict[str, Any] | None) -> Path:
-        with atomic.replacing_dir(self.folder.adapter) as partial:
-            # The trained rows of added tokens are in the adapter; peft would otherwise add the whole resized embedding.
-            self.model.save_pretrained(partial, state_dict=state_dict, save_embedding_layers=False)
-            self.tokenizer.save_pretrained(partial)
-        return self.folder.adapter
+        def write() -> Path:
+            with atomic.replacing_dir(self.folder.adapter) as partial:
+                # The trained rows of added tokens are in the adapter; peft would otherwise add the whole embedding.
+                model.save_pretrained(partial, state_dict=state_dict, save_embedding_layers=False)
+                inputs.tokenizer.save_pretrained(partial)
+            return self.folder.adapter
+
+        return distributed.on_main(write)
 
     def merge(
         self, strategy: str | None = None, dtype: str | None = None, out_dir: Path | None = None
     ) -> merging.MergeReport:
-        """Merge the saved adapter into a full-precision base (see `finetune.merging`). Merging a finished run into
-        its own merged/ again also updates its metrics.json, report, model cards and run.json to the new weights."""
+        """Merge the saved adapter into a full-precision base (see `finetune.merging`). The training model is
+        released first to make room. Merging a finished run into its own merged/ again also updates its
+        metrics.json, report, model cards and run.json to the new weights."""
+        inputs = self._inputs("merge")
+        self.folder.require_adapter()
         self._release_training_model()
         self._say("Merging the adapter into a full-precision base")
         started = time.perf_counter()
-        heldout = self.data.splits[self.heldout_split]
         # The rows the run scored, so the adapter's own perplexity is comparable with the merged candidates'.
+        heldout = inputs.heldout
         rows = self.evaluated_rows or self.config.evaluation.max_rows or len(heldout)
         heldout = heldout.select(range(min(len(heldout), rows)))
+        after = self.metrics_after
         report = distributed.on_main(
             lambda: merging.merge_adapter(
                 self.config.model,
                 self.folder.adapter,
                 out_dir or self.folder.merged,
-                self.tokenizer,
+                inputs.tokenizer,
                 probes=heldout["input_ids"][:4],
-                stop_ids=self.stop_ids,
+                stop_ids=inputs.stop_ids,
                 heldout=heldout,
-                reference_perplexity=self.metrics_after["perplexity"] if self.metrics_after else None,
+                reference_perplexity=after["perplexity"] if after else None,
                 strategy=strategy or self.config.output.merge_strategy,
                 select=self.config.output.merge_select,
                 dtype=dtype or self.config.output.merge_dtype,
             )
         )  # one merged copy, written by the main process
-        self.merge_report = report
-        self.merge_seconds = time.perf_counter() - started
+        self.state.merge = report
+        self.state.merge_seconds = time.perf_counter() - started
         for candidate, value in report.fidelity.items():
             self._say(f"  held-out perplexity, {candidate.replace('_', ' ')}: {value:.4f}")
         self._say(f"  kept {report.reason}")
         self._say(
-            f"  merged ({report.strategy}, {report.dtype}) in {self.merge_seconds:.1f} s; largest logit difference vs "
-            f"base+adapter: {report.max_logit_diff:.2e}"
+            f"  merged ({report.strategy}, {report.dtype}) in {self.state.merge_seconds:.1f} s; largest logit "
+            f"difference vs base+adapter: {report.max_logit_diff:.2e}"
         )
         if out_dir is None and self.folder.is_finished():
             distributed.on_main(lambda: self._record_merge(report))
@@ -255,18 +391,18 @@ class ChatSFTRecipe:
             raise FinetuneError(
                 f"{argument('format', format)}: unknown export format; choose one of {', '.join(choices(ExportFormat))}."
             )
-        replies = evaluation.reply_prompts(self.data.splits[self.heldout_split])
+        inputs = self._inputs("export")
+        replies = evaluation.reply_prompts(inputs.heldout)
         conversations = [m for m, tools in replies if not tools and len(m) > 1 and m[-1]["role"] == "assistant"]
-        prompts = [data.render_prompt(self.tokenizer, messages[:-1]) for messages in conversations[:check_rows]]
-        self._say(
-            f"Exporting {'the adapter' if adapter_only else 'the merged model'} as GGUF ({quant}), checked on {len(prompts)} held-out prompts"
-        )
+        prompts = [data.render_prompt(inputs.tokenizer, messages[:-1]) for messages in conversations[:check_rows]]
+        what = "the adapter" if adapter_only else "the merged model"
+        self._say(f"Exporting {what} as GGUF ({quant}), checked on {len(prompts)} held-out prompts")
         result = export.export_gguf(
             self.folder,
             self.config.model,
-            self.tokenizer,
+            inputs.tokenizer,
             prompts,
-            stop_ids=self.stop_ids,
+            stop_ids=inputs.stop_ids,
             quant=quant,
             adapter_only=adapter_only,
             system_prompt=self.config.data.system_prompt,
@@ -279,22 +415,8 @@ class ChatSFTRecipe:
         """Publish this run's adapter (or merged model, `merged=True`) to the Hub; see `finetune.hub.push`."""
         return distributed.on_main(lambda: hub.push(self.run_dir, repo_id, **options))
 
-    @classmethod
-    def from_run_dir(cls, run_dir: str | Path) -> ChatSFTRecipe:
-        """Reopen a finished run (its recipe.yaml, tokenizer and data splits) to merge or inspect it again."""
-        folder = RunFolder(Path(run_dir))
-        folder.require_adapter()
-        recipe = cls(folder.read_config({"output.dir": str(folder.path)}))
-        recipe.tokenizer = models.load_tokenizer(recipe.config.model, folder=folder.adapter)
-        recipe.stop_ids = data.end_of_turn_ids(recipe.tokenizer)
-        recipe.data = data.prepare_data(recipe.config.data, recipe.tokenizer)  # same seed, same splits
-        if folder.is_finished():  # the rows it scored and the adapter's score on them: a merge compares against these
-            metrics = folder.read_metrics()
-            recipe.evaluated_rows = metrics.get("evaluation_rows")
-            recipe.metrics_after = metrics.get("metrics_after") if recipe.evaluated_rows else None
-        return recipe
-
     def cleanup(self) -> None:
+        """Release the training model and remove the run's checkpoints (a finished run needs neither)."""
         self._release_training_model()
         distributed.on_main(lambda: shutil.rmtree(self.folder.checkpoints, ignore_errors=True))
 
@@ -305,7 +427,7 @@ class ChatSFTRecipe:
         the newest complete checkpoint, with the same data order and the same final weights as an uninterrupted
         run; it refuses a recipe that differs from the run's in anything that changes training."""
         self.setup(resume=resume)
-        self.train()
+        trained = self.train()
         comparison = self.evaluate_before_and_after()
         before, after = comparison.before, comparison.after
         self.save()
@@ -318,22 +440,38 @@ class ChatSFTRecipe:
             merged_dir=merge_report.merged_dir if merge_report else None,
             metrics_before=before.metrics if before else None,
             metrics_after=after.metrics,
-            train_loss=self.train_loss,
+            train_loss=trained.loss,
             merge_max_logit_diff=merge_report.max_logit_diff if merge_report else None,
+            decisions=dict(self.state.decisions),
         )
         samples = {"before": before.samples if before else [], "after": after.samples}
         distributed.on_main(lambda: self._write_report(result, samples))
-        self.log.event("finished")
+        self.state.log.event("finished")
         self.cleanup()
-        self._say(
-            f"Done: {self.run_dir} (adapter/ with model card, {'merged/, ' if merge_report else ''}metrics.json, report.md, run.json)"
-        )
+        merged = "merged/, " if merge_report else ""
+        self._say(f"Done: {self.run_dir} (adapter/ with model card, {merged}metrics.json, report.md, run.json)")
         return result
 
     # ------------------------------------------------------------------ helpers
 
+    def _inputs(self, stage: str) -> RunInputs:
+        if self.state.inputs is None:
+            raise FinetuneError(
+                f"{stage} needs the tokenizer and data: call setup() first (or reopen a finished run with "
+                "ChatSFTRecipe.from_run_dir(run_dir))."
+            )
+        return self.state.inputs
+
+    def _decide(self, key: str, value: Any) -> None:
+        """An `auto` setting made concrete: applied to this recipe's config (never the caller's), written into the
+        run's recipe.yaml (what ran), and returned in RunResult.decisions."""
+        self.config = self.config.with_overrides({key: value}, source="a decision of the recipe")
+        self.state.decisions[key] = value
+        distributed.on_main(lambda: self.config.to_yaml(self.folder.recipe))
+
     def _write_report(self, result: RunResult, samples: dict[str, list[dict[str, str]]]) -> None:
-        evaluation.write_report(self.run_dir, summary=self._summary(result), history=self.history, samples=samples)
+        history = self.state.training.history if self.state.training else {}
+        evaluation.write_report(self.run_dir, summary=self._summary(result), history=history, samples=samples)
         self._write_card_and_manifest()
 
     def _record_merge(self, report: merging.MergeReport) -> None:
@@ -354,25 +492,29 @@ class ChatSFTRecipe:
         hub.write_manifest(self.run_dir)
 
     def _summary(self, result: RunResult) -> dict[str, Any]:
+        inputs, state = self._inputs("the report"), self.state
+        train_seconds = state.training.seconds if state.training else None
+        merge = state.merge
         return {
             "name": self.config.name,
             "base_model": self.config.model.source,
             "quantization": self.config.model.quantization,
-            "train_rows": self.data.report.splits.get("train"),
-            "added_tokens": self.tokenizer.convert_ids_to_tokens(getattr(self, "new_tokens", [])),
-            "heldout_split": self.heldout_split,
+            "train_rows": inputs.data.report.splits.get("train"),
+            "added_tokens": inputs.tokenizer.convert_ids_to_tokens(inputs.new_tokens),
+            "heldout_split": inputs.heldout_split,
             "train_loss": result.train_loss,
-            "train_seconds": round(getattr(self, "train_seconds", 0.0), 1),
-            **self.comparison.summary(getattr(self, "train_seconds", None)),
-            "merge_seconds": round(getattr(self, "merge_seconds", 0.0), 1) if self.merge_report else None,
+            "train_seconds": round(train_seconds or 0.0, 1),
+            "decisions": result.decisions,
+            **(state.comparison.summary(train_seconds) if state.comparison else {}),
+            "merge_seconds": round(state.merge_seconds or 0.0, 1) if merge else None,
             "merge_max_logit_diff": result.merge_max_logit_diff,
-            "merge_strategy": self.merge_report.strategy if self.merge_report else None,
-            "merge_reason": self.merge_report.reason if self.merge_report else None,
-            "merge_fidelity": self.merge_report.fidelity if self.merge_report else None,
+            "merge_strategy": merge.strategy if merge else None,
+            "merge_reason": merge.reason if merge else None,
+            "merge_fidelity": merge.fidelity if merge else None,
             "metrics_before": result.metrics_before,
             "metrics_after": result.metrics_after,
-            "data": self.data.report.lines(),
-            "data_audit": [finding.__dict__ for finding in self.data.report.findings],
+            "data": inputs.data.report.lines(),
+            "data_audit": [finding.__dict__ for finding in inputs.data.report.findings],
         }
 
     def _claim_run_dir(self, replace: bool = True) -> None:
@@ -420,30 +562,31 @@ class ChatSFTRecipe:
             self._say("  no complete checkpoint yet (the run stopped before its first one): training starts at step 0")
         return found.latest
 
-    def _open_log(self, resume: bool) -> None:
+    def _open_log(self, inputs: RunInputs, resume: bool) -> training.RunLog:
         """recipe.yaml (so a killed run can be resumed) and train_log.jsonl, which a resumed run appends to."""
         distributed.on_main(lambda: self.config.to_yaml(self.folder.recipe))
-        self.log = training.RunLog(self.folder.train_log)
-        fingerprint = training.data_fingerprint(self.data.splits["train"])
+        log = training.RunLog(self.folder.train_log)
+        fingerprint = training.data_fingerprint(inputs.data.splits["train"])
         if resume:
-            started = next((e for e in self.log.events() if e["event"] == "start"), None)
+            started = next((e for e in log.events() if e["event"] == "start"), None)
             if started is not None and started.get("train_sha256") != fingerprint:
                 raise FinetuneError(
                     f"{argument('resume')}: the training data differ from those the run in {self.run_dir} started "
                     "with (the data files changed since), so resuming would not continue the same run. Restore the "
                     "data, or start again with output.overwrite: true."
                 )
-        self.log.event(
+        log.event(
             "resume" if resume else "start",
-            checkpoint=str(self.resume_from) if self.resume_from else None,
-            train_rows=len(self.data.splits["train"]),
+            checkpoint=str(self.state.resume_from) if self.state.resume_from else None,
+            train_rows=len(inputs.data.splits["train"]),
             train_sha256=fingerprint,
         )
+        return log
 
     def _interrupted(self, received: signal.Signals) -> None:
         step = self.trainer.state.global_step
         saved = training.find_checkpoints(self.folder.checkpoints).latest
-        self.log.event("interrupted", signal=received.name, step=step, checkpoint=str(saved))
+        self.state.log.event("interrupted", signal=received.name, step=step, checkpoint=str(saved))
         raise Interrupted(
             f"{received.name} received: training stopped after step {step} of {self.trainer.state.max_steps} and saved "
             f"{saved}. Resume it with the run's own recipe, {self.folder.recipe}, and {argument('resume')}.",
@@ -451,9 +594,8 @@ class ChatSFTRecipe:
         )
 
     def _release_training_model(self) -> None:
-        for attribute in ("trainer", "model"):
-            if hasattr(self, attribute):
-                delattr(self, attribute)
+        self.state.trainer = None
+        self.state.model = None
         gc.collect()
 
     def _say(self, message: Any) -> None:
@@ -462,7 +604,8 @@ class ChatSFTRecipe:
 
 
 def _training_differences(saved: RecipeConfig, current: RecipeConfig) -> list[str]:
-    """`key: run value -> this value` for each setting that differs and changes what training computes."""
+    """`key: run value -> this value` for each setting that differs and changes what training computes. A setting
+    this recipe leaves at `auto` matches the run's recipe.yaml, which records what `auto` was decided to be."""
 
     def flat(node: Any, prefix: str = "") -> dict[str, Any]:
         if isinstance(node, dict):
@@ -474,5 +617,5 @@ def _training_differences(saved: RecipeConfig, current: RecipeConfig) -> list[st
     return [
         f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
         for key in keys
-        if before.get(key) != after.get(key) and not key.startswith(_RESUME_MAY_CHANGE)
+        if before.get(key) != after.get(key) and after.get(key) != "auto" and not key.startswith(_RESUME_MAY_CHANGE)
     ]

@@ -106,7 +106,7 @@ class SearchSpace(_Strict):
             mark = getattr(exc, "problem_mark", None)
             raise FinetuneError(
                 f"{path}:{mark.line + 1 if mark else '?'}: not valid YAML ({getattr(exc, 'problem', exc)})."
-            ) from None
+            ) from exc
         if not isinstance(raw, dict):
             raise FinetuneError(f"{path}: a search space is a mapping with `parameters` (and optionally `pruning`).")
         try:
@@ -118,7 +118,7 @@ class SearchSpace(_Strict):
                 dotted = ".".join(str(part) for part in error["loc"])
                 where = f"{path}:{lines[dotted]}" if dotted in lines else str(path)
                 problems.append(f"{where}: `{dotted or 'space'}`: {error['msg']}.")
-            raise FinetuneError("Invalid search space:\n  " + "\n  ".join(problems)) from None
+            raise FinetuneError("Invalid search space:\n  " + "\n  ".join(problems)) from exc
 
     def check(self, config: RecipeConfig, source: str) -> None:
         """Fail before any trial runs if a key does not exist, or a value at the edge of its range is invalid."""
@@ -142,7 +142,7 @@ class SearchSpace(_Strict):
                 try:
                     config.with_overrides({key: value}, source="sweep")
                 except FinetuneError as exc:
-                    raise FinetuneError(f"{source}: `{key}` = {value!r} makes an invalid recipe:\n{exc}") from None
+                    raise FinetuneError(f"{source}: `{key}` = {value!r} makes an invalid recipe:\n{exc}") from exc
 
 
 def _is_int_field(key: str) -> bool:
@@ -308,8 +308,8 @@ def _run_trial(
                 "the data left no validation rows to rank trials on: raise data.validation_split or add data.validation_sources."
             )
         pruning = _ReportValidationLoss(trial, sign)
-        recipe.train(callbacks=[pruning])
-        trial.set_user_attr("train_seconds", round(recipe.train_seconds, 1))
+        trained = recipe.train(callbacks=[pruning])
+        trial.set_user_attr("train_seconds", round(trained.seconds, 1))
         trial.set_user_attr("steps", recipe.trainer.state.global_step)
         if metric == "eval_loss":
             recipe.trainer.remove_callback(pruning)  # the final score is not one of the intermediate values

@@ -184,7 +184,7 @@ def test_a_4bit_base_gets_rows_for_the_added_tokens_and_trains_them(base):
     assert new == [len(tokenizer) - 2, len(tokenizer) - 1] and model.get_input_embeddings().weight.shape[0] == len(
         tokenizer
     )
-    model, _ = adapters.attach_lora(model, LoraConfig(r=4), gradient_checkpointing=False, new_tokens=new)
+    model = adapters.attach_lora(model, LoraConfig(r=4), gradient_checkpointing=False, new_tokens=new)
     ids = tokenizer.apply_chat_template(ROWS[0]["messages"], tokenize=True, return_dict=True, return_tensors="pt")[
         "input_ids"
     ]

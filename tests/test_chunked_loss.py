@@ -50,8 +50,7 @@ def test_chunked_perplexity_equals_the_full_logits_one(tiny_llama_dir, monkeypat
     if sharded:
         monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     result = nll(model, Dataset.from_list(rows), pad_token_id=0, batch_size=2)
-    assert result.every == pytest.approx(every, rel=1e-5) and result.every_tokens == sum(
-        len(r["input_ids"]) - 1 for r in rows
-    )
-    assert result.assistant == pytest.approx(assistant, rel=1e-5)
-    assert result.assistant_tokens == sum(sum(1 for t in r["labels"][1:] if t != -100) for r in rows)
+    got_assistant, assistant_tokens, got_every, every_tokens = result.rows.sum(axis=0)
+    assert got_every == pytest.approx(every, rel=1e-5) and every_tokens == sum(len(r["input_ids"]) - 1 for r in rows)
+    assert got_assistant == pytest.approx(assistant, rel=1e-5)
+    assert assistant_tokens == sum(sum(1 for t in r["labels"][1:] if t != -100) for r in rows)

@@ -38,6 +38,18 @@ def test_bad_input_gets_one_clear_error_and_no_traceback(tmp_path):
     assert "Traceback" not in typo.stderr
 
 
+def test_debug_prints_the_traceback_with_the_cause(tmp_path):
+    """The error a user sees stays one line; --debug (or FINETUNE_DEBUG=1) adds the traceback and its cause."""
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("training: [unclosed\n")
+    plain = finetune("validate", str(bad))
+    debug = finetune("--debug", "validate", str(bad))
+    assert plain.returncode == debug.returncode == 2
+    assert "Traceback" not in plain.stderr and "not valid YAML" in plain.stderr
+    assert "Traceback" in debug.stderr and "The above exception was the direct cause" in debug.stderr
+    assert "yaml" in debug.stderr.lower() and debug.stderr.rstrip().endswith(plain.stderr.rstrip().splitlines()[-1])
+
+
 def test_validate_the_quickstart_recipe():
     result = finetune("validate", "recipes/quickstart.yaml", "--set", "training.max_steps=2")
     assert result.returncode == 0 and "valid" in result.stdout

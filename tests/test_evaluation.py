@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from finetune.config import ModelConfig
 from finetune.data import tokenize_conversation
-from finetune.evaluation import generate, perplexity, write_report
+from finetune.evaluation import generate, nll, perplexity, write_report
 from finetune.generation import DecodingSettings
 from finetune.models import configure_generation, load_tokenizer
 
@@ -44,6 +44,15 @@ def test_batched_perplexity_equals_row_by_row_loss(tiny_llama_dir):
     assert result["scored_tokens"] == count
     assert math.isclose(result["perplexity"], math.exp(total / count), rel_tol=1e-4)
     assert result["perplexity_all_tokens"] > 1
+    # Per conversation, in the dataset's order (the batches run length-sorted): what intervals resample.
+    per_row = nll(model, Dataset.from_list(rows), pad_token_id=tokenizer.pad_token_id, batch_size=2).rows
+    for row, (row_nll, row_tokens, _, _) in zip(rows, per_row):
+        labels = torch.tensor([row["labels"]])
+        with torch.no_grad():
+            alone = model(input_ids=torch.tensor([row["input_ids"]]), labels=labels).loss.item()
+        assert row_tokens == int((labels[:, 1:] != -100).sum()) and math.isclose(
+            row_nll / row_tokens, alone, rel_tol=1e-4
+        )
 
 
 def test_generation_is_batched_left_padded_and_stops_at_end_of_turn(tiny_llama_dir):

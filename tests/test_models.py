@@ -75,7 +75,7 @@ def test_4bit_weights_still_pass_gradients_after_an_evaluation(tiny_llama_dir):
             with torch.no_grad():
                 model(input_ids=ids)
         torch.manual_seed(0)
-        model, _ = attach_lora(model, LoraConfig(r=4, dropout=0.0), gradient_checkpointing=False)
+        model = attach_lora(model, LoraConfig(r=4, dropout=0.0), gradient_checkpointing=False)
         for name, param in model.named_parameters():
             if "lora_B" in name:  # B starts at zero, which would leave every gradient but B's at zero
                 torch.nn.init.normal_(param, std=0.1)

@@ -127,7 +127,7 @@ def test_early_stopping_stops_a_run_whose_validation_loss_rises_and_keeps_the_be
     recipe.setup()
     recipe.train()
     state = recipe.trainer.state
-    eval_losses = [loss for _, loss in recipe.history["eval_loss"]]
+    eval_losses = [loss for _, loss in recipe.state.training.history["eval_loss"]]
     assert state.global_step < 40, eval_losses
     assert eval_losses[-1] > min(eval_losses) and state.best_metric == min(eval_losses)
     best_step = eval_losses.index(min(eval_losses)) + 1
@@ -178,8 +178,7 @@ def test_a_crash_while_saving_leaves_the_previous_outputs_intact(llama_run, tiny
     assert _tree(run_dir / "merged") == merged_before  # ... and the previous merged model is untouched
 
     # The adapter: a save that fails half-way (here: the disk fills while writing the tokenizer) changes nothing.
-    recipe = ChatSFTRecipe.from_run_dir(run_dir)
-    recipe.model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), run_dir / "adapter")
+    recipe = ChatSFTRecipe.from_run_dir(run_dir)  # its model is the trained adapter, loaded again from adapter/
     with torch.no_grad():
         for name, weight in recipe.model.named_parameters():
             if "lora_B" in name:
@@ -227,3 +226,43 @@ def test_resume_refuses_training_data_that_changed_since_the_run_started(tiny_ll
     data.write_text("".join(data.read_text().splitlines(keepends=True)[1:]))  # then a row disappears
     with pytest.raises(FinetuneError, match="the training data differ from those the run in .* started with"):
         ChatSFTRecipe(**config).setup(resume=True)
+
+
+def test_a_stage_called_too_early_names_the_stage_to_call_first(tiny_llama_dir, facts_jsonl, tmp_path):
+    recipe = ChatSFTRecipe(**tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path / "early-call"))
+    for stage in (recipe.train, recipe.evaluate, recipe.evaluate_before_and_after, recipe.save, recipe.merge):
+        with pytest.raises(FinetuneError, match=r"call setup\(\) first"):
+            stage()
+    with pytest.raises(FinetuneError, match=r"call setup\(\) first"):
+        recipe.tokenizer  # noqa: B018 - reading it is what is tested
+    with pytest.raises(FinetuneError, match=r"call train\(\) first"):
+        recipe.trainer  # noqa: B018
+
+
+def test_the_callers_config_is_never_changed_and_decisions_are_recorded(tiny_llama_dir, facts_jsonl, tmp_path):
+    config = RecipeConfig.from_dict(tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path / "decided"))
+    assert config.training.gradient_checkpointing == "auto"
+    recipe = ChatSFTRecipe(config)
+    result = recipe.run()
+    assert config.training.gradient_checkpointing == "auto"  # the caller's object, untouched
+    decided = result.decisions["training.gradient_checkpointing"]
+    assert isinstance(decided, bool) and recipe.config.training.gradient_checkpointing == decided
+    assert RecipeConfig.from_yaml(result.run_dir / "recipe.yaml").training.gradient_checkpointing == decided
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    assert metrics["decisions"] == {"training.gradient_checkpointing": decided}
+
+
+def test_every_stage_works_again_after_merge(llama_run):
+    """merge() releases the training model; evaluate, save, export's inputs and a second merge still work, the
+    trained adapter loaded again from adapter/ (one loader: adapters.load_trained)."""
+    recipe, result = llama_run
+    assert recipe.state.model is None  # released by merge() and cleanup()
+    scores = recipe.evaluate()
+    assert scores.metrics["perplexity"] == pytest.approx(result.metrics_after["perplexity"], rel=1e-4)
+    before = (result.adapter_dir / "adapter_model.safetensors").read_bytes()
+    recipe.save()
+    from safetensors.torch import load
+
+    saved, again = load(before), load((result.adapter_dir / "adapter_model.safetensors").read_bytes())
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+    assert recipe.merge(out_dir=result.run_dir / "merged-again").max_logit_diff < 1e-3

@@ -38,7 +38,7 @@ def rows(chatml_tokenizer):
 def lora_model(tiny_llama_dir):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    model, _ = adapters.attach_lora(model, LoraConfig(r=8, dropout=0.0), gradient_checkpointing=False)
+    model = adapters.attach_lora(model, LoraConfig(r=8, dropout=0.0), gradient_checkpointing=False)
     # LoRA B starts at zero, which would make every adapter gradient but B's vanish; give it values.
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -137,7 +137,7 @@ def test_trainer_levers_leave_the_training_loss_unchanged(tiny_llama_dir, rows, 
     for levers in (False, True):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-        model, _ = adapters.attach_lora(model, LoraConfig(r=8, dropout=0.0), gradient_checkpointing=False)
+        model = adapters.attach_lora(model, LoraConfig(r=8, dropout=0.0), gradient_checkpointing=False)
         cfg = TrainingConfig(
             max_steps=2,
             batch_size=2,
@@ -165,7 +165,7 @@ def test_adapters_of_a_quantized_model_train_in_float32(tiny_llama_dir, rows, tm
     from finetune.models import load_model
 
     model = load_model(ModelConfig(source=str(tiny_llama_dir), quantization="4bit"))
-    model, _ = adapters.attach_lora(model, LoraConfig(r=4), gradient_checkpointing=False)
+    model = adapters.attach_lora(model, LoraConfig(r=4), gradient_checkpointing=False)
     initial = {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
     cfg = TrainingConfig(max_steps=2, batch_size=2, learning_rate=1e-3, logging_steps=1, warmup_ratio=0)
     trainer = training.build_trainer(

@@ -115,7 +115,7 @@ def load_conversations(cfg: DataConfig, report: DataReport, sources: list[DataSo
                 if cfg.strict:
                     raise FinetuneError(
                         f"{origin}: {exc}. (data.strict is on; set it to false to skip bad rows.)"
-                    ) from None
+                    ) from exc
                 bad += 1
                 reason = str(exc).split(": ", 1)[-1] if str(exc).startswith("turn ") else str(exc)
                 report.invalid[reason] += 1
@@ -212,7 +212,7 @@ def tokenize_splits(
                     else tokenize_conversation(tokenizer, row["messages"], row["tools"], cfg.reasoning)
                 )
             except FinetuneError as exc:
-                raise FinetuneError(f"{row['origin']}: {exc}") from None
+                raise FinetuneError(f"{row['origin']}: {exc}") from exc
             for sample in samples:
                 covered = row["messages"][: sample["turn_messages"][-1]] if row["messages"] else row["messages"]
                 for key, value in {**row, "messages": covered, **sample}.items():

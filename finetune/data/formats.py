@@ -86,7 +86,7 @@ def to_messages(row: dict[str, Any], fmt: str, roles: dict[str, str] | None = No
             try:
                 turns = json.loads(turns)
             except json.JSONDecodeError as exc:
-                raise RowError(f"field `{field_name}` is a string that is not valid JSON ({exc.msg})") from None
+                raise RowError(f"field `{field_name}` is a string that is not valid JSON ({exc.msg})") from exc
         if not isinstance(turns, list):
             raise RowError(f"field `{field_name}` must be a list of {{{role_key}, {content_key}}} objects")
         role_map = {**(_SHAREGPT_ROLES if fmt == "sharegpt" else {}), **(roles or {})}
@@ -166,7 +166,7 @@ def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
             except json.JSONDecodeError as exc:
                 raise RowError(
                     f"{where}: tool_calls[{number}].function.arguments is not valid JSON ({exc.msg})"
-                ) from None
+                ) from exc
         else:
             parsed, arguments = arguments, json.dumps(arguments)
         if not isinstance(parsed, dict):
@@ -187,7 +187,7 @@ def tools_json(tools: Any) -> str:
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as exc:
-            raise RowError(f"field `tools` is a string that is not valid JSON ({exc.msg})") from None
+            raise RowError(f"field `tools` is a string that is not valid JSON ({exc.msg})") from exc
     if not isinstance(tools, list):
         raise RowError("field `tools` must be a list of {type: function, function: {name, description, parameters}}")
     for number, tool in enumerate(tools):

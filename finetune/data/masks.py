@@ -113,7 +113,7 @@ def _apply(
     except TemplateError as exc:
         raise FinetuneError(
             f"the chat template rejected a conversation ({exc}); roles in it: {', '.join(m['role'] for m in messages)}."
-        ) from None
+        ) from exc
 
 
 def template_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

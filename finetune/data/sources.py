@@ -95,7 +95,7 @@ def _read_hub(source: DataSource) -> Iterator[tuple[str, Any]]:
         raise FinetuneError(
             f"data.sources: Hub dataset `{source.path}` could not be loaded ({type(exc).__name__}: {str(exc)[:200]}). "
             "Without internet, load it once where there is, `save_to_disk` it, and point `path` at that folder."
-        ) from None
+        ) from exc
     assert isinstance(dataset, Dataset)
     for index, row in enumerate(dataset):
         yield f"hub:{source.path}[{source.split}:{index}]", row
@@ -118,11 +118,11 @@ def _read_file(path: Path, source: DataSource) -> Iterator[tuple[str, Any]]:
     except Exception as exc:  # datasets wraps parse errors in several types; find the line ourselves
         located = _locate_json_error(path) if builder == "json" else None
         if located:
-            raise FinetuneError(located) from None
+            raise FinetuneError(located) from exc
         if builder != "json":
             raise FinetuneError(
                 f"{path}: could not be read as {builder} ({type(exc).__name__}: {str(exc)[:300]})."
-            ) from None
+            ) from exc
         # Valid JSON that Arrow cannot type (a field that is a string in one row and a number in another, or rows
         # that are not objects): read it plainly so per-row validation can name each bad row and its line.
         dataset = _plain_json_rows(path)

@@ -185,6 +185,7 @@ def _with_retries(
         except (httpx2.HTTPError, json.JSONDecodeError) as exc:
             if not _transient(exc) or attempt >= attempts:
                 message = _explain(exc, what, report, attempt, time.monotonic() - started)
+                # No cause chained: the Hub client's own exception may quote the token.
                 raise FinetuneError(message.replace(token, "<token>")) from None
         time.sleep(retry_wait * 2 ** (attempt - 1))
         attempt += 1

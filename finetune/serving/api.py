@@ -135,7 +135,7 @@ def create_app(
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "body"
-            raise ApiError(400, f"Invalid request: `{where}`: {first['msg']}.", param=where) from None
+            raise ApiError(400, f"Invalid request: `{where}`: {first['msg']}.", param=where) from exc
         name = req.model or chat.default
         if name not in chat.variants:
             raise ApiError(
@@ -163,7 +163,7 @@ def create_app(
         try:
             prompt = chat.prompt_ids(messages, tools)
         except FinetuneError as exc:
-            raise ApiError(400, str(exc), param="messages") from None
+            raise ApiError(400, str(exc), param="messages") from exc
         context = chat.context_length
         if context and len(prompt) + max_tokens > context:
             raise ApiError(
@@ -259,11 +259,11 @@ def _conversation(req: ChatRequest, chat: ChatModel) -> tuple[list[dict[str, Any
     try:
         messages = to_messages({"messages": [message.plain() for message in req.messages]}, "messages")
     except RowError as exc:
-        raise ApiError(400, f"Invalid request: messages: {exc}.", param="messages") from None
+        raise ApiError(400, f"Invalid request: messages: {exc}.", param="messages") from exc
     try:
         tools = tools_json(req.tools)
     except RowError as exc:
-        raise ApiError(400, f"Invalid request: {exc}.", param="tools") from None
+        raise ApiError(400, f"Invalid request: {exc}.", param="tools") from exc
     choice = req.tool_choice if req.tool_choice is not None else "auto"
     if choice not in ("auto", "none"):
         raise ApiError(
@@ -296,7 +296,7 @@ async def _read_json(request: Request, limit: int) -> Any:
     try:
         return json.loads(body)
     except ValueError as exc:
-        raise ApiError(400, f"The request body is not valid JSON ({exc}).") from None
+        raise ApiError(400, f"The request body is not valid JSON ({exc}).") from exc
 
 
 async def _sse(

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from finetune import models
-from finetune.adapters import load_adapter
+from finetune.adapters import add_trained, load_trained
 from finetune.config import ModelConfig, Quantization, choices
 from finetune.data import end_of_turn_ids, render_prompt
 from finetune.errors import FinetuneError, argument
@@ -161,23 +161,22 @@ def load_chat_model(
     with_tokenizer = next((folder for _, folder in named if (folder / "tokenizer_config.json").is_file()), None)
     tokenizer = models.load_tokenizer(base_cfg, folder=with_tokenizer)  # the adapter's copy has the trained template
     model = models.load_model(base_cfg)
-    models.fit_vocabulary(
-        model, tokenizer, for_adapter=bool(named)
-    )  # rows for tokens training added; the adapter holds their trained values
+    if not named:
+        models.fit_vocabulary(model, tokenizer)  # a template's turn markers the base lacks (chatml on a base model)
     models.configure_generation(model, tokenizer, end_of_turn_ids(tokenizer))
     variants: dict[str, str | None] = {base_name: None}
     for index, (name, folder) in enumerate(named):
         adapter = f"adapter{index}"  # peft adapter names become module keys, which may not contain dots
         try:
             if index == 0:
-                model = load_adapter(model, folder, adapter_name=adapter)
+                model = load_trained(model, tokenizer, folder, adapter_name=adapter)
             else:
-                model.load_adapter(str(folder), adapter_name=adapter)
+                add_trained(model, folder, adapter_name=adapter)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise FinetuneError(
                 f"adapter `{name}` ({folder}) does not fit the base `{base_cfg.source}`: {textwrap.shorten(str(exc), 300)}. "
                 "Serve together only adapters trained on the same base model."
-            ) from None
+            ) from exc
         variants[name] = adapter
     model.eval()
     return ChatModel(model, tokenizer, variants, default=named[0][0] if named else base_name)

@@ -11,7 +11,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from finetune import distributed
+from finetune import compat, distributed
 from finetune.chunked_loss import cross_entropy_sum, final_hidden_states
 
 # ---------------------------------------------------------------- attention per packed conversation
@@ -47,7 +47,7 @@ def use_packed_attention(model: torch.nn.Module) -> None:
 
     The variant is registered with transformers here, when first used, not when this module is imported."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    if base.config._attn_implementation == "sdpa":
+    if compat.attention_implementation(base) == "sdpa":
         AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
         AttentionMaskInterface.register(
             PACKED_ATTENTION, sdpa_mask

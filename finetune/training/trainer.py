@@ -7,9 +7,11 @@ collator pads labels by position, never by token id: the real EOS is always trai
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from transformers import EarlyStoppingCallback, PreTrainedTokenizerBase, Printer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTConfig, SFTTrainer
 
-from finetune import distributed
+from finetune import compat, distributed
 from finetune.config import TrainingConfig
 from finetune.training.nan_guard import NonFiniteLossGuard
 from finetune.training.progress import TrainingProgress
@@ -44,7 +46,7 @@ def sft_config(
     # multiple of eval_steps), so an explicit save_steps sets the default validation cadence in that case.
     keep_best = has_validation and (cfg.keep_best or cfg.early_stopping_patience is not None)
     eval_steps = cfg.eval_steps or (cfg.save_steps if keep_best and cfg.save_steps else max(1, steps // 4))
-    # The recipe resolves "auto" with the memory planner before the model is built (planning.needs_checkpointing);
+    # The recipe resolves "auto" with the memory planner before the model is built (planning.plan_without_checkpointing);
     # a trainer built directly from an unresolved config trains without checkpointing, as attach_lora was told.
     checkpointing = cfg.gradient_checkpointing is True
     on_cuda = torch.cuda.is_available()
@@ -179,7 +181,7 @@ class _EpochSeededLengthSampler(LengthGroupedSampler):
         self.generator.manual_seed(self.seed + epoch)
 
 
-class _SFTTrainer(SFTTrainer):
+class _SFTTrainer(compat.TrainerHooks, SFTTrainer):
     """SFTTrainer with float32 adapter weights and a data order a resumed run can reproduce."""
 
     def __init__(self, model: PeftModel, *args: Any, **kwargs: Any) -> None:
@@ -196,20 +198,21 @@ class _SFTTrainer(SFTTrainer):
             if name in adapter_weights and param.dtype != adapter_weights[name].dtype:
                 param.data = adapter_weights[name]
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    @contextlib.contextmanager
+    def checkpoint_saving(self) -> Iterator[None]:
         # A vocabulary resized for added tokens makes peft write the whole embedding and output matrices into every
         # checkpoint (2 x 671 MB for Gemma 3's 262k rows); the rows training changes are in the adapter already.
         model = self.accelerator.unwrap_model(self.model)
         if not isinstance(model, PeftModel):
-            return super()._save(output_dir, state_dict)
+            yield
+            return
         model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
         try:
-            super()._save(output_dir, state_dict)
+            yield
         finally:
             del model.save_pretrained
 
-    def _get_train_sampler(self, train_dataset=None):
-        sampler = super()._get_train_sampler(train_dataset)
+    def train_sampler(self, sampler: Any) -> Any:
         if type(sampler) is LengthGroupedSampler:
             return _EpochSeededLengthSampler(sampler.batch_size, sampler.lengths, self.args.data_seed or self.args.seed)
         return sampler  # the "random" strategy already gets accelerate's (seed + epoch) sampler
@@ -233,15 +236,15 @@ class _TrainedLogitsSFTTrainer(_SFTTrainer):
         mode = "train" if model.training else "eval"
         counts = torch.stack([hits.detach(), torch.tensor(labelled, device=hits.device)])
         correct, labelled = self.accelerator.gather_for_metrics(counts.unsqueeze(0)).sum(0).tolist()
-        self._metrics[mode]["mean_token_accuracy"].append(correct / labelled if labelled else 0.0)
+        compat.log_metric(self, mode, "mean_token_accuracy", correct / labelled if labelled else 0.0)
         if mode == "train":  # TRL's running count of processed tokens (padding excluded)
             real = (
                 inputs["attention_mask"].sum()
                 if "attention_mask" in inputs
                 else torch.tensor(inputs["input_ids"].numel())
             )
-            self._total_train_tokens += int(
-                self.accelerator.gather_for_metrics(real.to(hits.device).unsqueeze(0)).sum()
+            compat.add_train_tokens(
+                self, int(self.accelerator.gather_for_metrics(real.to(hits.device).unsqueeze(0)).sum())
             )
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        compat.set_logged_metric(self, mode, "num_tokens", compat.train_tokens(self))
         return loss

@@ -1,0 +1,62 @@
+"""Every touch of a pinned library's private parts, in one place.
+
+transformers' Trainer has no public hook for how a checkpoint's model is written or which sampler orders the training
+data, TRL's SFTTrainer none for adding to the metrics it logs, and a model's attention implementation is read from a
+private config field. Each use is here, named for what it does; tests/test_compat.py checks each one against the
+installed version and fails with the library, the version it was written against and this file when an upgrade
+changes it. Nothing else in finetune touches a private attribute of transformers, TRL, peft or llama-cpp-python.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any
+
+# What the uses below were written and tested against (pyproject.toml pins the same).
+WRITTEN_AGAINST = {"transformers": "5.23.0", "trl": "1.16.0"}
+
+
+class TrainerHooks:
+    """Mixed in before transformers' Trainer (SFTTrainer): its private `_save` and `_get_train_sampler` call two
+    hooks a subclass defines, so the subclass itself names no private method."""
+
+    def checkpoint_saving(self) -> AbstractContextManager[Any]:
+        """Entered around every write of the model into a checkpoint (or `save_model`)."""
+        raise NotImplementedError
+
+    def train_sampler(self, sampler: Any) -> Any:
+        """The sampler to order training data by, given the one the Trainer chose."""
+        raise NotImplementedError
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        with self.checkpoint_saving():
+            super()._save(output_dir, state_dict)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        return self.train_sampler(super()._get_train_sampler(train_dataset))
+
+
+def log_metric(trainer: Any, mode: str, name: str, value: float) -> None:
+    """Add a value to what TRL's SFTTrainer averages and logs under `name` ("train" or "eval" mode)."""
+    trainer._metrics[mode][name].append(value)
+
+
+def set_logged_metric(trainer: Any, mode: str, name: str, value: float) -> None:
+    """Replace what TRL logs under `name` with one value (e.g. the running count of tokens)."""
+    trainer._metrics[mode][name] = [value]
+
+
+def add_train_tokens(trainer: Any, tokens: int) -> None:
+    """Add to TRL's running count of processed training tokens (padding excluded)."""
+    trainer._total_train_tokens += tokens
+
+
+def train_tokens(trainer: Any) -> int:
+    """TRL's running count of processed training tokens."""
+    return trainer._total_train_tokens
+
+
+def attention_implementation(model: Any) -> str:
+    """The attention implementation a transformers model runs ("sdpa", "eager", ...); set with the public
+    `set_attn_implementation`, read only from the config's private field."""
+    return model.config._attn_implementation
