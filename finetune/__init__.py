@@ -7,12 +7,12 @@ result = ChatSFTRecipe.from_yaml("recipes/quickstart.yaml").run()
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ChatSFTRecipe", "FinetuneError", "RecipeConfig", "RunResult"]
+__all__ = ["ChatSFTRecipe", "FinetuneError", "PreferenceRecipe", "Recipe", "RecipeConfig", "RunResult"]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `finetune --help` and config validation don't pay for importing torch and transformers.
-    if name in ("ChatSFTRecipe", "RunResult"):
+    if name in ("ChatSFTRecipe", "PreferenceRecipe", "Recipe", "RunResult"):
         from finetune import recipes
 
         return getattr(recipes, name)

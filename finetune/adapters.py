@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -71,6 +72,31 @@ def load_trained(
         return PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
 
 
+# A frozen copy of the adapter a run continues (model.adapter) is kept under this name: the model as it was before
+# this run, which before/after evaluation compares with, and which TRL's DPO and KTO trainers take as the reference.
+REFERENCE_ADAPTER = "ref"
+
+
+def as_before_training(model: PeftModel) -> AbstractContextManager[Any]:
+    """While inside, `model` computes as it did before training: its reference adapter where the run continued one,
+    else the base with every adapter off."""
+    from trl.trainer.utils import use_adapter  # TRL's own switch, the one its trainers use for the reference
+
+    return use_adapter(model, REFERENCE_ADAPTER if REFERENCE_ADAPTER in model.peft_config else None)
+
+
+def keep_reference(model: PeftModel) -> None:
+    """A frozen copy of the adapter `model` is about to train further, as `REFERENCE_ADAPTER`: the model as it was
+    before this run. (TRL's DPO and KTO trainers make the same copy, under the same name, when they are built.)"""
+    with _peft_quietly():
+        model.add_adapter(REFERENCE_ADAPTER, model.peft_config["default"])
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".default." in name:
+                model.get_parameter(name.replace(".default.", f".{REFERENCE_ADAPTER}.")).copy_(parameter)
+    model.set_adapter("default")  # training updates the default adapter; the copy stays frozen
+
+
 def add_trained(model: PeftModel, folder: Path | str, *, adapter_name: str) -> None:
     """One more trained adapter beside those of `model` (from `load_trained`), over the same base and vocabulary."""
     with _peft_quietly():
@@ -78,11 +104,19 @@ def add_trained(model: PeftModel, folder: Path | str, *, adapter_name: str) -> N
 
 
 def attach_lora(
-    model: PreTrainedModel, cfg: LoraConfig, *, gradient_checkpointing: bool, new_tokens: list[int] = ()
+    model: PreTrainedModel,
+    cfg: LoraConfig,
+    *,
+    gradient_checkpointing: bool,
+    new_tokens: list[int] = (),
+    continue_from: Path | None = None,
 ) -> PeftModel:
-    """`new_tokens`: ids whose embedding rows the base never trained (`models.fit_vocabulary`), trained as whole rows
+    """A fresh LoRA adapter (`cfg`) on `model` to train, or with `continue_from` a trained adapter folder to train
+    further (see `keep_reference` for keeping the model as it was).
+
+    `new_tokens`: ids whose embedding rows the base never trained (`models.fit_vocabulary`), trained as whole rows
     beside LoRA (peft's trainable tokens, saved in the adapter), in the output layer too unless it is tied to the
-    input embeddings (peft then trains the shared rows once)."""
+    input embeddings (peft then trains the shared rows once). A continued adapter brings its own."""
     if getattr(model, "is_quantized", False):
         # Casts norms to fp32 and enables input grads; without the latter, checkpointed quantized models
         # fail with "element 0 of tensors does not require grad".
@@ -92,7 +126,10 @@ def attach_lora(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     with _peft_quietly():
-        peft_model = get_peft_model(model, peft_config(cfg, _token_layers(model, list(new_tokens))))
+        if continue_from is None:
+            peft_model = get_peft_model(model, peft_config(cfg, _token_layers(model, list(new_tokens))))
+        else:
+            peft_model = PeftModel.from_pretrained(model, str(continue_from), is_trainable=True)
     if cfg.fast_dropout:
         use_fast_cpu_dropout(peft_model)
     return peft_model

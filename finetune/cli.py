@@ -111,9 +111,9 @@ def run(
                 f"--num-processes {num_processes}, but the launcher started {distributed.state().num_processes} processes: "
                 "under `accelerate launch` or `torchrun`, leave --num-processes out."
             )
-    from finetune.recipes import ChatSFTRecipe  # imported here: a launching parent process never needs it
+    from finetune.recipes import Recipe  # imported here: a launching parent process never needs it
 
-    ChatSFTRecipe.from_yaml(recipe, overrides).run(resume=resume)
+    Recipe.from_yaml(recipe, overrides).run(resume=resume)
 
 
 @app.command()
@@ -193,9 +193,9 @@ def merge(
 ) -> None:
     """Merge a run's adapter into a full-precision base, verify the logits, and save a plain transformers folder.
     Merging into the run's own merged/ refreshes its model cards and run.json."""
-    from finetune.recipes import ChatSFTRecipe
+    from finetune.recipes import Recipe
 
-    ChatSFTRecipe.from_run_dir(run_dir).merge(strategy=strategy, dtype=dtype, out_dir=out)
+    Recipe.from_run_dir(run_dir).merge(strategy=strategy, dtype=dtype, out_dir=out)
 
 
 @app.command()
@@ -213,9 +213,9 @@ def export(
 ) -> None:
     """Write RUN_DIR/export/: model-<quant>.gguf (or adapter.gguf), an Ollama Modelfile and export.json, each file
     kept only after transformers and llama.cpp both ran it and agreed with the run's model (docs/deployment.md)."""
-    from finetune.recipes import ChatSFTRecipe
+    from finetune.recipes import Recipe
 
-    ChatSFTRecipe.from_run_dir(run_dir).export(format=format, quant=quant, adapter_only=adapter_only)
+    Recipe.from_run_dir(run_dir).export(format=format, quant=quant, adapter_only=adapter_only)
 
 
 @app.command("eval")
@@ -308,7 +308,9 @@ def data_inspect(
     if model:
         config = config.with_overrides({"model.source": model}, source="--model")
     tokenizer = models.load_tokenizer(config.model)
-    inspection = data.inspect_data(config.data, tokenizer, out or RunFolder.of(config).inspect, show_rows=rows)
+    inspection = data.inspect_data(
+        config.data, tokenizer, out or RunFolder.of(config).inspect, show_rows=rows, method=config.method
+    )
     console = Console()
     inspection.print(console)
     console.print(f"Written: {', '.join(str(path) for path in inspection.files.values())}")

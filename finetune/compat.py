@@ -36,6 +36,23 @@ class TrainerHooks:
         return self.train_sampler(super()._get_train_sampler(train_dataset))
 
 
+class TokenizedPreferenceData:
+    """Mixed in before TRL's DPOTrainer or KTOTrainer, whose private `_prepare_dataset` tokenizes text: finetune's
+    preference data arrive tokenized already (finetune.data.preference), so the datasets pass through as they are.
+    For KTO, the mismatched completions its KL estimate needs are added exactly as TRL adds them: each batch of
+    `per_device_train_batch_size` completions rotated by one."""
+
+    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+        if getattr(self, "calculate_KL", False) and "KL_completion_ids" not in dataset.column_names:
+
+            def rotated(batch: dict[str, list]) -> dict[str, list]:
+                batch["KL_completion_ids"] = [batch["completion_ids"][-1], *batch["completion_ids"][:-1]]
+                return batch
+
+            dataset = dataset.map(rotated, batched=True, batch_size=args.per_device_train_batch_size)
+        return dataset
+
+
 def log_metric(trainer: Any, mode: str, name: str, value: float) -> None:
     """Add a value to what TRL's SFTTrainer averages and logs under `name` ("train" or "eval" mode)."""
     trainer._metrics[mode][name].append(value)

@@ -26,6 +26,9 @@ MergeSelect = Literal["perplexity", "fidelity"]
 # GGUF types `finetune export` writes: the gguf package quantizes f16 ... q4_0 in numpy; the K-quant mixes (q6_k, q5_k_m,
 # q4_k_m) come from llama.cpp's own quantizer.
 ExportFormat = Literal["gguf"]
+# What a recipe trains: supervised fine-tuning, or preference tuning with one of TRL's trainers (docs/preference.md).
+Method = Literal["sft", "dpo", "orpo", "simpo", "kto"]
+PAIRED_METHODS = ("dpo", "orpo", "simpo")
 ExportQuant = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_1", "q5_0", "q4_1", "q4_0"]
 
 
@@ -65,6 +68,11 @@ class ModelConfig(_Section):
         description="Override the tokenizer's chat template: 'chatml', a path to a .jinja file, or a Jinja string.",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub repository to run.")
+    adapter: str | None = Field(
+        None,
+        description="Continue from a trained LoRA adapter: a run folder (runs/NAME) or an adapter folder. A preference "
+        "method then keeps a frozen copy of it as the reference model.",
+    )
 
 
 class LoraConfig(_Section):
@@ -103,6 +111,9 @@ _FIELD_NAMES = (
     "prompt",
     "completion",
     "text",
+    "chosen",
+    "rejected",
+    "label",
 )
 
 
@@ -116,9 +127,20 @@ class DataSource(_Section):
         None,
         description="file: .jsonl/.json/.csv/.parquet/.txt file, a folder or glob of them, or a save_to_disk folder; hub: dataset id.",
     )
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+    format: Literal[
         "auto",
-        description="Row format; auto detects it per row from its fields. text = raw text for continued pretraining.",
+        "messages",
+        "sharegpt",
+        "alpaca",
+        "prompt_completion",
+        "text",
+        "preference",
+        "preference_implicit",
+        "unpaired",
+    ] = Field(
+        "auto",
+        description="Row format; auto detects it per row from its fields. text = raw text for continued pretraining; "
+        "preference, preference_implicit and unpaired are the preference methods' (see docs/preference.md).",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
@@ -136,6 +158,11 @@ class DataSource(_Section):
     split: str = Field("train", description="hub and save_to_disk sources: which split to read.")
     subset: str | None = Field(None, description="hub: dataset configuration (subset) name.")
     revision: str | None = Field(None, description="hub: branch, tag or commit.")
+    rejected: Literal["shuffled"] | None = Field(
+        None,
+        description="Preference methods: build pairs from this source's conversations, each one's last reply as "
+        "chosen and the last reply of another conversation (seeded) as rejected.",
+    )
     language: str = Field("english", description="chatterbot: corpus language folder.")
     categories: list[str] | None = Field(None, description="chatterbot: category files to use (default: all).")
 
@@ -353,6 +380,36 @@ class EvaluationConfig(_Section):
     )
 
 
+class PreferenceConfig(_Section):
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="Strength of the preference loss; default per method: dpo 0.1 (how far from the reference it may "
+        "move), orpo 0.1 (the odds-ratio term's weight), simpo 2.0 (reward scale), kto 0.1.",
+    )
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid",
+        description="dpo only: sigmoid (the DPO paper's loss) or ipo (IPO: a squared loss that stays bounded).",
+    )
+    simpo_gamma: float = Field(
+        0.5, ge=0, description="simpo only: the target reward margin, as a share of beta (SimPO's gamma / beta)."
+    )
+    reference_log_probs: Literal["auto", "precompute", "each_step"] = Field(
+        "auto",
+        description="dpo and kto: compute the reference model's log-probabilities once before training (precompute: "
+        "no reference forward per step) or at each step; auto precomputes on CPU.",
+    )
+    desirable_weight: float = Field(
+        1.0, gt=0, description="kto only: weight of the loss on good (label: true) replies."
+    )
+    undesirable_weight: float = Field(
+        1.0, gt=0, description="kto only: weight of the loss on bad (label: false) replies."
+    )
+
+    def beta_for(self, method: str) -> float:
+        return self.beta if self.beta is not None else {"simpo": 2.0}.get(method, 0.1)
+
+
 class OutputConfig(_Section):
     dir: str = Field("runs/{name}", description="Run folder; {name} is replaced by the recipe name.")
     merge: bool = Field(True, description="Merge the adapter into a full-precision copy of the base and save it.")
@@ -388,12 +445,28 @@ class OutputConfig(_Section):
 
 class RecipeConfig(_Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name, used in the run folder.")
+    method: Method = Field(
+        "sft",
+        description="sft: supervised fine-tuning on conversations; dpo, orpo, simpo (pairs of chosen and rejected "
+        "replies) or kto (replies labelled good or bad): preference tuning.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _pairs_only_for_paired_methods(self) -> RecipeConfig:
+        sources = [*self.data.sources, *(self.data.validation_sources or []), *(self.data.test_sources or [])]
+        if self.method not in PAIRED_METHODS and any(source.rejected for source in sources):
+            raise ValueError(
+                f"a data source with `rejected: shuffled` builds chosen/rejected pairs, which method {self.method} "
+                "does not train on: set method to dpo, orpo or simpo, or remove `rejected`"
+            )
+        return self
 
     @model_validator(mode="after")
     def _early_stopping_needs_validation(self) -> RecipeConfig:

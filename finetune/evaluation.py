@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune import atomic, chunked_loss, distributed, models
-from finetune.adapters import load_trained
+from finetune.adapters import as_before_training, load_trained
 from finetune.config import DataConfig, EvaluationConfig, ModelConfig
 from finetune.data import IGNORE_INDEX, end_of_turn_ids, prepare_data, render_prompt
 from finetune.errors import FinetuneError, argument
@@ -230,13 +230,44 @@ class Replies:
         return [s["prediction"] for s in self.samples], [s["reference"] for s in self.samples]
 
 
-def _evaluation(scored: NLL, replies: Replies | None) -> Evaluation:
+def _evaluation(scored: NLL, replies: Replies | None, preferences: dict[str, RowScores] | None = None) -> Evaluation:
+    rows = {**scored.row_scores(), **(preferences or {})}
+    metrics = {**scored.metrics(), **{name: row_scores.score() for name, row_scores in (preferences or {}).items()}}
     if replies is None or not len(replies):
-        return Evaluation(scored.metrics(), rows=scored.row_scores())
-    return Evaluation(
-        {**scored.metrics(), **replies.scores()},
-        replies.samples,
-        {**scored.row_scores(), **replies.row_scores()},
+        return Evaluation(metrics, rows=rows)
+    return Evaluation({**metrics, **replies.scores()}, replies.samples, {**rows, **replies.row_scores()})
+
+
+def preference_rows(chosen: NLL, rejected: NLL | None, labels: list[bool] | None = None) -> dict[str, RowScores]:
+    """Per-row preference scores from the NLL of each held-out reply (per token, so a longer reply is not scored
+    lower for its length): for pairs, whether and by how much the chosen reply beats the rejected one; for KTO's
+    labelled replies, the log-probability of the good and of the bad ones."""
+    chosen_logp = -chosen.rows[:, 0] / np.maximum(chosen.rows[:, 1], 1)
+    if rejected is not None:
+        rejected_logp = -rejected.rows[:, 0] / np.maximum(rejected.rows[:, 1], 1)
+        return {
+            "preference_accuracy": RowScores("mean", (chosen_logp > rejected_logp).astype(float)),
+            "reward_margin": RowScores("mean", chosen_logp - rejected_logp),
+            "chosen_logp": RowScores("mean", chosen_logp),
+            "rejected_logp": RowScores("mean", rejected_logp),
+        }
+    good = np.array(labels, dtype=bool)
+    out = {}
+    if good.any():
+        out["desirable_logp"] = RowScores("mean", chosen_logp[good])
+    if (~good).any():
+        out["undesirable_logp"] = RowScores("mean", chosen_logp[~good])
+    return out
+
+
+def _rejected_rows(rows: Dataset) -> Dataset:
+    """Held-out pairs as the rejected conversations, for the same NLL as the chosen ones."""
+    prompts, replies = rows["prompt_ids"], rows["rejected_ids"]
+    return Dataset.from_dict(
+        {
+            "input_ids": [prompt + reply for prompt, reply in zip(prompts, replies)],
+            "labels": [[IGNORE_INDEX] * len(prompt) + reply for prompt, reply in zip(prompts, replies)],
+        }
     )
 
 
@@ -354,8 +385,10 @@ def before_and_after(
 ) -> Comparison:
     """Score the trained model and (cfg.before_and_after) its base on the same held-out conversations.
 
-    The base is the same model with its adapters switched off, so nothing is loaded again; LoRA starts as an exact
-    no-op, so this is the model as it was before training. With `cfg.time_share`, scoring and generation together
+    The model before training is the same model with its adapters switched off (or, where the run continued a
+    trained adapter, with the frozen copy of it: `adapters.as_before_training`), so nothing is loaded again; LoRA
+    starts as an exact no-op, so this is the model as it was. Held-out preference data add each pair's rejected reply
+    and the preference scores (`preference_rows`). With `cfg.time_share`, scoring and generation together
     take about that share of `train_seconds` (see `EvaluationCost` for the one way past it): a first batch of each is
     timed and the conversations (taken in the split's seeded order, so they are a fair sample) are cut to what fits.
     `clock` measures the time (a test passes a simulated one).
@@ -368,31 +401,40 @@ def before_and_after(
     rows = heldout.select(range(min(cfg.max_rows or len(heldout), len(heldout))))
     requested_rows = len(rows)
 
-    # Perplexity: time the first batch of the trained model, keep the rows that fit, score them with and without LoRA.
+    # Held-out preference pairs score their rejected replies too (the chosen ones are the conversations' replies).
+    paired = "rejected_ids" in heldout.column_names
+    sequences = 2 if paired else 1
+
+    # Perplexity: time the first batch of the trained model, keep the rows that fit, score them before and after.
     first = rows.select(range(min(cfg.batch_size, len(rows))))
     timer = clock()
     after_nll = _nll(model, tokenizer, first, cfg, "Scoring fine-tuned model")
     first_seconds = clock() - timer
-    minimum = first_seconds * passes
+    minimum = first_seconds * passes * sequences
     if budget is not None:
-        allowed = budget * (_PERPLEXITY_SHARE if prompts else 1.0) / passes
+        allowed = budget * (_PERPLEXITY_SHARE if prompts else 1.0) / (passes * sequences)
         count = rows_within(allowed, first_seconds, [len(ids) for ids in rows["input_ids"]], len(first))
         rows = rows.select(range(min(distributed.gather([count]))))  # every process keeps the same rows
     if len(rows) > len(first):
         after_nll = after_nll + _nll(
             model, tokenizer, rows.select(range(len(first), len(rows))), cfg, "Scoring fine-tuned model"
         )
-    before_nll = None
+    after_rejected = _nll(model, tokenizer, _rejected_rows(rows), cfg, "Scoring rejected replies") if paired else None
+    before_nll = before_rejected = None
     if cfg.before_and_after:
-        with model.disable_adapter():
-            before_nll = _nll(model, tokenizer, rows, cfg, "Scoring base model")
+        with as_before_training(model):
+            before_nll = _nll(model, tokenizer, rows, cfg, "Scoring the model before training")
+            if paired:
+                before_rejected = _nll(model, tokenizer, _rejected_rows(rows), cfg, "Scoring rejected replies")
+    labels = rows["label"] if "label" in rows.column_names else None
+    preference = paired or labels is not None
 
     # Generation: time a first batch on the slower model (the base stops less often), then fit the rest.
     before_replies = after_replies = None
     if prompts:
 
         def replies(conversations: list[Prompt], base: bool) -> Replies:
-            with model.disable_adapter() if base else nullcontext():
+            with as_before_training(model) if base else nullcontext():
                 return _generation(model, tokenizer, conversations, cfg)
 
         timed_base = cfg.before_and_after
@@ -412,8 +454,16 @@ def before_and_after(
             before_replies = timed
             timed = replies(prompts, base=False)
         after_replies = timed
-    before = _evaluation(before_nll, before_replies) if before_nll is not None else None
-    after = _evaluation(after_nll, after_replies)
+    before = (
+        _evaluation(
+            before_nll, before_replies, preference_rows(before_nll, before_rejected, labels) if preference else None
+        )
+        if before_nll is not None
+        else None
+    )
+    after = _evaluation(
+        after_nll, after_replies, preference_rows(after_nll, after_rejected, labels) if preference else None
+    )
     cost = EvaluationCost(
         seconds=clock() - started,
         budget=budget,
@@ -592,7 +642,8 @@ def _plot(run_dir: Path, history: dict[str, list[tuple[int, float]]], changes: l
         axes.errorbar(
             change.change * scale,
             y,
-            xerr=[[(change.change - change.low) * scale], [(change.high - change.change) * scale]],
+            # A skewed bootstrap can leave the point estimate just outside its percentile interval: no negative bar.
+            xerr=[[max(0.0, change.change - change.low) * scale], [max(0.0, change.high - change.change) * scale]],
             fmt="o",
             color=colours[change.verdict],
             capsize=3,

@@ -198,22 +198,28 @@ class Batch:
 
     @classmethod
     def worst_case(cls, config: RecipeConfig) -> Batch:
-        size, length = config.training.batch_size, config.data.max_length
+        size, length = config.training.batch_size * _sequences_per_row(config), config.data.max_length
         return cls(tokens=size * length, squared_lengths=size * length**2)
 
     @classmethod
     def from_data(cls, split: Any, config: RecipeConfig) -> Batch:
-        """The batch of this split's longest conversations (packed: their sum; padded: all as long as the longest)."""
-        size = config.training.batch_size
-        rows = sorted(zip(split["input_ids"], split["labels"]), key=lambda row: len(row[0]), reverse=True)[:size]
+        """The batch of this split's longest conversations (packed: their sum; padded: all as long as the longest).
+        A preference method's row runs as two sequences (chosen and rejected; KTO: a reply and its KL mismatch)."""
+        size = config.training.batch_size * _sequences_per_row(config)
+        rows = sorted(zip(split["input_ids"], split["labels"]), key=lambda row: len(row[0]), reverse=True)
+        rows = [row for row in rows[: config.training.batch_size] for _ in range(_sequences_per_row(config))]
         if not rows:
             return cls.worst_case(config)
         lengths = [len(ids) for ids, _ in rows]
         trained = sum(sum(1 for label in labels if label != -100) for _, labels in rows)
-        tokens = sum(lengths) if config.training.packing else size * lengths[0]
+        tokens = sum(lengths) if config.training.packing and config.method == "sft" else size * lengths[0]
         return cls(
             tokens=tokens, squared_lengths=sum(n * n for n in lengths), trained_share=min(1.0, trained / sum(lengths))
         )
+
+
+def _sequences_per_row(config: RecipeConfig) -> int:
+    return 1 if config.method == "sft" else 2
 
 
 def gib(value: float) -> str:

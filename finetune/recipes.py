@@ -36,9 +36,11 @@ from finetune import (
     preflight,
     training,
 )
-from finetune.config import ExportFormat, RecipeConfig, choices
+from finetune.config import PAIRED_METHODS, ExportFormat, RecipeConfig, choices
+from finetune.data.preference import prepare_preferences
 from finetune.errors import FinetuneError, Interrupted, argument
-from finetune.run_folder import RunFolder
+from finetune.run_folder import RunFolder, is_adapter
+from finetune.training import preference as preference_training
 
 # Settings that may change between an interrupted run and its resume: they do not touch what training computes.
 _RESUME_MAY_CHANGE = ("name", "output.", "evaluation.", "data.num_proc", "training.save_total_limit")
@@ -99,8 +101,10 @@ class RecipeState:
     merge_seconds: float | None = None  # merge()
 
 
-class ChatSFTRecipe:
-    """Supervised chat fine-tuning with LoRA/QLoRA, loss on assistant tokens only.
+class Recipe:
+    """A LoRA/QLoRA fine-tuning recipe: the stages every method shares. `ChatSFTRecipe` trains on conversations,
+    `PreferenceRecipe` on preferences; `Recipe.from_yaml(...)`, `Recipe(config)`'s subclasses and `finetune run`
+    pick the one the recipe's `method` names.
 
     Build it from a YAML file (`from_yaml`), a `RecipeConfig`, or section keyword arguments
     (`ChatSFTRecipe(model={"source": ...}, training={"max_steps": 20})`). Call `run()` for the whole pipeline, or the
@@ -113,12 +117,19 @@ class ChatSFTRecipe:
             failed merge check, with the fix.
     """
 
+    METHODS: tuple[str, ...] = ()  # the `method` values a subclass trains
+
     def __init__(self, config: RecipeConfig | None = None, **sections: Any) -> None:
         if config is not None and sections:
             raise FinetuneError("pass either a RecipeConfig or section keyword arguments, not both.")
         if config is None:
             raw = {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in sections.items()}
-            config = RecipeConfig.from_dict(raw, source="ChatSFTRecipe(...)")
+            config = RecipeConfig.from_dict(raw, source=f"{type(self).__name__}(...)")
+        if config.method not in self.METHODS:
+            raise FinetuneError(
+                f"method `{config.method}` is trained by {recipe_class(config.method).__name__}, not "
+                f"{type(self).__name__}: use that class, or finetune.Recipe.from_yaml / finetune run, which pick it."
+            )
         # A copy: decisions (an `auto` made concrete) are applied to the recipe's config, never to the caller's.
         self.config = config.model_copy(deep=True)
         self.console = Console()
@@ -126,25 +137,38 @@ class ChatSFTRecipe:
         self.state = RecipeState()
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ChatSFTRecipe:
-        return cls(RecipeConfig.from_yaml(path, overrides))
+    def for_config(cls, config: RecipeConfig) -> Recipe:
+        """The recipe that trains `config.method` (this class itself, when it is a concrete one)."""
+        return (recipe_class(config.method) if cls is Recipe else cls)(config)
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path) -> ChatSFTRecipe:
+    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+        return cls.for_config(RecipeConfig.from_yaml(path, overrides))
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path) -> Recipe:
         """Reopen a finished run (its recipe.yaml, tokenizer and data splits) to merge, evaluate or export it again;
         the trained adapter is loaded from adapter/ when a stage needs the model."""
         folder = RunFolder(Path(run_dir))
         folder.require_adapter()
-        recipe = cls(folder.read_config({"output.dir": str(folder.path)}))
+        recipe = cls.for_config(folder.read_config({"output.dir": str(folder.path)}))
         tokenizer = models.load_tokenizer(recipe.config.model, folder=folder.adapter)
         recipe.state.inputs = RunInputs(
             tokenizer=tokenizer,
             stop_ids=data.end_of_turn_ids(tokenizer),
-            data=data.prepare_data(recipe.config.data, tokenizer),  # same seed, same splits
+            data=recipe._prepare_data(tokenizer),  # same seed, same splits
         )
         if folder.is_finished():  # the rows it scored and the adapter's score on them: a merge compares against these
             recipe.state.recorded = folder.read_metrics()
         return recipe
+
+    # ------------------------------------------------------------------ what a method changes
+
+    def _prepare_data(self, tokenizer: PreTrainedTokenizerBase, *, enforce_audit: bool = True) -> data.PreparedData:
+        raise NotImplementedError
+
+    def _build_trainer(self, inputs: RunInputs, callbacks: list[TrainerCallback]) -> Trainer:
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ what the stages produced
 
@@ -229,7 +253,7 @@ class ChatSFTRecipe:
         self._say(f"Loading tokenizer and data for [bold]{cfg.model.source}[/bold]")
         tokenizer = models.load_tokenizer(cfg.model)
         inputs = RunInputs(
-            tokenizer=tokenizer, stop_ids=data.end_of_turn_ids(tokenizer), data=data.prepare_data(cfg.data, tokenizer)
+            tokenizer=tokenizer, stop_ids=data.end_of_turn_ids(tokenizer), data=self._prepare_data(tokenizer)
         )
         if not resume:
             distributed.on_main(self._claim_run_dir)
@@ -254,16 +278,24 @@ class ChatSFTRecipe:
             needed = not memory.fits  # checkpointing only where training does not fit without it
             self._decide("training.gradient_checkpointing", needed)
             self._say(f"  memory plan: {memory.summary()}; gradient checkpointing {'on' if needed else 'off'}")
+        continued = self._continued_adapter()
         self.state.model = adapters.attach_lora(
             base,
             self.config.lora,
             gradient_checkpointing=self.config.training.gradient_checkpointing,
             new_tokens=inputs.new_tokens,
+            continue_from=continued,
         )
+        if continued is not None and not preference_training.uses_reference(self.config.method):
+            adapters.keep_reference(self.state.model)  # DPO's and KTO's trainers make this copy themselves
         self.state.inputs = inputs
-        self._say(
-            f"  LoRA r={cfg.lora.r} alpha={cfg.lora.lora_alpha:g}: {adapters.trainable_parameters(self.state.model)}"
-        )
+        trainable = adapters.trainable_parameters(self.state.model)
+        if continued is None:
+            self._say(f"  LoRA r={cfg.lora.r} alpha={cfg.lora.lora_alpha:g}: {trainable}")
+        else:
+            self._say(
+                f"  continuing the adapter in {continued} ({trainable}); a frozen copy is the model before training"
+            )
 
     def train(self, callbacks: Sequence[TrainerCallback] = ()) -> TrainingOutcome:
         """Train, saving a checkpoint every `training.save_steps`. SIGINT/SIGTERM saves one more and raises
@@ -276,15 +308,7 @@ class ChatSFTRecipe:
         self._say(f"Training (resuming from {resume_from})" if resume_from else "Training")
         started = time.perf_counter()
         stop = training.StopOnSignal()
-        trainer = self.state.trainer = training.build_trainer(
-            self.state.model,
-            inputs.tokenizer,
-            inputs.data.splits,
-            self.config.training,
-            self.folder.checkpoints,
-            dtype=models.compute_dtype(self.config.model),
-            callbacks=[stop, self.state.log, *callbacks],
-        )
+        trainer = self.state.trainer = self._build_trainer(inputs, [stop, self.state.log, *callbacks])
         try:
             with stop:
                 output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -332,7 +356,9 @@ class ChatSFTRecipe:
         def write() -> Path:
             with atomic.replacing_dir(self.folder.adapter) as partial:
                 # The trained rows of added tokens are in the adapter; peft would otherwise add the whole embedding.
-                model.save_pretrained(partial, state_dict=state_dict, save_embedding_layers=False)
+                model.save_pretrained(
+                    partial, state_dict=state_dict, save_embedding_layers=False, selected_adapters=["default"]
+                )
                 inputs.tokenizer.save_pretrained(partial)
             return self.folder.adapter
 
@@ -454,6 +480,22 @@ class ChatSFTRecipe:
 
     # ------------------------------------------------------------------ helpers
 
+    def _continued_adapter(self) -> Path | None:
+        """The trained adapter model.adapter names (a run folder or an adapter folder), or None for a fresh one."""
+        named = self.config.model.adapter
+        if named is None:
+            return None
+        folder = Path(named).expanduser()
+        run = RunFolder(folder)
+        if run.has_adapter():
+            return run.adapter
+        if is_adapter(folder):
+            return folder
+        raise FinetuneError(
+            f"model.adapter `{named}`: no trained adapter there (no adapter_config.json, nor a run folder with "
+            "adapter/). Give the run folder of a finished run (runs/NAME) or its adapter/ folder."
+        )
+
     def _inputs(self, stage: str) -> RunInputs:
         if self.state.inputs is None:
             raise FinetuneError(
@@ -497,7 +539,9 @@ class ChatSFTRecipe:
         merge = state.merge
         return {
             "name": self.config.name,
+            "method": self.config.method,
             "base_model": self.config.model.source,
+            "continued_adapter": self.config.model.adapter,
             "quantization": self.config.model.quantization,
             "train_rows": inputs.data.report.splits.get("train"),
             "added_tokens": inputs.tokenizer.convert_ids_to_tokens(inputs.new_tokens),
@@ -601,6 +645,62 @@ class ChatSFTRecipe:
     def _say(self, message: Any) -> None:
         if distributed.is_main():  # one console log, however many processes run
             self.console.print(message)
+
+
+class ChatSFTRecipe(Recipe):
+    """Supervised chat fine-tuning with LoRA/QLoRA, loss on assistant tokens only (method: sft)."""
+
+    METHODS = ("sft",)
+
+    def _prepare_data(self, tokenizer: PreTrainedTokenizerBase, *, enforce_audit: bool = True) -> data.PreparedData:
+        return data.prepare_data(self.config.data, tokenizer, enforce_audit=enforce_audit)
+
+    def _build_trainer(self, inputs: RunInputs, callbacks: list[TrainerCallback]) -> Trainer:
+        return training.build_trainer(
+            self.state.model,
+            inputs.tokenizer,
+            inputs.data.splits,
+            self.config.training,
+            self.folder.checkpoints,
+            dtype=models.compute_dtype(self.config.model),
+            callbacks=callbacks,
+        )
+
+
+class PreferenceRecipe(Recipe):
+    """Preference tuning with LoRA/QLoRA through TRL's trainers (method: dpo, orpo, simpo or kto; see
+    `finetune.training.preference`), on data prepared by `finetune.data.preference`. After an SFT run, set
+    model.adapter to it: training continues that adapter, and a frozen copy of it is the reference model."""
+
+    METHODS = ("dpo", "orpo", "simpo", "kto")
+
+    def _prepare_data(self, tokenizer: PreTrainedTokenizerBase, *, enforce_audit: bool = True) -> data.PreparedData:
+        return prepare_preferences(
+            self.config.data, tokenizer, paired=self.config.method in PAIRED_METHODS, enforce_audit=enforce_audit
+        )
+
+    def _build_trainer(self, inputs: RunInputs, callbacks: list[TrainerCallback]) -> Trainer:
+        built = preference_training.build_preference_trainer(
+            self.state.model,
+            inputs.tokenizer,
+            inputs.data.splits,
+            self.config,
+            self.folder.checkpoints,
+            dtype=models.compute_dtype(self.config.model),
+            callbacks=callbacks,
+        )
+        if preference_training.precomputes_reference(self.config):
+            reference = "the frozen SFT adapter" if self.config.model.adapter else "the base (adapters off)"
+            self._say(
+                f"  reference log-probs of {len(inputs.data.splits['train'])} training rows, from {reference}: "
+                f"computed once before training in {built.setup_seconds:.1f} s (no reference pass per step)"
+            )
+        return built.trainer
+
+
+def recipe_class(method: str) -> type[Recipe]:
+    """The recipe class that trains `method`."""
+    return ChatSFTRecipe if method == "sft" else PreferenceRecipe
 
 
 def _training_differences(saved: RecipeConfig, current: RecipeConfig) -> list[str]:

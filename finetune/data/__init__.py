@@ -303,11 +303,24 @@ def prepare_data(
 
 
 def inspect_data(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path | None = None, show_rows: int = 3
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path | None = None,
+    show_rows: int = 3,
+    *,
+    method: str = "sft",
 ) -> Inspection:
-    """Prepare the data exactly as training would, without stopping on audit findings, for a person to look at;
-    with out_dir, also write inspect.md, inspect.json and lengths.png there."""
-    inspection = summarize(prepare_data(cfg, tokenizer, enforce_audit=False), tokenizer, show_rows)
+    """Prepare the data exactly as training would (for `method`: sft, or a preference method), without stopping on
+    audit findings, for a person to look at; with out_dir, also write inspect.md, inspect.json and lengths.png there.
+    Preference rows show their prompt and chosen reply; the audit covers the rejected replies too."""
+    from finetune.data.preference import prepare_preferences
+
+    prepared = (
+        prepare_data(cfg, tokenizer, enforce_audit=False)
+        if method == "sft"
+        else prepare_preferences(cfg, tokenizer, paired=method != "kto", enforce_audit=False)
+    )
+    inspection = summarize(prepared, tokenizer, show_rows)
     if out_dir is not None:
         inspection.write(out_dir)
     return inspection

@@ -26,6 +26,12 @@ def detect_format(row: dict[str, Any]) -> str:
     # Fields with values decide first (files that mix formats fill the others with null); then any field present,
     # so an empty CSV cell is reported as that field's problem rather than as an unknown format.
     present = {k for k, v in row.items() if v is not None}
+    if {"chosen", "rejected"} <= present or {"completion", "label"} <= present:
+        # A labelled completion may be a bad reply: trained as a demonstration, it would teach exactly that.
+        raise RowError(
+            "a preference row (chosen/rejected, or a completion with a label) in supervised data: set the recipe's "
+            "method to dpo, orpo, simpo or kto (docs/preference.md)"
+        )
     for keys in (present, set(row)):
         if "messages" in keys:
             return "messages"
@@ -52,6 +58,10 @@ def to_conversation(row: Any, source: DataSource) -> tuple[str, list[dict[str, A
     if source.columns:
         row = _rename(row, source.columns)
     fmt = source.format if source.format != "auto" else detect_format(row)
+    if fmt in ("preference", "preference_implicit", "unpaired"):
+        raise RowError(
+            f"format `{fmt}` is preference data: set the recipe's method to dpo, orpo, simpo or kto (docs/preference.md)"
+        )
     if fmt == "text":
         return fmt, [], _text(row, "text"), ""
     messages = to_messages(row, fmt, source.roles)

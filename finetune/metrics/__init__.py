@@ -33,7 +33,18 @@ GENERATION_SCORES = {
     "repeated_4gram_share": True,
     "distinct_2": False,
 }
-SCORES = {**LOWER_IS_BETTER, **GENERATION_SCORES}
+# Held-out preference data (finetune.evaluation.preference_rows): per-token log-probabilities of the replies.
+PREFERENCE_SCORES = {
+    "preference_accuracy": False,  # share of pairs whose chosen reply scores above the rejected one
+    "reward_margin": False,  # mean chosen minus rejected log-probability per token
+    "chosen_logp": False,
+    "rejected_logp": True,
+    "desirable_logp": False,  # KTO: replies labelled good
+    "undesirable_logp": True,  # KTO: replies labelled bad
+}
+SCORES = {**LOWER_IS_BETTER, **GENERATION_SCORES, **PREFERENCE_SCORES}
+# Log-probabilities and their differences sit near or across zero: their changes read in nats, not as a percentage.
+ABSOLUTE_CHANGE = ("reward_margin", "chosen_logp", "rejected_logp", "desirable_logp", "undesirable_logp")
 # Those of them that are means over replies; bleu is a corpus score (n-gram counts pooled over all replies).
 PER_REPLY_SCORES = tuple(name for name in GENERATION_SCORES if name != "bleu")
 

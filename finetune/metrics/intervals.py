@@ -123,20 +123,23 @@ class Change:
         return {**self.__dict__}
 
 
-def paired_change(metric: str, before: RowScores, after: RowScores, *, lower_is_better: bool) -> Change:
-    """The change of one metric from `before` to `after`, scored on the same rows in the same order."""
+def paired_change(
+    metric: str, before: RowScores, after: RowScores, *, lower_is_better: bool, relative: bool = True
+) -> Change:
+    """The change of one metric from `before` to `after`, scored on the same rows in the same order; as a share of
+    the before score where `relative` (and every resample's before score is non-zero), else in the metric's units."""
     if len(before) != len(after) or before.aggregate != after.aggregate:
         raise ValueError(f"{metric}: before and after must be scored on the same rows ({len(before)} vs {len(after)})")
     old, new = before.score(), after.score()
     rows = len(before)
     if np.array_equal(before.values, after.values):
-        return Change(metric, old, new, rows, old != 0, 0.0, 0.0, 0.0, "unchanged")
+        return Change(metric, old, new, rows, relative and old != 0, 0.0, 0.0, 0.0, "unchanged")
     samples = np.random.default_rng(SEED).integers(0, rows, (RESAMPLES, rows))
     resampled_before, resampled_after = _resampled(before, samples), _resampled(after, samples)
-    # Relative when every resample has a non-zero before (perplexity, BLEU, most means); else in the metric's units.
-    relative = bool(np.all(resampled_before != 0))
-    if relative:
-        changes, change = resampled_after / resampled_before - 1, new / old - 1
+    relative = relative and bool(np.all(resampled_before != 0))
+    if relative:  # against the before score's size, so a negative score that rises reads as a rise
+        changes = (resampled_after - resampled_before) / np.abs(resampled_before)
+        change = (new - old) / abs(old)
     else:
         changes, change = resampled_after - resampled_before, new - old
     tail = (1 - LEVEL) / 2 * 100
@@ -170,10 +173,12 @@ INTERVAL_NOTE = (
 
 def compare(before: dict[str, RowScores], after: dict[str, RowScores]) -> list[Change]:
     """Every metric both sides have, in `before`'s order, with its interval."""
-    from finetune.metrics import lower_is_better
+    from finetune.metrics import ABSOLUTE_CHANGE, lower_is_better
 
     return [
-        paired_change(name, scores, after[name], lower_is_better=lower_is_better(name))
+        paired_change(
+            name, scores, after[name], lower_is_better=lower_is_better(name), relative=name not in ABSOLUTE_CHANGE
+        )
         for name, scores in before.items()
         if name in after
     ]

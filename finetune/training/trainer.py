@@ -36,9 +36,10 @@ def total_steps(cfg: TrainingConfig, train_rows: int, world_size: int = 1) -> in
     return max(1, math.ceil(cfg.epochs * math.ceil(train_rows / per_step)))
 
 
-def sft_config(
+def training_arguments(
     cfg: TrainingConfig, output_dir: Path, *, train_rows: int, has_validation: bool, dtype: torch.dtype
-) -> SFTConfig:
+) -> dict[str, Any]:
+    """The transformers TrainingArguments every finetune trainer shares (SFT and the preference methods)."""
     steps = total_steps(
         cfg, train_rows, world_size=distributed.state().num_processes
     )  # each step uses every process's batch
@@ -85,22 +86,37 @@ def sft_config(
         fp16=on_cuda and dtype == torch.float16,
         report_to="none",
         disable_tqdm=True,  # TrainingProgress shows one line instead of tqdm bars and raw log dicts
-        dataset_kwargs={"skip_prepare_dataset": True},
-        max_length=None,  # already enforced by data.max_length
         dataloader_num_workers=0,
         # Multi-process runs: every LoRA weight takes part in every forward pass, so DDP need not search the graph
         # for unused parameters each step (transformers' default when gradient checkpointing is off).
         ddp_find_unused_parameters=False,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+    )
+    return settings
+
+
+def trl_config(config_class: type, **settings: Any) -> Any:
+    """A TRL config (SFTConfig, DPOConfig, ...) from settings."""
+    with warnings.catch_warnings():
+        # TRL's config still sets the `gradient_checkpointing` alias, so transformers warns on every run; the setting works.
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+        return config_class(**settings)
+
+
+def sft_config(
+    cfg: TrainingConfig, output_dir: Path, *, train_rows: int, has_validation: bool, dtype: torch.dtype
+) -> SFTConfig:
+    settings = training_arguments(cfg, output_dir, train_rows=train_rows, has_validation=has_validation, dtype=dtype)
+    return trl_config(
+        SFTConfig,
+        **settings,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,  # already enforced by data.max_length
         # The collator then concatenates a batch into one row with restarting position ids, from which
         # transformers builds a block-diagonal causal mask (sdpa/eager) or varlen boundaries (flash attention).
         padding_free=cfg.packing,
         neftune_noise_alpha=cfg.neftune_noise_alpha,
     )
-    with warnings.catch_warnings():
-        # TRL's config still sets the `gradient_checkpointing` alias, so transformers warns on every run; the setting works.
-        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
-        return SFTConfig(**settings)
 
 
 def build_trainer(
@@ -206,7 +222,10 @@ class _SFTTrainer(compat.TrainerHooks, SFTTrainer):
         if not isinstance(model, PeftModel):
             yield
             return
-        model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
+        # Only the adapter being trained: a reference copy (adapters.REFERENCE_ADAPTER) is the run's starting point.
+        model.save_pretrained = functools.partial(
+            type(model).save_pretrained, model, save_embedding_layers=False, selected_adapters=["default"]
+        )
         try:
             yield
         finally:

@@ -104,3 +104,15 @@ def test_compare_keeps_order_and_round_trips_through_metrics_json():
 def test_rows_must_be_the_same_for_both_models():
     with pytest.raises(ValueError, match="same rows"):
         paired_change("rouge1", RowScores("mean", np.zeros(3)), RowScores("mean", np.zeros(4)), lower_is_better=False)
+
+
+def test_a_negative_score_that_rises_reads_as_a_rise():
+    before = np.linspace(-12, -8, 30)
+    change = paired_change(
+        "chosen_logp", RowScores("mean", before), RowScores("mean", before + 1), lower_is_better=False
+    )
+    assert change.verdict == "better" and change.change == pytest.approx(0.1) and change.low > 0
+    absolute = paired_change(
+        "reward_margin", RowScores("mean", before), RowScores("mean", before + 1), lower_is_better=False, relative=False
+    )
+    assert not absolute.relative and absolute.text().startswith("+1 (better; 95% CI +1 to +1)")

@@ -1,0 +1,152 @@
+"""Preference recipes (DPO, ORPO, SimPO, KTO) on a tiny model: the same stages and outputs as SFT, the reference
+model right with LoRA, and held-out preference scores before and after."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from finetune import ChatSFTRecipe, FinetuneError, PreferenceRecipe, Recipe, RecipeConfig
+from finetune.cli import app
+from finetune.evaluation import nll
+from tests.conftest import FACTS, tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def pairs_jsonl(tmp_path_factory):
+    """Each made-up question with its right answer chosen over each other question's answer."""
+    rows = [
+        {"prompt": question, "chosen": answer, "rejected": other}
+        for question, answer in FACTS
+        for _, other in FACTS
+        if other != answer
+    ]
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def unpaired_jsonl(tmp_path_factory):
+    rows = [{"prompt": q, "completion": a, "label": True} for q, a in FACTS] + [
+        {"prompt": q, "completion": FACTS[(i + 1) % len(FACTS)][1], "label": False} for i, (q, _) in enumerate(FACTS)
+    ]
+    path = tmp_path_factory.mktemp("kto") / "kto.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows * 2))
+    return path
+
+
+def _preference_recipe(model_dir, data, run_dir, method="dpo", **overrides):
+    config = tiny_recipe(model_dir, data, run_dir, **overrides)
+    config["method"] = method
+    config["data"].update(validation_split=0.0, test_split=0.2)
+    return config
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tiny_llama_dir, pairs_jsonl, tmp_path_factory):
+    """DPO through the command line, from a YAML recipe, as a user runs it."""
+    config = _preference_recipe(
+        tiny_llama_dir,
+        pairs_jsonl,
+        tmp_path_factory.mktemp("dpo") / "run",
+        training__max_steps=16,
+        training__learning_rate=5e-3,
+        training__warmup_ratio=0.0,
+    )
+    config["evaluation"].update(max_rows=None, generation_rows=4, max_new_tokens=6)
+    path = tmp_path_factory.mktemp("yaml") / "dpo.yaml"
+    RecipeConfig.from_dict(config).to_yaml(path)
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert result.exit_code == 0, result.output
+    return RecipeConfig.from_dict(config).run_dir, result.output
+
+
+def test_dpo_runs_end_to_end_with_the_sft_recipes_outputs(dpo_run):
+    run_dir, output = dpo_run
+    for name in ("adapter/adapter_model.safetensors", "merged/model.safetensors", "metrics.json", "report.md"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "adapter" / "ref").exists()  # only the trained adapter is saved, not the reference copy
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["method"] == "dpo"
+    changes = {c["metric"]: c for c in metrics["changes"]}
+    for name in ("preference_accuracy", "reward_margin", "chosen_logp", "rejected_logp", "perplexity"):
+        assert name in changes and changes[name]["rows"] == metrics["evaluation_rows"]
+    # Trained to prefer the right answers: on held-out pairs the chosen reply gains on the rejected one.
+    assert changes["reward_margin"]["after"] > changes["reward_margin"]["before"]
+    assert changes["preference_accuracy"]["after"] >= changes["preference_accuracy"]["before"]
+    assert "reference log-probs of" in output and "computed once before training" in output
+    assert "| preference_accuracy |" in (run_dir / "report.md").read_text()
+
+
+def test_a_method_is_trained_by_its_recipe_class(tiny_llama_dir, pairs_jsonl, tmp_path):
+    config = RecipeConfig.from_dict(_preference_recipe(tiny_llama_dir, pairs_jsonl, tmp_path / "x"))
+    assert isinstance(Recipe.for_config(config), PreferenceRecipe)
+    with pytest.raises(FinetuneError, match="method `dpo` is trained by PreferenceRecipe, not ChatSFTRecipe"):
+        ChatSFTRecipe(config)
+
+
+def test_continuing_an_sft_adapter_keeps_it_as_the_reference_never_the_bare_base(
+    tiny_llama_dir, facts_jsonl, pairs_jsonl, tmp_path
+):
+    """LLaMA-Factory #8459: after SFT, DPO must compare with the SFT model. The reference TRL uses is a frozen copy
+    of the SFT adapter, and the log-probs precomputed before training are that model's, not the base's."""
+    sft = ChatSFTRecipe(**tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path / "sft", training__learning_rate=5e-3))
+    sft_dir = sft.run().run_dir
+    config = _preference_recipe(tiny_llama_dir, pairs_jsonl, tmp_path / "dpo", training__max_steps=1)
+    config["model"]["adapter"] = str(sft_dir)
+    recipe = PreferenceRecipe(**config)
+    recipe.setup()
+    recipe.train()
+    saved = load_file(sft_dir / "adapter" / "adapter_model.safetensors")
+    reference = {
+        name.replace(".ref.", "."): p for name, p in recipe.trainer.model.named_parameters() if ".ref." in name
+    }
+    assert saved and set(saved) <= set(reference)
+    assert all(torch.equal(reference[key].detach(), value) for key, value in saved.items())
+    train = recipe.trainer.train_dataset
+    rows = recipe.data.splits["train"]
+    chosen = rows.select_columns(["input_ids", "labels"])
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    with torch.no_grad():
+        base_logps = -nll(base, chosen, pad_token_id=recipe.tokenizer.pad_token_id).rows[:, 0]
+        sft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), sft_dir / "adapter")
+        sft_logps = -nll(sft_model, chosen, pad_token_id=recipe.tokenizer.pad_token_id).rows[:, 0]
+    precomputed = torch.tensor(train["ref_chosen_logps"], dtype=torch.float64)
+    assert torch.allclose(precomputed, torch.tensor(sft_logps), atol=1e-3)
+    assert not torch.allclose(precomputed, torch.tensor(base_logps), atol=1e-1)
+    recipe.cleanup()
+
+
+@pytest.mark.parametrize("method", ["orpo", "simpo", "kto"])
+def test_orpo_simpo_and_kto_train_on_finetunes_tokens(method, tiny_llama_dir, pairs_jsonl, unpaired_jsonl, tmp_path):
+    data = unpaired_jsonl if method == "kto" else pairs_jsonl
+    config = _preference_recipe(tiny_llama_dir, data, tmp_path / method, method, training__max_steps=2)
+    config["evaluation"].update(generation=False)
+    config["output"]["merge"] = False
+    result = PreferenceRecipe(**config).run()
+    assert result.train_loss is not None and torch.isfinite(torch.tensor(result.train_loss))
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    scores = {"kto": "desirable_logp"}.get(method, "preference_accuracy")
+    assert scores in result.metrics_after
+
+
+def test_orpo_and_simpo_see_no_eos_after_the_end_of_turn(tiny_llama_dir, pairs_jsonl, tmp_path):
+    """TRL's ORPO/CPO tokenizer appends EOS to every reply; finetune's tokens reach their collator instead."""
+    config = _preference_recipe(tiny_llama_dir, pairs_jsonl, tmp_path / "orpo", "orpo", training__max_steps=1)
+    recipe = PreferenceRecipe(**config)
+    recipe.setup()
+    recipe.train()
+    end_of_turn = recipe.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    row = recipe.trainer.train_dataset[0]
+    trained = [t for t, label in zip(row["chosen_input_ids"], row["chosen_labels"]) if label != -100]
+    assert trained[-1] == end_of_turn and trained.count(end_of_turn) == 1
+    assert recipe.tokenizer.eos_token_id not in trained[-2:] or recipe.tokenizer.eos_token_id == end_of_turn
+    recipe.cleanup()
