@@ -30,6 +30,7 @@ from finetune import (
     models,
     planning,
     preflight,
+    safety,
     training,
 )
 from finetune.config import ExportFormat, RecipeConfig, choices
@@ -146,12 +147,16 @@ class ChatSFTRecipe:
         """After training: the trained model and its base (adapters off) on the same held-out conversations, within
         evaluation.time_share of the training time (see `finetune.evaluation.before_and_after`)."""
         train_seconds = getattr(self, "train_seconds", None)
+        cfg = self.config.evaluation
         comparison = evaluation.before_and_after(
             self.model,
             self.tokenizer,
             self.data.splits[self.heldout_split],
-            self.config.evaluation,
+            cfg,
             train_seconds=train_seconds,
+            # A harmless request the model was trained to answer says nothing about over-refusal: left out.
+            safety_prompts=safety.safety_prompts(cfg, exclude=self._trained_user_turns()) if cfg.safety else None,
+            system_prompt=self.config.data.system_prompt,
         )
         self.comparison = comparison
         self.metrics_after = comparison.after.metrics
@@ -159,6 +164,14 @@ class ChatSFTRecipe:
         for line in comparison.lines(train_seconds, self.config.evaluation.time_share):
             self._say(f"  {line}")
         return comparison
+
+    def _trained_user_turns(self) -> list[str]:
+        return [
+            message["content"]
+            for messages in self.data.splits["train"]["messages"]
+            for message in messages
+            if message["role"] == "user" and message["content"]
+        ]
 
     def train(self, callbacks: Sequence[TrainerCallback] = ()) -> None:
         """Train, saving a checkpoint every `training.save_steps`. SIGINT/SIGTERM saves one more and raises
@@ -312,6 +325,8 @@ class ChatSFTRecipe:
         merge_report = self.merge() if self.config.output.merge else None
         if before:
             self._say(evaluation.comparison_table(comparison.changes))
+            for warning in safety.warnings(comparison.changes):  # again, below the table, where it is read
+                self._say(f"[bold red]{warning}[/bold red]")
         result = RunResult(
             run_dir=self.run_dir,
             adapter_dir=self.folder.adapter,
@@ -322,6 +337,8 @@ class ChatSFTRecipe:
             merge_max_logit_diff=merge_report.max_logit_diff if merge_report else None,
         )
         samples = {"before": before.samples if before else [], "after": after.samples}
+        if comparison.safety_prompts:
+            samples["safety"] = comparison.safety_samples()
         distributed.on_main(lambda: self._write_report(result, samples))
         self.log.event("finished")
         self.cleanup()

@@ -33,7 +33,9 @@ GENERATION_SCORES = {
     "repeated_4gram_share": True,
     "distinct_2": False,
 }
-SCORES = {**LOWER_IS_BETTER, **GENERATION_SCORES}
+# The safety rates (finetune.safety): refusals of harmful requests should rise, of harmless ones and toxic replies fall.
+SAFETY_SCORES = {"refusal_rate": False, "over_refusal_rate": True, "toxic_continuation_rate": True}
+SCORES = {**LOWER_IS_BETTER, **GENERATION_SCORES, **SAFETY_SCORES}
 # Those of them that are means over replies; bleu is a corpus score (n-gram counts pooled over all replies).
 PER_REPLY_SCORES = tuple(name for name in GENERATION_SCORES if name != "bleu")
 
