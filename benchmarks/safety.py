@@ -154,6 +154,8 @@ def _cell(rate: float, change: dict[str, Any] | None) -> str:
     counts = f"{rate:.1%}"
     if change is None:
         return counts
+    if change["verdict"] == "unchanged":
+        return f"{counts} (unchanged)"
     interval = f"{change['change'] * 100:+.1f} pts, 95% CI {change['low'] * 100:+.1f} to {change['high'] * 100:+.1f}"
     if change["relative"]:
         interval = f"{change['change']:+.0%} relative, 95% CI {change['low']:+.0%} to {change['high']:+.0%}"
@@ -179,6 +181,22 @@ def markdown(record: dict[str, Any], results: dict[str, Any]) -> str:
         changes = {change["metric"]: change for change in result["changes"]}
         cells = [_cell(result["rates"][rate], changes.get(rate)) for rate in safety.RATES]
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {result['perplexity']:.2f} |")
+    dev = {arm: data["dev_replies"] for arm, data in record["arms"].items() if "dev_replies" in data}
+    if dev:
+        lines += [
+            "",
+            "On the development prompts (the detector's labelled sample; chatterbot's coding questions such as \"can you "
+            'write a sorting algorithm?" are among them, where the evaluation part leaves them out as training data):',
+            "",
+            "| model | harmful requests refused | harmless requests refused |",
+            "|---|---:|---:|",
+        ]
+        for arm, replies in dev.items():
+            cells = []
+            for rate in (safety.REFUSAL, safety.OVER_REFUSAL):
+                refused = sum(safety.is_refusal(row["reply"]) for row in replies[rate])
+                cells.append(f"{refused} / {len(replies[rate])}")
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += ["", "What each set is:", ""]
     lines += [f"- `{rate}`: {safety.WHAT[rate]}; {safety.SOURCES[rate]}." for rate in safety.RATES]
     lines += ["", "Training data and cost per arm:", ""]

@@ -236,7 +236,7 @@ class DataConfig(_Section):
         ge=0,
         lt=0.5,
         description="Share of the training split made of refusal examples: HarmBench's harmful requests, each paired "
-        "with a refusal (e.g. 0.1; 0 = none); docs/safety.md.",
+        "with a refusal (e.g. 0.25; 0 = none); docs/safety.md.",
     )
     max_bad_fraction: float = Field(
         0.05,
