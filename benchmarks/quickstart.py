@@ -38,12 +38,15 @@ def readme_block(record: dict[str, Any]) -> str:
     fidelity = metrics.get("merge_fidelity") or {}
     merged = fidelity.get("full_precision")
     cpu = record["machine"]["cpu"]
+    prompts = (metrics.get("safety") or {}).get("prompts") or {}
+    safety = f", {min(prompts.values())} prompts of each safety set answered" if prompts else ""
     lines = [
         BEGIN,
         f"Its last recorded run ({cpu}, {record['machine']['cores']} cores) took {record['wall_seconds']:.0f} s: "
         f"training {metrics['train_seconds']:.0f} s on {metrics['train_rows']} conversations, evaluation "
         f"{metrics['evaluation_seconds']:.0f} s ({metrics['evaluation_rows']} held-out conversations scored, "
-        f"{metrics['evaluation_generations']} replies generated, before and after), merge {metrics['merge_seconds']:.0f} s. "
+        f"{metrics['evaluation_generations']} replies generated{safety}, before and after), merge "
+        f"{metrics['merge_seconds']:.0f} s. "
         "It printed this table (95% paired bootstrap intervals over the held-out rows; better or worse only where "
         "the interval excludes no change):",
         "",

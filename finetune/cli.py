@@ -30,6 +30,7 @@ FLAGS = {
     "overwrite": "--overwrite",
     "quant": "--quant",
     "repetition_guard_strength": "--repetition-guard-strength",
+    "safety_prompts": "--safety-prompts",
     "repo_id": "--repo",
     "resume": "--resume",
     "space": "--space",
@@ -223,7 +224,10 @@ def eval_(
     model: Annotated[
         str, typer.Option(help="Model: bundled alias, Hub id, folder (e.g. a run's merged/) or .gguf file.")
     ],
-    data: Annotated[Path, typer.Option(help="Conversations to score (.jsonl/.json; any supported row format).")],
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Conversations to score (.jsonl/.json; any supported row format); optional with --safety."),
+    ] = None,
     adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder to apply (e.g. runs/NAME/adapter).")] = None,
     quantization: Annotated[Quantization, typer.Option(help="Load the model as none, 8bit or 4bit.")] = "none",
     max_rows: Annotated[int, typer.Option(help="Conversations scored for perplexity.")] = 200,
@@ -232,10 +236,21 @@ def eval_(
     max_length: Annotated[int, typer.Option(help="Longest conversation scored, in tokens.")] = 1024,
     repetition_guard: GuardOption = True,
     repetition_guard_strength: GuardStrengthOption = _GUARD_STRENGTH,
+    safety: Annotated[
+        bool,
+        typer.Option(
+            "--safety/--no-safety",
+            help="Also measure refusal rate (harmful requests), over-refusal rate (harmless ones) and "
+            "toxic-continuation rate (docs/safety.md).",
+        ),
+    ] = False,
+    safety_prompts: Annotated[int, typer.Option(help=_EVALUATION["safety_prompts"].description)] = _EVALUATION[
+        "safety_prompts"
+    ].default,
     out: Annotated[Path | None, typer.Option(help="Write the metrics (and sample replies) to this JSON file.")] = None,
 ) -> None:
     """Score any model or adapter on any file: perplexity (assistant and all tokens), BLEU, ROUGE, F1, exact match,
-    repetition."""
+    repetition; with --safety, refusals, over-refusals and toxic continuations (no --data needed)."""
     import json
 
     from rich.console import Console
@@ -244,29 +259,36 @@ def eval_(
     from finetune.config import RecipeConfig
     from finetune.evaluation import evaluate_checkpoint
 
+    if data is None and not safety:
+        raise FinetuneError("finetune eval needs --data (conversations to score), --safety, or both.")
+    sources = [{"type": "file", "path": str(data)}] if data else [{"type": "chatterbot"}]  # without --data: unused
     config = RecipeConfig.from_dict(
         {
             "model": {"source": model, "quantization": quantization},
-            "data": {"sources": [{"type": "file", "path": str(data)}], "max_length": max_length, "too_long": "drop"},
+            "data": {"sources": sources, "max_length": max_length, "too_long": "drop"},
             "evaluation": {
                 "max_rows": max_rows,
                 "generation_rows": generation_rows,
                 "max_new_tokens": max_new_tokens,
                 "repetition_guard": repetition_guard,
                 "repetition_guard_strength": repetition_guard_strength,
+                "safety": safety,
+                "safety_prompts": safety_prompts,
             },
         },
         source="finetune eval",
     )
-    result = evaluate_checkpoint(config.model, config.data, config.evaluation, adapter)
-    table = Table(title=f"{model}{' + ' + str(adapter) if adapter else ''} on {data}")
+    result = evaluate_checkpoint(config.model, config.data if data else None, config.evaluation, adapter)
+    on = " and ".join(part for part in (str(data) if data else "", "the safety sets" if safety else "") if part)
+    table = Table(title=f"{model}{' + ' + str(adapter) if adapter else ''} on {on}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for metric, value in result.metrics.items():
         table.add_row(metric, f"{value:.4g}")
     Console().print(table)
     if out:
-        out.write_text(json.dumps({"metrics": result.metrics, "samples": result.samples}, indent=2))
+        replies = result.safety.replies if result.safety else {}
+        out.write_text(json.dumps({"metrics": result.metrics, "samples": result.samples, "safety": replies}, indent=2))
 
 
 data_app = typer.Typer(help="Look at training data before training on it.", no_args_is_help=True)

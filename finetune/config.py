@@ -204,6 +204,14 @@ class CleaningConfig(_Section):
         le=1,
         description="Drop conversations whose word 3-grams overlap an earlier one by at least this Jaccard similarity (e.g. 0.8).",
     )
+    toxicity: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Drop training conversations (held-out ones are kept) with an assistant turn that the toxicity "
+        "classifier (alt-profanity-check) "
+        "gives at least this probability of being offensive (e.g. 0.5); docs/safety.md.",
+    )
 
 
 class AugmentConfig(_Section):
@@ -250,6 +258,13 @@ class DataConfig(_Section):
     validation_split: float = Field(0.05, ge=0, lt=1, description="Share of conversations held out for validation.")
     test_split: float = Field(0.1, ge=0, lt=1, description="Share held out for before/after evaluation.")
     max_rows: int | None = Field(None, ge=1, description="Use at most this many conversations (after shuffling).")
+    safety_mix: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Share of the training split made of refusal examples: HarmBench's harmful requests, each paired "
+        "with a refusal (e.g. 0.25; 0 = none); docs/safety.md.",
+    )
     max_bad_fraction: float = Field(
         0.05,
         ge=0,
@@ -371,6 +386,23 @@ class EvaluationConfig(_Section):
         True,
         description="Lower the score of a token that would continue a verbatim repeat of an earlier part of the "
         "reply (DRY), so replies do not loop; false = plain decoding.",
+    )
+    safety: bool = Field(
+        True,
+        description="Also measure responsible output before and after (docs/safety.md): refusal rate on harmful "
+        "requests (Do-Not-Answer), over-refusal rate on harmless ones (HumanEval, chatterbot questions) and "
+        "toxic-continuation rate (RealToxicityPrompts), within the time budget.",
+    )
+    safety_prompts: int = Field(
+        100,
+        ge=1,
+        le=500,
+        description="Prompts per safety set (at most; the time budget may take fewer), the same ones before and after.",
+    )
+    safety_max_new_tokens: int = Field(
+        32,
+        ge=8,
+        description="Longest reply to a safety prompt, in tokens: a refusal shows in its opening words.",
     )
     repetition_guard_strength: float = Field(
         0.8,

@@ -6,6 +6,7 @@ training (assistant tokens only), plus an all-token variant, computed in length-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -24,7 +25,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune import atomic, chunked_loss, distributed, models
+from finetune import atomic, chunked_loss, distributed, models, safety
 from finetune.adapters import as_before_training, load_trained
 from finetune.config import DataConfig, EvaluationConfig, ModelConfig
 from finetune.data import IGNORE_INDEX, end_of_turn_ids, prepare_data, render_prompt
@@ -40,6 +41,7 @@ from finetune.metrics.intervals import (
     recorded_changes,
 )
 from finetune.run_folder import RunFolder, is_adapter
+from finetune.safety import SafetyReplies
 
 
 @dataclass
@@ -206,6 +208,13 @@ class Evaluation:
     metrics: dict[str, float]
     samples: list[dict[str, str]] = field(default_factory=list)  # prompt, reference, prediction
     rows: dict[str, RowScores] = field(default_factory=dict)  # the per-row statistics behind each metric
+    safety: SafetyReplies | None = None  # replies to the safety prompts, whose rates are in metrics and rows
+
+    def with_safety(self, replies: SafetyReplies) -> Evaluation:
+        """These scores plus the safety rates (`finetune.safety`) of `replies`."""
+        rows = replies.rows()
+        metrics = {name: scores.score() for name, scores in rows.items()}
+        return Evaluation({**self.metrics, **metrics}, self.samples, {**self.rows, **rows}, replies)
 
 
 @dataclass(frozen=True)
@@ -294,6 +303,10 @@ def score(
 # Of a budgeted evaluation, the share perplexity may take when replies are generated too (generation, one token at a
 # time, is the expensive part and gets the rest).
 _PERPLEXITY_SHARE = 0.4
+# With evaluation.safety, the share of the budget kept for the safety sets, which run last on whatever is left.
+# 0.4: three sets of prompts answered before and after cost about as much as the held-out replies and perplexity
+# together at the default sizes (docs/safety.md).
+_SAFETY_SHARE = 0.4
 
 
 @dataclass(frozen=True)
@@ -309,6 +322,7 @@ class EvaluationCost:
     minimum_seconds: float
     requested_rows: int  # conversations evaluation.max_rows asked to score
     requested_replies: int  # replies evaluation.generation_rows asked to generate
+    requested_safety: int = 0  # prompts per safety set evaluation.safety_prompts asked for (0: no safety evaluation)
 
     @property
     def over_budget(self) -> float:
@@ -326,6 +340,12 @@ class Comparison:
     generated: int
     cost: EvaluationCost
     changes: list[Change] = field(default_factory=list)
+    safety_skipped: str | None = None  # why evaluation.safety was on but the safety sets were not answered
+
+    @property
+    def safety_prompts(self) -> dict[str, int]:
+        """Prompts answered per safety set (the same ones before and after); empty without a safety evaluation."""
+        return self.after.safety.counts() if self.after.safety is not None else {}
 
     def summary(self, train_seconds: float | None) -> dict[str, Any]:
         share = self.cost.seconds / train_seconds if train_seconds else None
@@ -336,6 +356,24 @@ class Comparison:
             "evaluation_budget_seconds": round(self.cost.budget, 1) if self.cost.budget is not None else None,
             "evaluation_share_of_training": round(share, 3) if share is not None else None,
             "changes": [change.as_dict() for change in self.changes],
+            "safety": safety.summary(self.safety_prompts, self.changes, skipped=self.safety_skipped),
+        }
+
+    def safety_samples(self) -> dict[str, list[dict[str, str]]]:
+        """Each safety prompt with the base's and the fine-tuned model's reply (metrics.json keeps them all)."""
+        if self.after.safety is None:
+            return {}
+        before = self.before.safety.replies if self.before is not None and self.before.safety else {}
+        return {
+            rate: [
+                {
+                    "prompt": row["prompt"],
+                    **({"before": before[rate][i]["reply"]} if before else {}),
+                    "after": row["reply"],
+                }
+                for i, row in enumerate(rows)
+            ]
+            for rate, rows in self.after.safety.replies.items()
         }
 
     def lines(self, train_seconds: float | None, time_share: float | None) -> list[str]:
@@ -345,17 +383,34 @@ class Comparison:
         of = f" = {cost.seconds / train_seconds:.0%} of the {train_seconds:.0f} s of training" if train_seconds else ""
         limit = f" (evaluation.time_share {time_share:.0%})" if cost.budget is not None else " (no time budget)"
         passes = "before and after" if self.before else "after training"
+        answered = self.safety_prompts
+        asked = f", {'/'.join(map(str, answered.values()))} safety prompts answered" if answered else ""
         lines = [
-            f"evaluation ({passes}): {len(self.rows)} conversations scored, {self.generated} replies generated, "
-            f"{cost.seconds:.1f} s{of}{limit}"
+            f"evaluation ({passes}): {len(self.rows)} conversations scored, {self.generated} replies generated"
+            f"{asked}, {cost.seconds:.1f} s{of}{limit}"
         ]
         if cost.over_budget > 0:
+            sets = ", and of each safety set" if answered else ""
             lines.append(
                 f"evaluation went {cost.over_budget:.1f} s over its {cost.budget:.1f} s budget: its smallest sample (one "
-                f"batch of conversations and of replies, {passes}) took {cost.minimum_seconds:.1f} s. Raise "
+                f"batch of conversations and of replies{sets}, {passes}) took {cost.minimum_seconds:.1f} s. Raise "
                 "evaluation.time_share, or lower evaluation.batch_size for a smaller sample."
             )
-        unclear = [change.metric for change in self.changes if change.verdict == "no clear change"]
+        if self.safety_skipped:
+            lines.append(f"safety not evaluated: {self.safety_skipped}")
+        lines += safety.warnings(self.changes)
+        unclear_safety = [c.metric for c in self.changes if c.verdict == "no clear change" and c.metric in answered]
+        if unclear_safety:
+            least = min(answered.values())
+            if least < cost.requested_safety:
+                fix = (
+                    f"the time budget allowed {least} of {cost.requested_safety} prompts per set: raise "
+                    "evaluation.time_share, or set it to null"
+                )
+            else:
+                fix = f"{least} prompts per set were answered: raise evaluation.safety_prompts"
+            lines.append(f"too few safety prompts to tell a change in {', '.join(unclear_safety)}: {fix}.")
+        unclear = [c.metric for c in self.changes if c.verdict == "no clear change" and c.metric not in answered]
         if unclear:
             cut = len(self.rows) < cost.requested_rows or self.generated < cost.requested_replies
             if cut:
@@ -381,9 +436,13 @@ def before_and_after(
     cfg: EvaluationConfig,
     *,
     train_seconds: float | None,
+    safety_prompts: dict[str, list[str]] | None = None,
+    system_prompt: str | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Comparison:
-    """Score the trained model and (cfg.before_and_after) its base on the same held-out conversations.
+    """Score the trained model and (cfg.before_and_after) its base on the same held-out conversations, and with
+    `cfg.safety` on the same safety prompts (`safety_prompts`, default `finetune.safety.safety_prompts(cfg)`; asked
+    with `system_prompt` when the run trains with one).
 
     The model before training is the same model with its adapters switched off (or, where the run continued a
     trained adapter, with the frozen copy of it: `adapters.as_before_training`), so nothing is loaded again; LoRA
@@ -391,11 +450,18 @@ def before_and_after(
     and the preference scores (`preference_rows`). With `cfg.time_share`, scoring and generation together
     take about that share of `train_seconds` (see `EvaluationCost` for the one way past it): a first batch of each is
     timed and the conversations (taken in the split's seeded order, so they are a fair sample) are cut to what fits.
+    The safety sets run last, on what is left (at least `_SAFETY_SHARE` of the budget is kept for them); when not even
+    one batch of each fits, they are left out and `Comparison.safety_skipped` says why.
     `clock` measures the time (a test passes a simulated one).
     """
     started = clock()
     budget = cfg.time_share * train_seconds if cfg.time_share and train_seconds else None
     passes = 2 if cfg.before_and_after else 1
+    if cfg.safety and safety_prompts is None:
+        safety_prompts = safety.safety_prompts(cfg)
+    safety_prompts = {rate: items for rate, items in (safety_prompts or {}).items() if items} if cfg.safety else {}
+    # The held-out scores' part of the budget; the safety sets get the rest.
+    held_out_budget = budget * (1 - _SAFETY_SHARE) if budget is not None and safety_prompts else budget
     prompts = reply_prompts(heldout, cfg.generation_rows) if cfg.generation else []
     requested_replies = len(prompts)
     rows = heldout.select(range(min(cfg.max_rows or len(heldout), len(heldout))))
@@ -411,8 +477,8 @@ def before_and_after(
     after_nll = _nll(model, tokenizer, first, cfg, "Scoring fine-tuned model")
     first_seconds = clock() - timer
     minimum = first_seconds * passes * sequences
-    if budget is not None:
-        allowed = budget * (_PERPLEXITY_SHARE if prompts else 1.0) / (passes * sequences)
+    if held_out_budget is not None:
+        allowed = held_out_budget * (_PERPLEXITY_SHARE if prompts else 1.0) / (passes * sequences)
         count = rows_within(allowed, first_seconds, [len(ids) for ids in rows["input_ids"]], len(first))
         rows = rows.select(range(min(distributed.gather([count]))))  # every process keeps the same rows
     if len(rows) > len(first):
@@ -431,6 +497,7 @@ def before_and_after(
 
     # Generation: time a first batch on the slower model (the base stops less often), then fit the rest.
     before_replies = after_replies = None
+    batch_seconds = None  # one batch of replies on the slower model, of cfg.max_new_tokens tokens at most
     if prompts:
 
         def replies(conversations: list[Prompt], base: bool) -> Replies:
@@ -443,9 +510,9 @@ def before_and_after(
         timed = replies(prompts[:size], base=timed_base)
         batch_seconds = clock() - timer
         minimum += batch_seconds * passes
-        if budget is not None:
+        if held_out_budget is not None:
             # Each further batch costs itself and its twin in the other pass; the first batch's twin is still due.
-            left = budget - (clock() - started) - batch_seconds * (passes - 1)
+            left = held_out_budget - (clock() - started) - batch_seconds * (passes - 1)
             more = int(max(0.0, left) // max(batch_seconds * passes, 1e-9))
             prompts = prompts[: min(distributed.gather([size * (1 + more)]))]
         if len(prompts) > size:
@@ -464,15 +531,93 @@ def before_and_after(
     after = _evaluation(
         after_nll, after_replies, preference_rows(after_nll, after_rejected, labels) if preference else None
     )
+
+    skipped = None
+    if safety_prompts:
+        answered = _safety_pass(
+            model,
+            tokenizer,
+            safety_prompts,
+            cfg,
+            left=budget - (clock() - started) if budget is not None else None,
+            passes=passes,
+            estimate=batch_seconds * cfg.safety_max_new_tokens / cfg.max_new_tokens if batch_seconds else None,
+            system_prompt=system_prompt,
+            clock=clock,
+        )
+        if isinstance(answered, str):
+            skipped = answered
+        else:
+            safety_before, safety_after, smallest = answered
+            minimum += smallest
+            after = after.with_safety(safety_after)
+            if before is not None and safety_before is not None:
+                before = before.with_safety(safety_before)
+    elif cfg.safety:
+        skipped = "no safety prompts were given (every one was excluded)."
     cost = EvaluationCost(
         seconds=clock() - started,
         budget=budget,
         minimum_seconds=minimum,
         requested_rows=requested_rows,
         requested_replies=requested_replies,
+        requested_safety=cfg.safety_prompts if cfg.safety else 0,
     )
     changes = intervals.compare(before.rows, after.rows) if before is not None else []
-    return Comparison(before, after, rows, len(prompts), cost, changes)
+    return Comparison(before, after, rows, len(prompts), cost, changes, skipped)
+
+
+def _safety_pass(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: dict[str, list[str]],
+    cfg: EvaluationConfig,
+    *,
+    left: float | None,
+    passes: int,
+    estimate: float | None,
+    system_prompt: str | None,
+    clock: Callable[[], float],
+) -> tuple[SafetyReplies | None, SafetyReplies, float] | str:
+    """The safety sets answered before (adapters off) and after, within `left` seconds: (before, after, seconds its
+    smallest sample took), or why they were left out.
+
+    Its smallest sample is one batch of each set, before and after. `estimate` (one batch's seconds, from the held-out
+    replies) says up front whether that fits; it is then run and timed on the slower model (the base), and further
+    batches of every set are added while they and their twins in the other pass fit. A set's prompts are taken in
+    their seeded order, so a shorter sample is a fair one."""
+    size = cfg.batch_size
+    if left is not None and estimate is not None and estimate * len(prompts) * passes > left:
+        return (
+            f"its smallest sample (one batch of {size} prompts from each of the {len(prompts)} safety sets, "
+            f"{'before and after' if passes == 2 else 'after training'}) would take about "
+            f"{estimate * len(prompts) * passes:.0f} s, and {max(left, 0.0):.0f} s of the evaluation budget were left. "
+            "Raise evaluation.time_share, or set it to null to evaluate all of them; or measure the saved adapter "
+            "afterwards with `finetune eval --safety`."
+        )
+    base = passes == 2
+
+    def answer(chosen: dict[str, list[str]], before: bool) -> SafetyReplies:
+        with as_before_training(model) if before else nullcontext():
+            return safety.safety_replies(model, tokenizer, chosen, cfg, system_prompt=system_prompt)
+
+    first = {rate: items[:size] for rate, items in prompts.items()}
+    timer = clock()
+    timed = answer(first, before=base)
+    first_seconds = clock() - timer
+    if left is not None:
+        # Every further round (one batch of each set) costs itself and its twin in the other pass; the first round's
+        # twin is still due.
+        rest = left - first_seconds * passes
+        more = int(max(0.0, rest) // max(first_seconds * passes, 1e-9))
+        count = min(distributed.gather([size * (1 + more)]))  # every process answers the same prompts
+        prompts = {rate: items[:count] for rate, items in prompts.items()}
+    rest_prompts = {rate: items[size:] for rate, items in prompts.items()}
+    if any(rest_prompts.values()):
+        timed = timed + answer(rest_prompts, before=base)
+    if not base:
+        return None, timed, first_seconds
+    return timed, answer(prompts, before=False), first_seconds * passes
 
 
 def rows_within(seconds: float, first_seconds: float, lengths: list[int], first_rows: int) -> int:
@@ -508,22 +653,43 @@ def reply_prompts(heldout: Dataset, limit: int | None = None) -> list[Prompt]:
     return [(m, t) for m, t in zip(heldout["messages"], tools) if m and (m[-1]["content"] or "").strip()][:limit]
 
 
+def reply_texts(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict[str, Any]]],
+    cfg: EvaluationConfig,
+    *,
+    tools: list[str] | None = None,
+    max_new_tokens: int | None = None,
+) -> list[str]:
+    """The decoded reply to each conversation's last turn, decoded as `cfg` says (`DecodingSettings.for_evaluation`,
+    `max_new_tokens` in place of cfg.max_new_tokens when given). In a multi-process run each process generates its
+    share and every process gets all replies, in order."""
+    split = not distributed.weights_sharded()
+    pairs = list(zip(conversations, tools or [""] * len(conversations)))
+    share = distributed.shard(pairs) if split else pairs
+    decoding = DecodingSettings.for_evaluation(cfg)
+    if max_new_tokens is not None:
+        decoding = dataclasses.replace(decoding, max_new_tokens=max_new_tokens)
+    replies = generate(
+        model,
+        tokenizer,
+        [c for c, _ in share],
+        tools=[t for _, t in share],
+        decoding=decoding,
+        batch_size=cfg.batch_size,
+    )
+    texts = [tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
+    return distributed.gather(texts) if split else texts
+
+
 def _generation(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, conversations: list[Prompt], cfg: EvaluationConfig
 ) -> Replies:
     """Replies to each conversation's last turn, beside the real last reply."""
-    split = not distributed.weights_sharded()
-    share = distributed.shard(conversations) if split else conversations
-    replies = generate(
-        model,
-        tokenizer,
-        [c[:-1] for c, _ in share],
-        tools=[tools for _, tools in share],
-        decoding=DecodingSettings.for_evaluation(cfg),
-        batch_size=cfg.batch_size,
+    predictions = reply_texts(
+        model, tokenizer, [c[:-1] for c, _ in conversations], cfg, tools=[tools for _, tools in conversations]
     )
-    predictions = [tokenizer.decode(reply, skip_special_tokens=True).strip() for reply in replies]
-    predictions = distributed.gather(predictions) if split else predictions
     return Replies(
         [
             {"prompt": c[-2]["content"] or "", "reference": c[-1]["content"], "prediction": prediction}
@@ -533,9 +699,16 @@ def _generation(
 
 
 def evaluate_checkpoint(
-    model_cfg: ModelConfig, data_cfg: DataConfig, cfg: EvaluationConfig, adapter: Path | None = None
+    model_cfg: ModelConfig, data_cfg: DataConfig | None, cfg: EvaluationConfig, adapter: Path | None = None
 ) -> Evaluation:
-    """Score any model (optionally with a LoRA adapter) on every valid conversation of a data config."""
+    """Score any model (optionally with a LoRA adapter) on every valid conversation of a data config, and with
+    `cfg.safety` on the safety sets too (`cfg.safety_prompts` of each, no time budget; `Evaluation.safety` holds the
+    replies). `data_cfg` None: the safety sets only."""
+    if data_cfg is None and not cfg.safety:
+        raise FinetuneError(
+            f"{argument('data_cfg', None)}: nothing to evaluate: give conversations to score, or turn on "
+            "evaluation.safety."
+        )
     tokenizer = models.load_tokenizer(model_cfg)
     if adapter is not None:
         if not is_adapter(adapter):
@@ -550,8 +723,15 @@ def evaluate_checkpoint(
     else:
         models.fit_vocabulary(model, tokenizer)  # a template's turn markers the base lacks (chatml on a base model)
     models.configure_generation(model, tokenizer, end_of_turn_ids(tokenizer))
-    heldout = prepare_data(data_cfg, tokenizer, split=False).splits["test"]
-    return score(model, tokenizer, heldout, cfg, label="Scoring")
+    result = Evaluation({})
+    if data_cfg is not None:
+        heldout = prepare_data(data_cfg, tokenizer, split=False).splits["test"]
+        result = score(model, tokenizer, heldout, cfg, label="Scoring")
+    if cfg.safety:
+        prompts = safety.safety_prompts(cfg)
+        system_prompt = data_cfg.system_prompt if data_cfg is not None else None
+        result = result.with_safety(safety.safety_replies(model, tokenizer, prompts, cfg, system_prompt=system_prompt))
+    return result
 
 
 def comparison_table(changes: list[Change]) -> Table:
@@ -582,6 +762,8 @@ def write_report(
     if changes:
         lines += comparison_markdown(changes)
         lines += ["", INTERVAL_NOTE, ""]
+    if "safety" in summary:
+        lines += ["## Safety", "", *safety.markdown(summary["safety"], changes), ""]
     for key, value in summary.items():
         if key not in ("metrics_before", "metrics_after", "name") and not isinstance(value, (dict, list)):
             lines.append(f"- **{key}**: {value}")

@@ -30,7 +30,7 @@ _HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 
 @dataclass(frozen=True)
 class Finding:
-    check: str  # disk, data, quantization or context
+    check: str  # disk, data, quantization, context or safety
     ok: bool | None  # None: could not be checked here (the run goes on)
     message: str
 
@@ -54,11 +54,26 @@ def preflight(cfg: RecipeConfig) -> list[Finding]:
         check_quantization(cfg.model),
         check_context(cfg, facts),
         check_disk(cfg, facts),
+        check_safety(cfg),
     ]
     problems = [finding.message for finding in findings if finding.ok is False]
     if problems:
         raise FinetuneError("pre-flight checks failed; nothing was loaded or written:\n  " + "\n  ".join(problems))
     return findings
+
+
+# ---------------------------------------------------------------- safety
+
+
+def check_safety(cfg: RecipeConfig) -> Finding:
+    """The packages evaluation.safety, data.safety_mix and data.clean.toxicity read (prompt sets, the classifier)."""
+    from finetune.safety import missing_packages
+
+    problems = missing_packages(cfg)
+    if problems:
+        return Finding("safety", False, " ".join(problems))
+    on = cfg.evaluation.safety or cfg.data.safety_mix or cfg.data.clean.toxicity is not None
+    return Finding("safety", True, "safety: prompt sets and classifier installed" if on else "safety: nothing needed")
 
 
 # ---------------------------------------------------------------- data

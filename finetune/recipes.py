@@ -34,6 +34,7 @@ from finetune import (
     models,
     planning,
     preflight,
+    safety,
     training,
 )
 from finetune.config import PAIRED_METHODS, ExportFormat, RecipeConfig, choices
@@ -335,13 +336,29 @@ class Recipe:
         evaluation.time_share of the training time (see `finetune.evaluation.before_and_after`)."""
         inputs = self._inputs("evaluate_before_and_after")
         train_seconds = self.state.training.seconds if self.state.training else None
+        cfg = self.config.evaluation
         comparison = evaluation.before_and_after(
-            self.model, inputs.tokenizer, inputs.heldout, self.config.evaluation, train_seconds=train_seconds
+            self.model,
+            inputs.tokenizer,
+            inputs.heldout,
+            cfg,
+            train_seconds=train_seconds,
+            # A harmless request the model was trained to answer says nothing about over-refusal: left out.
+            safety_prompts=safety.safety_prompts(cfg, exclude=self._trained_user_turns()) if cfg.safety else None,
+            system_prompt=self.config.data.system_prompt,
         )
         self.state.comparison = comparison
         for line in comparison.lines(train_seconds, self.config.evaluation.time_share):
             self._say(f"  {line}")
         return comparison
+
+    def _trained_user_turns(self) -> list[str]:
+        return [
+            message["content"]
+            for messages in self._inputs("evaluation").data.splits["train"]["messages"]
+            for message in messages
+            if message["role"] == "user" and message["content"]
+        ]
 
     def save(self) -> Path:
         """Adapter weights plus tokenizer (with the exact chat template), replacing any previous adapter/ at once.
@@ -460,6 +477,8 @@ class Recipe:
         merge_report = self.merge() if self.config.output.merge else None
         if before:
             self._say(evaluation.comparison_table(comparison.changes))
+            for warning in safety.warnings(comparison.changes):  # again, below the table, where it is read
+                self._say(f"[bold red]{warning}[/bold red]")
         result = RunResult(
             run_dir=self.run_dir,
             adapter_dir=self.folder.adapter,
@@ -471,6 +490,8 @@ class Recipe:
             decisions=dict(self.state.decisions),
         )
         samples = {"before": before.samples if before else [], "after": after.samples}
+        if comparison.safety_prompts:
+            samples["safety"] = comparison.safety_samples()
         distributed.on_main(lambda: self._write_report(result, samples))
         self.state.log.event("finished")
         self.cleanup()

@@ -102,7 +102,7 @@ def run(base):
             "learning_rate": 1e-2,
             "warmup_ratio": 0,
         },
-        evaluation={"max_rows": 3, "generation": False, "time_share": None},
+        evaluation={"max_rows": 3, "generation": False, "time_share": None, "safety": False},
         output={"dir": str(folder.parent / "run")},
     )
     result = recipe.run()

@@ -66,7 +66,7 @@ def run(request, tmp_path_factory):
             "learning_rate": 1e-2,
             "warmup_ratio": 0,
         },
-        evaluation={"before_and_after": False, "max_rows": 4},
+        evaluation={"before_and_after": False, "max_rows": 4, "safety": False},
         output={"dir": str(root / "run")},
     )
     recipe.setup()

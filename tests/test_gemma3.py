@@ -58,7 +58,7 @@ def test_gemma3_base_fine_tunes_with_chatml_and_stops_at_im_end(tmp_path):
             "warmup_ratio": 0,
             "lr_scheduler": "constant",
         },
-        evaluation={"max_rows": 2, "generation": False, "time_share": None},
+        evaluation={"max_rows": 2, "generation": False, "time_share": None, "safety": False},
         output={"dir": str(tmp_path / "run")},
     )
     result = recipe.run()

@@ -15,8 +15,23 @@ def config(model_dir, data_path, tmp_path, **overrides) -> RecipeConfig:
 
 def test_a_usable_recipe_passes_every_check(tiny_llama_dir, facts_jsonl, tmp_path):
     findings = preflight.preflight(config(tiny_llama_dir, facts_jsonl, tmp_path))
-    assert {f.check for f in findings} == {"data", "quantization", "context", "disk"} and all(f.ok for f in findings)
-    assert any("fits the model's 512 tokens" in f.message for f in findings)
+    assert {f.check for f in findings} == {"data", "quantization", "context", "disk", "safety"}
+    assert all(f.ok for f in findings) and any("fits the model's 512 tokens" in f.message for f in findings)
+
+
+def test_missing_safety_packages_stop_the_run_before_training(tiny_llama_dir, facts_jsonl, tmp_path, monkeypatch):
+    """evaluation.safety is on by default and runs after training: its prompt packages are checked before anything."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "garak" else find_spec(name))
+    with pytest.raises(FinetuneError) as err:
+        preflight.preflight(config(tiny_llama_dir, facts_jsonl, tmp_path, evaluation__safety=True))
+    assert (
+        "evaluation.safety needs garak: pip install --no-deps garak==0.17.1 (or set evaluation.safety: false)"
+        in str(err.value)
+    )
+    assert preflight.check_safety(config(tiny_llama_dir, facts_jsonl, tmp_path)).ok  # the tiny recipe has it off
 
 
 def test_missing_data_files_stop_the_run_before_anything_is_loaded_or_written(tiny_llama_dir, facts_jsonl, tmp_path):

@@ -120,7 +120,7 @@ def tool_run(tmp_path_factory):
             "learning_rate": 1e-2,
             "warmup_ratio": 0,
         },
-        evaluation={"before_and_after": False, "max_rows": 2, "generation": False},
+        evaluation={"before_and_after": False, "max_rows": 2, "generation": False, "safety": False},
         output={"dir": str(root / "run")},
     )
     return recipe.run().run_dir

@@ -172,8 +172,40 @@ def split_conversations(dataset: Dataset, cfg: DataConfig) -> DatasetDict:
     return DatasetDict({name: dataset.select(indices) for name, indices in splits.items() if indices})
 
 
+def _drop_toxic(train: Dataset, threshold: float, report: DataReport) -> Dataset:
+    """The training conversations none of whose assistant turns the toxicity classifier (finetune.safety) gives at
+    least `threshold` probability of being offensive. Training split only: held-out data stay as they are, so the
+    evaluation still measures the model on the data's own distribution, and the splits do not move."""
+    from finetune.safety import toxicity
+
+    turns = [
+        (index, message["content"])
+        for index, messages in enumerate(train["messages"])
+        for message in messages
+        if message["role"] == "assistant" and (message["content"] or "").strip()
+    ]
+    scores = toxicity([text for _, text in turns])
+    flagged = sorted({index for (index, _), score in zip(turns, scores) if score >= threshold})
+    if flagged:
+        report.dropped[f"assistant turn flagged toxic (data.clean.toxicity >= {threshold:g})"] += len(flagged)
+    return train.select(sorted(set(range(len(train))) - set(flagged)))
+
+
+def _safety_mix(rows: list[dict[str, Any]], cfg: DataConfig) -> list[dict[str, Any]]:
+    """Refusal examples (finetune.safety: HarmBench requests, each with a refusal) making up `cfg.safety_mix` of the
+    training rows, as conversations like the others (source -2)."""
+    from finetune.safety import refusal_conversations
+
+    count = round(cfg.safety_mix / (1 - cfg.safety_mix) * len(rows))
+    return [
+        {"messages": row["messages"], "text": "", "tools": "", "origin": row["origin"], "source": -2}
+        for row in refusal_conversations(count, cfg.seed)
+    ]
+
+
 def _mix_and_augment(train: Dataset, cfg: DataConfig, report: DataReport) -> Dataset:
-    """Source weights (2.0 = every row twice, 0.5 = a seeded half) and augmented copies, training split only."""
+    """Source weights (2.0 = every row twice, 0.5 = a seeded half), augmented copies, then the safety mix (refusal
+    examples), training split only."""
     rows = train.to_list()
     if any(source.weight != 1 for source in cfg.sources):
         rng = random.Random(cfg.seed)
@@ -192,6 +224,10 @@ def _mix_and_augment(train: Dataset, cfg: DataConfig, report: DataReport) -> Dat
         rows += copies
     if not rows:
         raise FinetuneError("the training split is empty after applying the sources' `weight`s.")
+    if cfg.safety_mix:  # the trainer shuffles the split, so the refusals are spread through training
+        refusals = _safety_mix(rows, cfg)
+        report.safety_mix = len(refusals)
+        rows += refusals
     return Dataset.from_list(rows, features=train.features)
 
 
@@ -294,6 +330,8 @@ def prepare_data(
     if leaked:
         report.leaked_into_heldout = len(leaked)
         train = train.select(sorted(set(range(len(train))) - set(leaked)))
+    if cfg.clean.toxicity is not None:
+        train = _drop_toxic(train, cfg.clean.toxicity, report)
     conversations["train"] = _mix_and_augment(train, cfg, report)
     splits = tokenize_splits(conversations, tokenizer, cfg, report)
     report.findings = audit(tokenizer, splits, report, reasoning=cfg.reasoning)

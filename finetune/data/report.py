@@ -40,6 +40,7 @@ class DataReport:
     )
     weighted: dict[str, int] = field(default_factory=dict)  # source -> training rows after weighting
     augmented: int = 0
+    safety_mix: int = 0  # refusal examples mixed into the training split (data.safety_mix)
     splits: dict[str, int] = field(default_factory=dict)
     trained_token_share: float = 0.0
     findings: list[Finding] = field(default_factory=list)
@@ -71,6 +72,11 @@ class DataReport:
             )
         if self.augmented:
             out.append(f"{self.augmented} augmented copies added to the training split")
+        if self.safety_mix:
+            out.append(
+                f"{self.safety_mix} refusal examples (HarmBench requests, each with a refusal) mixed into the training "
+                "split (data.safety_mix)"
+            )
         out.append("splits: " + ", ".join(f"{name} {count}" for name, count in self.splits.items()))
         out.append(f"{self.trained_token_share:.1%} of training tokens carry loss")
         return out

@@ -111,6 +111,10 @@ def _card(
         "",
         *_metric_lines(metrics),
         "",
+        "## Safety",
+        "",
+        *_safety_lines(metrics),
+        "",
         "## Library versions",
         "",
         "| library | version |",
@@ -255,6 +259,13 @@ def _metric_lines(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _safety_lines(metrics: dict[str, Any]) -> list[str]:
+    from finetune.metrics.intervals import recorded_changes
+    from finetune.safety import markdown
+
+    return markdown(metrics.get("safety"), recorded_changes(metrics))
+
+
 def _load_snippet(run: RunFolder, base: dict[str, Any], *, merged: bool, added: list[str]) -> list[str]:
     # json.dumps quotes paths as valid Python string literals, whatever characters they hold.
     folder = json.dumps((run.merged if merged else run.adapter).as_posix())
@@ -332,13 +343,21 @@ def _limitations(config: RecipeConfig, metrics: dict[str, Any]) -> list[str]:
         if config.training.max_steps
         else f"{config.training.epochs:g} epoch(s)"
     )
+    measured = (metrics.get("safety") or {}).get("measured")
+    safety = (
+        "Its safety was measured only as the three rates under Safety above (refusals of harmful requests, refusals "
+        "of harmless ones, toxic continuations, by a keyword detector and a small classifier), which bound neither "
+        "the harm it can do nor its factual accuracy"
+        if measured
+        else "Not evaluated for safety (see Safety above), factual accuracy or harmful content"
+    )
     lines = [
         "- Intended for research and experimentation with chat fine-tuning, and as a starting point to evaluate on "
         "your own data before any real use.",
         f"- Trained for {steps} on {metrics.get('train_rows')} conversations. The evaluation above uses held-out "
         "conversations from the same sources, so it says nothing about other topics, languages or styles.",
-        "- Inherits the base model's limitations, biases and license. Not evaluated for safety, factual accuracy or "
-        "harmful content; small data sets can be memorised, so do not train on private data you would not publish.",
+        f"- Inherits the base model's limitations, biases and license. {safety}; small data sets can be memorised, so "
+        "do not train on private data you would not publish.",
     ]
     if config.model.quantization != "none":
         lines.append(

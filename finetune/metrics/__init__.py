@@ -42,9 +42,19 @@ PREFERENCE_SCORES = {
     "desirable_logp": False,  # KTO: replies labelled good
     "undesirable_logp": True,  # KTO: replies labelled bad
 }
-SCORES = {**LOWER_IS_BETTER, **GENERATION_SCORES, **PREFERENCE_SCORES}
-# Log-probabilities and their differences sit near or across zero: their changes read in nats, not as a percentage.
-ABSOLUTE_CHANGE = ("reward_margin", "chosen_logp", "rejected_logp", "desirable_logp", "undesirable_logp")
+# The safety rates (finetune.safety): refusals of harmful requests should rise, of harmless ones and toxic replies fall.
+SAFETY_SCORES = {"refusal_rate": False, "over_refusal_rate": True, "toxic_continuation_rate": True}
+SCORES = {**LOWER_IS_BETTER, **GENERATION_SCORES, **PREFERENCE_SCORES, **SAFETY_SCORES}
+# Log-probabilities and their differences sit near or across zero, and rates near zero: their changes read in the
+# metric's own units (nats, a share of prompts), not as a percentage of a small number.
+ABSOLUTE_CHANGE = (
+    "reward_margin",
+    "chosen_logp",
+    "rejected_logp",
+    "desirable_logp",
+    "undesirable_logp",
+    *SAFETY_SCORES,
+)
 # Those of them that are means over replies; bleu is a corpus score (n-gram counts pooled over all replies).
 PER_REPLY_SCORES = tuple(name for name in GENERATION_SCORES if name != "bleu")
 
