@@ -99,3 +99,26 @@ def test_the_attention_implementation_is_read_from_the_config(tiny_llama_dir):
 def test_the_pins_are_what_compat_was_written_against():
     assert transformers.__version__ == compat.WRITTEN_AGAINST["transformers"], _changed(transformers, "its version")
     assert trl.__version__ == compat.WRITTEN_AGAINST["trl"], _changed(trl, "its version")
+
+
+@pytest.mark.parametrize("trainer", ["DPOTrainer", "KTOTrainer"])
+def test_trl_still_prepares_preference_data_in_the_method_compat_replaces(trainer):
+    """compat.TokenizedPreferenceData overrides `_prepare_dataset` so TRL does not tokenize finetune's tokens again."""
+    found = getattr(getattr(trl, trainer), "_prepare_dataset", None)
+    assert found is not None, _changed(trl, f"{trainer}._prepare_dataset (it is gone)")
+    assert list(inspect.signature(found).parameters) == [
+        "self",
+        "dataset",
+        "processing_class",
+        "args",
+        "dataset_name",
+    ], _changed(trl, f"{trainer}._prepare_dataset's parameters")
+
+
+def test_kto_keeps_its_kl_switch_and_dpo_and_kto_their_reference_adapter_name():
+    source = inspect.getsource(trl.KTOTrainer.__init__)
+    assert "self.calculate_KL =" in source, _changed(trl, "KTOTrainer.calculate_KL")
+    for trainer in (trl.DPOTrainer, trl.KTOTrainer):
+        assert 'add_adapter("ref"' in inspect.getsource(trainer.__init__), _changed(
+            trl, f"{trainer.__name__}'s reference adapter name (finetune.adapters.REFERENCE_ADAPTER is 'ref')"
+        )

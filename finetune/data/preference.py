@@ -218,13 +218,20 @@ def _rows(source: DataSource, seed: int) -> Any:
     if not source.rejected:
         yield from read_source(source)
         return
-    conversations = []
+    conversations, seen = [], set()
     for origin, raw in read_source(source):
         try:
             _, messages, _, _ = to_conversation(raw, source)
         except RowError:
             continue  # an unusable conversation is simply not paired; the SFT path reports such rows
-        if len(messages) >= 2 and messages[-1]["role"] == "assistant" and messages[-2]["role"] == "user":
+        key = repr(messages)  # a repeated conversation would otherwise come back as a pair with another rejection
+        if (
+            len(messages) >= 2
+            and messages[-1]["role"] == "assistant"
+            and messages[-2]["role"] == "user"
+            and key not in seen
+        ):
+            seen.add(key)
             conversations.append((origin, messages))
     order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
