@@ -110,3 +110,43 @@ def test_q4_k_m_export_runs_in_llama_cpp_within_its_derived_bounds(fact_run):
     _within_bounds_with_room(result.checks)
     replies = result.checks["llama_cpp_reply"]
     assert not replies["stopped_at_end_of_turn"].startswith("0/"), replies
+
+
+def test_sft_then_dpo_keeps_the_sft_adapter_as_reference_and_raises_preference_accuracy(fact_run, tmp_path):
+    """The chain docs/preference.md describes, on the bundled model: DPO continues the SFT run's adapter, on
+    chatterbot pairs (each real reply chosen over another conversation's), with the SFT adapter as the reference;
+    held-out pairs are preferred more often after it."""
+    from safetensors.torch import load_file
+
+    from finetune import PreferenceRecipe
+
+    sft = fact_run["recipe"]
+    recipe = PreferenceRecipe(
+        name="dpo",
+        method="dpo",
+        model={"source": "smollm2-135m-instruct", "quantization": "4bit", "adapter": str(sft.run_dir)},
+        data={
+            "sources": [{"type": "chatterbot", "language": "english", "rejected": "shuffled"}],
+            "max_rows": 300,
+            "max_length": 128,
+            "validation_split": 0.0,
+            "test_split": 0.2,
+        },
+        training={"max_steps": 16, "batch_size": 4, "learning_rate": 5e-5, "logging_steps": 4},
+        evaluation={"time_share": None, "max_rows": None, "generation": False, "safety": False},
+        output={"dir": str(tmp_path / "dpo"), "merge": False},
+    )
+    recipe.setup()
+    recipe.train()
+    saved = load_file(sft.folder.adapter / "adapter_model.safetensors")
+    reference = {k.replace(".ref.", "."): p for k, p in recipe.trainer.model.named_parameters() if ".ref." in k}
+    assert set(saved) <= set(reference) and all(torch.equal(reference[k].detach(), v) for k, v in saved.items())
+    comparison = recipe.evaluate_before_and_after()  # before: that frozen SFT adapter; after: the DPO-trained one
+    changes = {c.metric: c for c in comparison.changes}
+    accuracy = changes["preference_accuracy"]
+    assert accuracy.after > accuracy.before, accuracy
+    assert changes["reward_margin"].verdict == "better", changes["reward_margin"]
+    recipe.save()
+    trained = load_file(recipe.folder.adapter / "adapter_model.safetensors")
+    assert saved.keys() == trained.keys() and any(not torch.equal(saved[k], trained[k]) for k in saved)
+    recipe.cleanup()
