@@ -150,3 +150,30 @@ def test_orpo_and_simpo_see_no_eos_after_the_end_of_turn(tiny_llama_dir, pairs_j
     assert trained[-1] == end_of_turn and trained.count(end_of_turn) == 1
     assert recipe.tokenizer.eos_token_id not in trained[-2:] or recipe.tokenizer.eos_token_id == end_of_turn
     recipe.cleanup()
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_a_4bit_models_adapters_train_in_float32(method, tiny_llama_dir, pairs_jsonl, unpaired_jsonl, tmp_path):
+    """TRL's DPO and KTO trainers cast a quantized model's adapters to bf16, as its SFT trainer does (small AdamW
+    steps then round away; see training.trainer.Float32Adapters): the recipe trains them in float32, from the values
+    LoRA was attached with, beside a float32 reference copy."""
+    data = unpaired_jsonl if method == "kto" else pairs_jsonl
+    config = _preference_recipe(
+        tiny_llama_dir,
+        data,
+        tmp_path / method,
+        method,
+        training__max_steps=1,
+        training__warmup_ratio=0.0,
+        model__quantization="4bit",
+    )
+    recipe = PreferenceRecipe(**config)
+    recipe.setup()
+    attached = {name: p.detach().clone() for name, p in recipe.state.model.named_parameters() if p.requires_grad}
+    recipe.train()
+    trained = {name: p for name, p in recipe.trainer.model.named_parameters() if p.requires_grad}
+    assert trained.keys() == attached.keys() and all(p.dtype == torch.float32 for p in trained.values())
+    assert all(not torch.equal(trained[name], attached[name]) for name in attached if "lora_B" in name)
+    reference = [p for name, p in recipe.trainer.model.named_parameters() if ".ref." in name]
+    assert reference and all(p.dtype == torch.float32 for p in reference)
+    recipe.cleanup()

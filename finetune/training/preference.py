@@ -35,7 +35,7 @@ from finetune import compat
 from finetune.config import RecipeConfig
 from finetune.training.nan_guard import NonFiniteLossGuard
 from finetune.training.progress import TrainingProgress
-from finetune.training.trainer import training_arguments, trl_config
+from finetune.training.trainer import Float32Adapters, training_arguments, trl_config
 
 _PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
 _UNPAIRED_COLUMNS = ["prompt_ids", "completion_ids", "label"]
@@ -171,17 +171,19 @@ class _WithReference:
             return super().train(*args, **kwargs)
 
 
-class _DPOTrainer(_WithReference, compat.TokenizedPreferenceData, DPOTrainer):
+# Float32Adapters: DPO's and KTO's trainers cast a quantized model's adapters to bf16 as SFT's does; ORPO's and CPO's
+# do not today, and get the same rule so that no method's adapters depend on it.
+class _DPOTrainer(_WithReference, Float32Adapters, compat.TokenizedPreferenceData, DPOTrainer):
     pass
 
 
-class _KTOTrainer(_WithReference, compat.TokenizedPreferenceData, KTOTrainer):
+class _KTOTrainer(_WithReference, Float32Adapters, compat.TokenizedPreferenceData, KTOTrainer):
     pass
 
 
-class _ORPOTrainer(_TokenizedPairs, ORPOTrainer):
+class _ORPOTrainer(_TokenizedPairs, Float32Adapters, ORPOTrainer):
     pass
 
 
-class _CPOTrainer(_TokenizedPairs, CPOTrainer):
+class _CPOTrainer(_TokenizedPairs, Float32Adapters, CPOTrainer):
     pass
