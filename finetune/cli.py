@@ -179,7 +179,8 @@ def validate(
 def plan(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe to plan.")],
     device: Annotated[
-        str | None, typer.Option(help="cpu, cuda, or a GPU memory size such as 24GB (default: this machine).")
+        str | None,
+        typer.Option(help="cpu, cuda, a GPU memory size such as 24GB, or cpu:16GB (default: this machine)."),
     ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config value (repeatable).")] = None,
 ) -> None:

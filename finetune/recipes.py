@@ -65,7 +65,8 @@ class RunResult:
     metrics_after: dict[str, float] | None
     train_loss: float | None
     merge_max_logit_diff: float | None
-    decisions: dict[str, Any] = field(default_factory=dict)  # what `auto` settings became, e.g. gradient checkpointing
+    # What `auto` settings became: gradient checkpointing, the batch size and its accumulation steps.
+    decisions: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -287,7 +288,18 @@ class Recipe:
         if inputs.new_tokens:
             added = ", ".join(tokenizer.convert_ids_to_tokens(inputs.new_tokens))
             self._say(f"  added tokens {added}: embedding rows trained with LoRA")
-        if cfg.training.gradient_checkpointing == "auto":
+        if cfg.training.batch_size == "auto":
+            # The largest batch that fits (accumulation keeping effective_batch_size), checkpointing with it if auto.
+            choice = planning.choose_batch_size(
+                cfg, train=inputs.data.splits["train"], added_tokens=len(inputs.new_tokens)
+            )
+            self._decide("training.batch_size", choice.batch_size)
+            self._decide("training.gradient_accumulation_steps", choice.gradient_accumulation_steps)
+            if cfg.training.gradient_checkpointing == "auto":
+                self._decide("training.gradient_checkpointing", choice.gradient_checkpointing)
+            for line in choice.lines():
+                self._say(f"  {line}")
+        elif cfg.training.gradient_checkpointing == "auto":
             memory = planning.plan_without_checkpointing(
                 cfg, train=inputs.data.splits["train"], added_tokens=len(inputs.new_tokens)
             )
@@ -768,8 +780,13 @@ def _training_differences(saved: RecipeConfig, current: RecipeConfig) -> list[st
 
     before, after = flat(saved.model_dump(mode="json")), flat(current.model_dump(mode="json"))
     keys = sorted(set(before) | set(after))
+    # Decided with batch_size: auto, so whatever the run recorded matches too.
+    decided = {"training.gradient_accumulation_steps"} if after.get("training.batch_size") == "auto" else set()
     return [
         f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
         for key in keys
-        if before.get(key) != after.get(key) and after.get(key) != "auto" and not key.startswith(_RESUME_MAY_CHANGE)
+        if before.get(key) != after.get(key)
+        and after.get(key) != "auto"
+        and key not in decided
+        and not key.startswith(_RESUME_MAY_CHANGE)
     ]
