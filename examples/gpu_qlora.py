@@ -1,31 +1,38 @@
 """QLoRA on a consumer GPU (8-24 GB) through the Python API: a 1.5B instruct model on your own chat data.
 
-    python examples/gpu_qlora.py data/my_chats.jsonl [--model Qwen/Qwen2.5-1.5B-Instruct] [--vram 8]
+    python examples/gpu_qlora.py data/my_chats.jsonl [--model Qwen/Qwen2.5-1.5B-Instruct]
 
 The data file holds one conversation per line: {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}
 (ShareGPT, Alpaca and prompt/completion rows work too). Needs network access to the Hub for the model, or a
 local folder / GGUF file as --model.
+
+The batch fits itself: `batch_size: auto` asks the memory planner for the largest batch whose estimated peak stays
+within 70% of the GPU's free memory, and the accumulation steps make up the 16 conversations per optimizer step, so
+an 8 GB and a 24 GB card train the same thing (the run prints the choice; recipe.yaml records it). See what it
+would pick on a card you do not have with `finetune plan` and `--device 8GB`.
 """
 
 import argparse
 
 from finetune import ChatSFTRecipe
 
-# Per-device batch and checkpointing that fit a 1-3B model in 4-bit with 1024-token rows.
-BY_VRAM = {
-    8: {"batch_size": 2, "gradient_accumulation_steps": 8, "gradient_checkpointing": True},
-    12: {"batch_size": 4, "gradient_accumulation_steps": 4, "gradient_checkpointing": True},
-    24: {"batch_size": 8, "gradient_accumulation_steps": 2, "gradient_checkpointing": False},
-}
+# Conversations per optimizer step on every card.
+EFFECTIVE_BATCH = 16
 
 
-def build_config(data_path: str, model: str, vram: int) -> dict:
+def build_config(data_path: str, model: str) -> dict:
     return {
         "name": "gpu-qlora",
         "model": {"source": model, "quantization": "4bit", "compute_dtype": "bfloat16"},
         "lora": {"r": 16, "dropout": 0.05},
         "data": {"sources": [{"type": "file", "path": data_path}], "max_length": 1024},
-        "training": {"learning_rate": 2e-4, "epochs": 2, "optimizer": "paged_adamw_8bit", **BY_VRAM[vram]},
+        "training": {
+            "learning_rate": 2e-4,
+            "epochs": 2,
+            "optimizer": "paged_adamw_8bit",
+            "batch_size": "auto",
+            "effective_batch_size": EFFECTIVE_BATCH,
+        },
         "output": {"merge_dtype": "bfloat16"},
     }
 
@@ -34,7 +41,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data")
     parser.add_argument("--model", default="Qwen/Qwen2.5-1.5B-Instruct")
-    parser.add_argument("--vram", type=int, choices=sorted(BY_VRAM), default=8)
     args = parser.parse_args()
-    result = ChatSFTRecipe(**build_config(args.data, args.model, args.vram)).run()
-    print(result.metrics_before, result.metrics_after, result.merged_dir, sep="\n")
+    result = ChatSFTRecipe(**build_config(args.data, args.model)).run()
+    print(result.decisions, result.metrics_before, result.metrics_after, result.merged_dir, sep="\n")

@@ -86,6 +86,14 @@ def run(
             min=1, help="Train in N processes through Accelerate: one per GPU, or N CPU processes (gloo) without one."
         ),
     ] = 1,
+    report_to: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--report-to",
+            help="Also send metrics to this experiment tracker: tensorboard, wandb, mlflow or trackio (repeatable; "
+            "sets training.report_to).",
+        ),
+    ] = None,
 ) -> None:
     """Run a recipe end to end: load, attach LoRA, prepare data, train, evaluate before/after, merge, report.
 
@@ -95,6 +103,8 @@ def run(
     overrides = list(set_ or [])
     if overwrite:
         overrides.append("output.overwrite=true")
+    if report_to:
+        overrides.append(f"training.report_to={','.join(report_to)}")
     if num_processes > 1:
         from finetune import distributed
 
@@ -169,7 +179,8 @@ def validate(
 def plan(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe to plan.")],
     device: Annotated[
-        str | None, typer.Option(help="cpu, cuda, or a GPU memory size such as 24GB (default: this machine).")
+        str | None,
+        typer.Option(help="cpu, cuda, a GPU memory size such as 24GB, or cpu:16GB (default: this machine)."),
     ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config value (repeatable).")] = None,
 ) -> None:

@@ -10,7 +10,7 @@ import difflib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -30,6 +30,8 @@ ExportFormat = Literal["gguf"]
 Method = Literal["sft", "dpo", "orpo", "simpo", "kto"]
 PAIRED_METHODS = ("dpo", "orpo", "simpo")
 ExportQuant = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_1", "q5_0", "q4_1", "q4_0"]
+# Experiment trackers training metrics can go to, each through its own transformers integration (finetune/trackers.py).
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -295,8 +297,18 @@ class TrainingConfig(_Section):
     learning_rate: float = Field(5e-4, gt=0, lt=1, description="Peak learning rate of the LoRA weights.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training split (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(4, ge=1, description="Conversations per forward pass.")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        4,
+        description="Conversations per forward pass. auto: the largest that the memory planner estimates to fit in "
+        "70% of the device's free memory (docs/performance.md#batch-size-auto), at most effective_batch_size (or 64).",
+    )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    effective_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Conversations per optimizer step (batch_size x gradient_accumulation_steps, per process); when "
+        "set, the accumulation steps follow from it, so batch_size: auto keeps the training it describes on any device.",
+    )
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
@@ -332,6 +344,17 @@ class TrainingConfig(_Section):
         description="NEFTune: noise on input embeddings while training (TRL), e.g. 5; often helps small instruction sets.",
     )
     logging_steps: int = Field(5, ge=1, description="Log the training loss every N steps.")
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Experiment trackers that also get the training metrics, the recipe (as the run's config) and "
+        "the before/after scores: tensorboard, wandb, mlflow, trackio (one or a list; none by default). Offline "
+        "unless the tracker is set up for a server (docs/trackers.md).",
+    )
+    logging_dir: str | None = Field(
+        None,
+        description="Folder the trackers write to; default logs/ in the run folder ({name} is replaced by the "
+        "recipe name).",
+    )
     eval_steps: int | None = Field(
         None, ge=1, description="Validation loss every N steps; default about four times per run."
     )
@@ -353,6 +376,62 @@ class TrainingConfig(_Section):
         description="Keep the newest N checkpoints (with keep_best, the best one too); removed when the run finishes.",
     )
     seed: int = Field(42, description="Seed for LoRA initialisation, dropout and data order.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accumulation_from_effective_batch(cls, raw: Any) -> Any:
+        # The accumulation steps follow from effective_batch_size, so the two cannot disagree; a recipe.yaml written
+        # by a run records both, consistently. With batch_size auto the recipe decides both (Recipe.setup).
+        if not isinstance(raw, dict) or raw.get("effective_batch_size") is None:
+            return raw
+        effective, batch = raw["effective_batch_size"], raw.get("batch_size", 4)
+        accumulation = raw.get("gradient_accumulation_steps", 1)
+        if not isinstance(effective, int) or not isinstance(batch, int) or isinstance(batch, bool):
+            return raw  # batch_size auto, or a wrong type the field validators report
+        if effective % batch:
+            raise ValueError(
+                f"effective_batch_size ({effective}) must be a multiple of batch_size ({batch}): change one of them, "
+                "or set batch_size: auto, which picks a batch that divides it"
+            )
+        if accumulation not in (1, effective // batch):
+            raise ValueError(
+                f"gradient_accumulation_steps ({accumulation}) and effective_batch_size ({effective}) both set the "
+                f"accumulation: remove gradient_accumulation_steps (it becomes effective_batch_size / batch_size = "
+                f"{effective // batch})"
+            )
+        return {**raw, "gradient_accumulation_steps": effective // batch}
+
+    @model_validator(mode="after")
+    def _auto_batch_with_plain_accumulation(self) -> TrainingConfig:
+        if self.batch_size == "auto" and self.effective_batch_size and self.gradient_accumulation_steps != 1:
+            raise ValueError(
+                f"with batch_size auto, gradient_accumulation_steps ({self.gradient_accumulation_steps}) follows from "
+                "effective_batch_size: remove gradient_accumulation_steps"
+            )
+        return self
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _whole_number_or_auto(cls, value: Any) -> Any:
+        # One message instead of one per member of the union.
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("must be a whole number of conversations (1 or more) or auto")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_or_none(cls, value: Any) -> Any:
+        # `report_to: tensorboard` and `--set training.report_to=none` read as they would in transformers.
+        if value is None or value == "none":
+            return []
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_tracker_once(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
 
 
 class EvaluationConfig(_Section):
@@ -553,6 +632,9 @@ class RecipeConfig(_Section):
     def with_overrides(self, overrides: Sequence[str] | Mapping[str, Any], source: str = "overrides") -> RecipeConfig:
         """A validated copy with dotted keys changed (see `apply_overrides`); this config is left as it was."""
         raw = self.model_dump(mode="json")
+        if self.training.effective_batch_size is not None:
+            # Derived from effective_batch_size and batch_size (TrainingConfig): derived again from the new values.
+            del raw["training"]["gradient_accumulation_steps"]
         apply_overrides(raw, overrides)
         return RecipeConfig.from_dict(raw, source=source)
 
@@ -682,12 +764,18 @@ def reference_markdown() -> str:
             out.append(f"| `{prefix}{key}` | `{default}` | {field.description} |")
         return out
 
+    sections = {
+        key: field.annotation
+        for key, field in RecipeConfig.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+    }
     lines = [
-        f"| `name` | `{RecipeConfig.model_fields['name'].default}` | {RecipeConfig.model_fields['name'].description} |"
+        f"| `{key}` | `{field.default}` | {field.description} |"
+        for key, field in RecipeConfig.model_fields.items()
+        if key not in sections
     ]
-    for section, field in RecipeConfig.model_fields.items():
-        if section != "name":
-            lines += ["", f"### `{section}`", "", *rows(field.annotation, f"{section}.")]
+    for section, model in sections.items():
+        lines += ["", f"### `{section}`", "", *rows(model, f"{section}.")]
     lines += ["", "### `data.clean`", "", *rows(CleaningConfig, "data.clean.")]
     lines += ["", "### `data.augment`", "", *rows(AugmentConfig, "data.augment.")]
     lines += ["", "### `data.sources[]` entries", "", *rows(DataSource, "")]

@@ -50,6 +50,15 @@ _OVERHEAD = {"cpu": 0.6 * GiB, "cuda": 0.8 * GiB}
 LOGITS_PER_CHUNK = 1 << 26
 
 
+# batch_size: auto keeps the estimate within this share of the device's free memory. The largest underestimate
+# measured is Gemma 3 270M with trained added-token rows, 4.30 GiB estimated for 5.97 GiB measured (0.72 of the peak,
+# benchmarks/results/memory_gemma.md); nine SmolLM2-135M configurations were within -10% to +5% (memory_plan.md).
+AUTO_BATCH_MEMORY_SHARE = 0.7
+# The largest batch auto considers when no effective_batch_size bounds it: beyond this, a batch mostly shortens the
+# run by step count rather than speeding it up, and changes the training more than it helps.
+AUTO_BATCH_LIMIT = 64
+
+
 def loss_chunk_positions(vocab: int) -> int:
     return max(1, LOGITS_PER_CHUNK // vocab)
 
@@ -153,6 +162,7 @@ class MemoryPlan:
     settings: dict[str, Any]
     suggestion: list[str] = field(default_factory=list)  # `key=value` overrides that make it fit
     suggestion_total: int | None = None
+    notes: list[str] = field(default_factory=list)  # how `auto` settings were decided (batch_size: auto)
 
     @property
     def total(self) -> int:
@@ -171,6 +181,7 @@ class MemoryPlan:
         width = max(len(name) for name in self.parts)
         out = [f"{name:<{width}}  {gib(value):>9}  {self.details.get(name, '')}" for name, value in self.parts.items()]
         out.append(f"{'peak':<{width}}  {gib(self.total):>9}  estimated, batches of {self.settings['tokens']} tokens")
+        out += self.notes
         if self.budget is None:
             out.append(f"{self.device}: available memory unknown")
             return out
@@ -205,17 +216,30 @@ class Batch:
     def from_data(cls, split: Any, config: RecipeConfig) -> Batch:
         """The batch of this split's longest conversations (packed: their sum; padded: all as long as the longest).
         A preference method's row runs as two sequences (chosen and rejected; KTO: a reply and its KL mismatch)."""
+        return cls.from_rows(longest_rows(split), config)
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[int, int]], config: RecipeConfig) -> Batch:
+        """The batch of the longest rows, given (length, trained tokens) pairs longest first (`longest_rows`)."""
         size = config.training.batch_size * _sequences_per_row(config)
-        rows = sorted(zip(split["input_ids"], split["labels"]), key=lambda row: len(row[0]), reverse=True)
         rows = [row for row in rows[: config.training.batch_size] for _ in range(_sequences_per_row(config))]
         if not rows:
             return cls.worst_case(config)
-        lengths = [len(ids) for ids, _ in rows]
-        trained = sum(sum(1 for label in labels if label != -100) for _, labels in rows)
+        lengths = [length for length, _ in rows]
+        trained = sum(count for _, count in rows)
         tokens = sum(lengths) if config.training.packing and config.method == "sft" else size * lengths[0]
         return cls(
             tokens=tokens, squared_lengths=sum(n * n for n in lengths), trained_share=min(1.0, trained / sum(lengths))
         )
+
+
+def longest_rows(split: Any) -> list[tuple[int, int]]:
+    """(length, tokens carrying loss) of every row of a tokenized split (input_ids, labels), longest first."""
+    rows = [
+        (len(ids), sum(1 for label in labels if label != -100))
+        for ids, labels in zip(split["input_ids"], split["labels"])
+    ]
+    return sorted(rows, key=lambda row: row[0], reverse=True)
 
 
 def _sequences_per_row(config: RecipeConfig) -> int:
@@ -232,9 +256,9 @@ def parse_device(device: str | None) -> tuple[str, int | None]:
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    size = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(GB|GiB|G)\s*", device, flags=re.IGNORECASE)
-    if size:
-        return "cuda", int(float(size.group(1)) * GiB)
+    size = re.fullmatch(r"\s*(?:(cpu|cuda):)?\s*(\d+(?:\.\d+)?)\s*(GB|GiB|G)\s*", device, flags=re.IGNORECASE)
+    if size:  # '24GB' is a GPU of that size; 'cpu:16GB' a CPU machine with that much free memory
+        return (size.group(1) or "cuda").lower(), int(float(size.group(2)) * GiB)
     if device == "cpu":
         import psutil
 
@@ -244,7 +268,10 @@ def parse_device(device: str | None) -> tuple[str, int | None]:
             return "cuda", None
         free, _ = torch.cuda.mem_get_info()
         return "cuda", int(free)
-    raise FinetuneError(f"{argument('device', device)}: use cpu, cuda, or a GPU memory size such as 24GB.")
+    raise FinetuneError(
+        f"{argument('device', device)}: use cpu, cuda, a GPU memory size such as 24GB, or cpu:16GB (a CPU machine "
+        "with that much free memory)."
+    )
 
 
 def estimate(
@@ -355,6 +382,10 @@ def plan(
     """
     kind, budget = parse_device(device)
     shape = shape or model_shape(config)
+    notes: list[str] = []
+    if config.training.batch_size == "auto":
+        choice = choose_batch_size(config, device, shape=shape)
+        config, notes = choice.config, choice.lines()
     auto = config.training.gradient_checkpointing == "auto"
     config = _resolved(config, checkpointing=config.training.gradient_checkpointing is True)
 
@@ -370,7 +401,9 @@ def plan(
     parts, details, settings = estimate(shape, config, kind, batch=batch)
     if auto:
         details["activations"] += " (auto)"
-    result = MemoryPlan(device=device or kind, budget=budget, parts=parts, details=details, settings=settings)
+    result = MemoryPlan(
+        device=device or kind, budget=budget, parts=parts, details=details, settings=settings, notes=notes
+    )
     if not result.fits:
         for overrides in _cheaper_configs(config):
             candidate = config.with_overrides(overrides, source="memory plan")
@@ -392,6 +425,164 @@ def plan_without_checkpointing(
     batch = Batch.from_data(train, config) if train is not None else None
     shape = dataclasses.replace(model_shape(config), added_tokens=added_tokens)
     return plan(_resolved(config, checkpointing=False), device, batch=batch, shape=shape)
+
+
+@dataclass(frozen=True)
+class BatchChoice:
+    """What `training.batch_size: auto` became, and why.
+
+    Attributes:
+        batch_size: Conversations per forward pass.
+        gradient_accumulation_steps: Forward passes per optimizer step (effective_batch_size / batch_size when that
+            is set, else the recipe's own).
+        gradient_checkpointing: Whether the batch needs recomputed activations (decided with it when the recipe
+            leaves gradient_checkpointing at auto).
+        config: The recipe with these three settings applied.
+        estimate: The estimated peak of training at this batch, in bytes.
+        budget: The device's free memory, in bytes.
+        usable: The share of it the estimate had to stay within (`AUTO_BATCH_MEMORY_SHARE`).
+        device: The device planned for ('cpu', 'cuda' or a size).
+        limit: The largest batch considered (effective_batch_size, the training rows or `AUTO_BATCH_LIMIT`).
+        larger: The next larger batch considered and its estimate, when there was one (why it was not taken).
+        fits: False when even the smallest batch is estimated over `usable` (the run goes on at batch 1).
+    """
+
+    batch_size: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+    config: RecipeConfig
+    estimate: int
+    budget: int
+    usable: int
+    device: str
+    limit: int
+    larger: tuple[int, int] | None
+    fits: bool
+
+    def lines(self) -> list[str]:
+        """The choice and its reason, as the run and `finetune plan` print them.
+
+        Returns:
+            Two or three lines: the batch and effective batch, the estimate against the memory, the larger batch
+            that did not fit (or what bounded the search).
+        """
+        effective = self.batch_size * self.gradient_accumulation_steps
+        kept = " (training.effective_batch_size)" if self.config.training.effective_batch_size else ""
+        checkpointing = ", gradient checkpointing on" if self.gradient_checkpointing else ""
+        steps = "step" if self.gradient_accumulation_steps == 1 else "steps"
+        out = [
+            f"batch size auto: {self.batch_size} conversations per batch x {self.gradient_accumulation_steps} "
+            f"accumulation {steps} = {effective} per optimizer step{kept}{checkpointing}",
+            f"  estimated peak {gib(self.estimate)} within {AUTO_BATCH_MEMORY_SHARE:.0%} of the {gib(self.budget)} "
+            f"free on {self.device} ({gib(self.usable)}; the margin covers the planner's largest measured "
+            "underestimate)"
+            if self.fits
+            else f"  even {self.batch_size} conversation per batch is estimated at {gib(self.estimate)}, over "
+            f"{AUTO_BATCH_MEMORY_SHARE:.0%} of the {gib(self.budget)} free on {self.device}: training may run out "
+            "of memory (finetune plan names changes that fit)",
+        ]
+        if self.larger is not None:
+            size, total = self.larger
+            out.append(f"  a batch of {size} would need {gib(total)}")
+        elif self.fits:
+            out.append(f"  {self.batch_size} is the largest batch considered (limit {self.limit})")
+        return out
+
+
+def choose_batch_size(
+    config: RecipeConfig,
+    device: str | None = None,
+    *,
+    train: Any = None,
+    added_tokens: int = 0,
+    shape: ModelShape | None = None,
+) -> BatchChoice:
+    """The largest batch whose estimated training peak fits `AUTO_BATCH_MEMORY_SHARE` of the device's free memory.
+
+    With `training.effective_batch_size` set, only batches that divide it are considered, and the accumulation steps
+    make up the rest, so the optimizer sees the same number of conversations per step on any device. Without it the
+    accumulation steps stay as the recipe sets them and batches up to `AUTO_BATCH_LIMIT` are considered. Batches
+    larger than the training split are not. With `gradient_checkpointing: auto`, a batch without checkpointing is
+    preferred (no recomputation); checkpointing is turned on only when not even one conversation fits without it.
+
+    Args:
+        config: The recipe (its training.batch_size may be auto or a number; it is replaced).
+        device: 'cpu', 'cuda' or a GPU memory size such as '24GB'; default this machine's device.
+        train: The tokenized training split (input_ids, labels): each batch is then its longest conversations, not
+            the worst case of data.max_length tokens each.
+        added_tokens: Tokens `models.fit_vocabulary` added to the vocabulary, whose embedding rows train.
+        shape: The model's shape, when already read (default: from its config.json).
+
+    Returns:
+        The chosen batch, accumulation and checkpointing, with the estimate and the reason.
+
+    Raises:
+        FinetuneError: The device's free memory is unknown (a CUDA device asked for where none is available).
+    """
+    kind, budget = parse_device(device)
+    if budget is None:
+        raise FinetuneError(
+            f"training.batch_size: auto needs the free memory of {device or kind}, which is unknown here: set "
+            "training.batch_size to a number, or plan for a size (finetune plan --device 24GB)."
+        )
+    shape = dataclasses.replace(shape or model_shape(config), added_tokens=added_tokens)
+    usable = int(budget * AUTO_BATCH_MEMORY_SHARE)
+    training = config.training
+    effective = training.effective_batch_size
+    limit = effective or AUTO_BATCH_LIMIT
+    rows = longest_rows(train) if train is not None else None
+    if rows:
+        limit = min(limit, len(rows))
+    sizes = [size for size in range(limit, 0, -1) if effective is None or effective % size == 0]
+    if training.gradient_checkpointing == "auto":
+        options = [False, True]
+    else:
+        options = [training.gradient_checkpointing is True]
+
+    def candidate(size: int, checkpointing: bool) -> tuple[RecipeConfig, int]:
+        overrides: dict[str, Any] = {"training.batch_size": size, "training.gradient_checkpointing": checkpointing}
+        if effective is not None:
+            overrides["training.gradient_accumulation_steps"] = effective // size
+        chosen = config.with_overrides(overrides, source="batch_size: auto")
+        batch = Batch.from_rows(rows, chosen) if rows else None
+        return chosen, sum(estimate(shape, chosen, kind, batch=batch)[0].values())
+
+    for checkpointing in options:
+        larger = None
+        for size in sizes:  # largest first: the estimate grows with the batch
+            chosen, total = candidate(size, checkpointing)
+            if total <= usable:
+                return _choice(chosen, total, budget, usable, device or kind, limit, larger, fits=True)
+            larger = (size, total)
+    chosen, total = candidate(1, options[-1])
+    return _choice(chosen, total, budget, usable, device or kind, limit, None, fits=False)
+
+
+def _choice(
+    config: RecipeConfig,
+    total: int,
+    budget: int,
+    usable: int,
+    device: str,
+    limit: int,
+    larger: tuple[int, int] | None,
+    *,
+    fits: bool,
+) -> BatchChoice:
+    training = config.training
+    return BatchChoice(
+        batch_size=int(training.batch_size),
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        gradient_checkpointing=training.gradient_checkpointing is True,
+        config=config,
+        estimate=total,
+        budget=budget,
+        usable=usable,
+        device=device,
+        limit=limit,
+        larger=larger,
+        fits=fits,
+    )
 
 
 def model_shape(config: RecipeConfig) -> ModelShape:

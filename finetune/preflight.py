@@ -30,7 +30,7 @@ _HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 
 @dataclass(frozen=True)
 class Finding:
-    check: str  # disk, data, quantization, context or safety
+    check: str  # disk, data, quantization, context, safety or trackers
     ok: bool | None  # None: could not be checked here (the run goes on)
     message: str
 
@@ -55,6 +55,7 @@ def preflight(cfg: RecipeConfig) -> list[Finding]:
         check_context(cfg, facts),
         check_disk(cfg, facts),
         check_safety(cfg),
+        check_trackers(cfg),
     ]
     problems = [finding.message for finding in findings if finding.ok is False]
     if problems:
@@ -74,6 +75,17 @@ def check_safety(cfg: RecipeConfig) -> Finding:
         return Finding("safety", False, " ".join(problems))
     on = cfg.evaluation.safety or cfg.data.safety_mix or cfg.data.clean.toxicity is not None
     return Finding("safety", True, "safety: prompt sets and classifier installed" if on else "safety: nothing needed")
+
+
+def check_trackers(cfg: RecipeConfig) -> Finding:
+    """The packages of the experiment trackers in training.report_to."""
+    from finetune.trackers import missing_packages
+
+    problems = missing_packages(cfg)
+    if problems:
+        return Finding("trackers", False, " ".join(problems))
+    names = ", ".join(cfg.training.report_to)
+    return Finding("trackers", True, f"trackers: {names} installed" if names else "trackers: none")
 
 
 # ---------------------------------------------------------------- data

@@ -35,6 +35,7 @@ from finetune import (
     planning,
     preflight,
     safety,
+    trackers,
     training,
 )
 from finetune.config import PAIRED_METHODS, ExportFormat, RecipeConfig, choices
@@ -44,7 +45,15 @@ from finetune.run_folder import RunFolder, is_adapter
 from finetune.training import preference as preference_training
 
 # Settings that may change between an interrupted run and its resume: they do not touch what training computes.
-_RESUME_MAY_CHANGE = ("name", "output.", "evaluation.", "data.num_proc", "training.save_total_limit")
+_RESUME_MAY_CHANGE = (
+    "name",
+    "output.",
+    "evaluation.",
+    "data.num_proc",
+    "training.save_total_limit",
+    "training.report_to",
+    "training.logging_dir",
+)
 
 
 @dataclass
@@ -56,7 +65,8 @@ class RunResult:
     metrics_after: dict[str, float] | None
     train_loss: float | None
     merge_max_logit_diff: float | None
-    decisions: dict[str, Any] = field(default_factory=dict)  # what `auto` settings became, e.g. gradient checkpointing
+    # What `auto` settings became: gradient checkpointing, the batch size and its accumulation steps.
+    decisions: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,6 +104,7 @@ class RecipeState:
     log: training.RunLog | None = None  # setup()
     resume_from: Path | None = None  # setup(resume=True): the checkpoint training continues from
     decisions: dict[str, Any] = field(default_factory=dict)  # setup(): what `auto` settings became
+    trackers: trackers.Trackers | None = None  # setup(): where training.report_to's trackers write
     trainer: Trainer | None = None  # train()
     training: TrainingOutcome | None = None  # train()
     comparison: evaluation.Comparison | None = None  # evaluate_before_and_after()
@@ -168,7 +179,9 @@ class Recipe:
     def _prepare_data(self, tokenizer: PreTrainedTokenizerBase, *, enforce_audit: bool = True) -> data.PreparedData:
         raise NotImplementedError
 
-    def _build_trainer(self, inputs: RunInputs, callbacks: list[TrainerCallback]) -> Trainer:
+    def _build_trainer(
+        self, inputs: RunInputs, callbacks: list[TrainerCallback], reporting: dict[str, Any] | None
+    ) -> Trainer:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ what the stages produced
@@ -259,6 +272,9 @@ class Recipe:
         if not resume:
             distributed.on_main(self._claim_run_dir)
         self.state.log = self._open_log(inputs, resume)
+        self.state.trackers = trackers.Trackers.for_run(cfg, self.run_dir)
+        for name, where in self.state.trackers.locations.items():
+            self._say(f"  {name}: {where}")
         for line in inputs.data.report.lines():
             self._say(f"  {line}")
         for finding in inputs.data.report.findings:  # serious ones already stopped the run unless data.audit is 'warn'
@@ -272,7 +288,18 @@ class Recipe:
         if inputs.new_tokens:
             added = ", ".join(tokenizer.convert_ids_to_tokens(inputs.new_tokens))
             self._say(f"  added tokens {added}: embedding rows trained with LoRA")
-        if cfg.training.gradient_checkpointing == "auto":
+        if cfg.training.batch_size == "auto":
+            # The largest batch that fits (accumulation keeping effective_batch_size), checkpointing with it if auto.
+            choice = planning.choose_batch_size(
+                cfg, train=inputs.data.splits["train"], added_tokens=len(inputs.new_tokens)
+            )
+            self._decide("training.batch_size", choice.batch_size)
+            self._decide("training.gradient_accumulation_steps", choice.gradient_accumulation_steps)
+            if cfg.training.gradient_checkpointing == "auto":
+                self._decide("training.gradient_checkpointing", choice.gradient_checkpointing)
+            for line in choice.lines():
+                self._say(f"  {line}")
+        elif cfg.training.gradient_checkpointing == "auto":
             memory = planning.plan_without_checkpointing(
                 cfg, train=inputs.data.splits["train"], added_tokens=len(inputs.new_tokens)
             )
@@ -309,9 +336,13 @@ class Recipe:
         self._say(f"Training (resuming from {resume_from})" if resume_from else "Training")
         started = time.perf_counter()
         stop = training.StopOnSignal()
-        trainer = self.state.trainer = self._build_trainer(inputs, [stop, self.state.log, *callbacks])
+        tracked = self.state.trackers or trackers.Trackers.for_run(self.config, self.run_dir)
+        extra = [stop, self.state.log, *callbacks]
+        if tracked.names:  # the recipe as it runs (decisions applied) becomes each tracker's run config
+            extra.insert(2, tracked.callback(self.config.model_dump(mode="json")))
         try:
-            with stop:
+            with tracked.environment(), stop:
+                trainer = self.state.trainer = self._build_trainer(inputs, extra, tracked.training_arguments())
                 output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except training.NonFiniteLoss:
             self.state.log.event("stopped", reason="non-finite loss", step=trainer.state.global_step)
@@ -350,6 +381,13 @@ class Recipe:
         self.state.comparison = comparison
         for line in comparison.lines(train_seconds, self.config.evaluation.time_share):
             self._say(f"  {line}")
+        tracked = self.state.trackers
+        if tracked is not None and tracked.names:
+            values = trackers.summary_values(
+                comparison.before.metrics if comparison.before else None, comparison.after.metrics
+            )
+            step = self.state.trainer.state.global_step if self.state.trainer is not None else 0
+            distributed.on_main(lambda: tracked.log_summary(values, step=step))
         return comparison
 
     def _trained_user_turns(self) -> list[str]:
@@ -570,6 +608,7 @@ class Recipe:
             "train_loss": result.train_loss,
             "train_seconds": round(train_seconds or 0.0, 1),
             "decisions": result.decisions,
+            "trackers": dict(state.trackers.locations) if state.trackers else {},
             **(state.comparison.summary(train_seconds) if state.comparison else {}),
             "merge_seconds": round(state.merge_seconds or 0.0, 1) if merge else None,
             "merge_max_logit_diff": result.merge_max_logit_diff,
@@ -676,7 +715,9 @@ class ChatSFTRecipe(Recipe):
     def _prepare_data(self, tokenizer: PreTrainedTokenizerBase, *, enforce_audit: bool = True) -> data.PreparedData:
         return data.prepare_data(self.config.data, tokenizer, enforce_audit=enforce_audit)
 
-    def _build_trainer(self, inputs: RunInputs, callbacks: list[TrainerCallback]) -> Trainer:
+    def _build_trainer(
+        self, inputs: RunInputs, callbacks: list[TrainerCallback], reporting: dict[str, Any] | None
+    ) -> Trainer:
         return training.build_trainer(
             self.state.model,
             inputs.tokenizer,
@@ -685,6 +726,7 @@ class ChatSFTRecipe(Recipe):
             self.folder.checkpoints,
             dtype=models.compute_dtype(self.config.model),
             callbacks=callbacks,
+            reporting=reporting,
         )
 
 
@@ -700,7 +742,9 @@ class PreferenceRecipe(Recipe):
             self.config.data, tokenizer, paired=self.config.method in PAIRED_METHODS, enforce_audit=enforce_audit
         )
 
-    def _build_trainer(self, inputs: RunInputs, callbacks: list[TrainerCallback]) -> Trainer:
+    def _build_trainer(
+        self, inputs: RunInputs, callbacks: list[TrainerCallback], reporting: dict[str, Any] | None
+    ) -> Trainer:
         built = preference_training.build_preference_trainer(
             self.state.model,
             inputs.tokenizer,
@@ -709,6 +753,7 @@ class PreferenceRecipe(Recipe):
             self.folder.checkpoints,
             dtype=models.compute_dtype(self.config.model),
             callbacks=callbacks,
+            reporting=reporting,
         )
         if preference_training.precomputes_reference(self.config):
             reference = "the frozen SFT adapter" if self.config.model.adapter else "the base (adapters off)"
@@ -735,8 +780,13 @@ def _training_differences(saved: RecipeConfig, current: RecipeConfig) -> list[st
 
     before, after = flat(saved.model_dump(mode="json")), flat(current.model_dump(mode="json"))
     keys = sorted(set(before) | set(after))
+    # Decided with batch_size: auto, so whatever the run recorded matches too.
+    decided = {"training.gradient_accumulation_steps"} if after.get("training.batch_size") == "auto" else set()
     return [
         f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
         for key in keys
-        if before.get(key) != after.get(key) and after.get(key) != "auto" and not key.startswith(_RESUME_MAY_CHANGE)
+        if before.get(key) != after.get(key)
+        and after.get(key) != "auto"
+        and key not in decided
+        and not key.startswith(_RESUME_MAY_CHANGE)
     ]

@@ -9,6 +9,7 @@
       metrics.json      before/after metrics, loss history, data report; its presence marks a finished run
       report.md         the same as tables, beside loss_curves.png and metrics.png
       run.json          the manifest: versions, hashes of data and weights, recipe, metrics
+      logs/             what the experiment trackers of training.report_to wrote (tensorboard/, wandb/, mlruns/, trackio/)
       inspect/          what `finetune data inspect` wrote
       export/           what `finetune export` wrote: model-<quant>.gguf (or adapter.gguf), Modelfile, export.json
 
@@ -75,6 +76,11 @@ class RunFolder:
     @property
     def manifest(self) -> Path:
         return self.path / MANIFEST
+
+    @property
+    def logs(self) -> Path:
+        """Where the experiment trackers write by default (training.logging_dir unset)."""
+        return self.path / "logs"
 
     @property
     def inspect(self) -> Path:

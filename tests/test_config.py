@@ -99,3 +99,22 @@ def test_configuration_reference_is_in_sync_with_the_fields():
     assert reference_markdown() in docs, (
         "regenerate the Keys section of docs/configuration.md from reference_markdown()"
     )
+
+
+def test_effective_batch_size_sets_the_accumulation_and_refuses_a_contradiction():
+    def training(**keys):
+        return RecipeConfig.from_dict({"training": keys}).training
+
+    assert training(batch_size=4, effective_batch_size=16).gradient_accumulation_steps == 4
+    derived = RecipeConfig.from_dict({"training": {"batch_size": 4, "effective_batch_size": 16}})
+    # Changing the batch derives the accumulation again (the planner's suggestions and decisions rely on it).
+    assert derived.with_overrides(["training.batch_size=8"]).training.gradient_accumulation_steps == 2
+    assert training(batch_size="auto", effective_batch_size=16).gradient_accumulation_steps == 1
+    with pytest.raises(FinetuneError, match=r"effective_batch_size \(10\) must be a multiple of batch_size \(4\)"):
+        training(batch_size=4, effective_batch_size=10)
+    with pytest.raises(FinetuneError, match="remove gradient_accumulation_steps"):
+        training(batch_size=4, effective_batch_size=16, gradient_accumulation_steps=3)
+    with pytest.raises(FinetuneError, match="remove gradient_accumulation_steps"):
+        training(batch_size="auto", effective_batch_size=16, gradient_accumulation_steps=3)
+    with pytest.raises(FinetuneError, match=r"`training.batch_size`: .* or auto \(got 'big'\)"):
+        training(batch_size="big")

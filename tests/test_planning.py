@@ -157,3 +157,90 @@ def test_cli_plan_prints_the_parts_and_exits_1_when_it_does_not_fit(tiny_llama_d
     assert "fits" in fits.output
     short = runner.invoke(app, ["plan", str(recipe), "--device", "0.1GB"])
     assert short.exit_code == 1 and "does NOT fit" in short.output
+
+
+def _auto(effective: int | None = 16, **training) -> RecipeConfig:
+    return RecipeConfig.from_dict(
+        {
+            "model": {"quantization": "4bit", "compute_dtype": "bfloat16"},
+            "data": {"max_length": 1024},
+            "training": {"batch_size": "auto", "effective_batch_size": effective, **training},
+        }
+    )
+
+
+@pytest.mark.parametrize("device", ["8GB", "12GB", "24GB", "cpu:6GB"])
+def test_auto_batch_is_the_largest_that_fits_and_keeps_the_effective_batch(device):
+    shape = smollm2_shape()
+    config = _auto(gradient_checkpointing=False)
+    choice = planning.choose_batch_size(config, device, shape=shape)
+    kind, budget = planning.parse_device(device)
+    usable = budget * planning.AUTO_BATCH_MEMORY_SHARE
+
+    def peak(size: int) -> int:
+        concrete = config.with_overrides({"training.batch_size": size})
+        return sum(planning.estimate(shape, concrete, kind)[0].values())
+
+    assert choice.batch_size * choice.gradient_accumulation_steps == 16
+    assert peak(choice.batch_size) == choice.estimate <= usable
+    larger = [size for size in (2, 4, 8, 16) if size > choice.batch_size]
+    assert larger and peak(larger[0]) > usable and choice.larger == (larger[0], peak(larger[0]))
+    assert f"{choice.batch_size} conversations per batch x {choice.gradient_accumulation_steps}" in choice.lines()[0]
+
+
+def test_auto_batch_limits_and_checkpointing():
+    shape = smollm2_shape()
+    # A big device: the effective batch bounds the batch (no accumulation left); without one, AUTO_BATCH_LIMIT does.
+    roomy = planning.choose_batch_size(_auto(), "80GB", shape=shape)
+    assert (roomy.batch_size, roomy.gradient_accumulation_steps, roomy.larger) == (16, 1, None)
+    unbounded = planning.choose_batch_size(_auto(None, gradient_accumulation_steps=2), "500GB", shape=shape)
+    assert (unbounded.batch_size, unbounded.gradient_accumulation_steps) == (planning.AUTO_BATCH_LIMIT, 2)
+    # Only divisors of the effective batch are tried, so it is kept exactly.
+    odd = planning.choose_batch_size(_auto(12), "24GB", shape=shape)
+    assert 12 % odd.batch_size == 0 and odd.batch_size * odd.gradient_accumulation_steps == 12
+    # gradient_checkpointing auto: off while any batch fits without it, on when not even one conversation does.
+    assert not planning.choose_batch_size(_auto(), "8GB", shape=shape).gradient_checkpointing
+    tight = planning.choose_batch_size(_auto(), "3GB", shape=shape)
+    assert tight.fits and tight.gradient_checkpointing and tight.batch_size >= 1
+    hopeless = planning.choose_batch_size(_auto(), "0.5GB", shape=shape)
+    assert not hopeless.fits and hopeless.batch_size == 1 and "may run out of memory" in hopeless.lines()[1]
+    # finetune plan shows the choice and plans the batch it made.
+    shown = planning.plan(_auto(), "12GB", shape=shape)
+    assert shown.notes == planning.choose_batch_size(_auto(), "12GB", shape=shape).lines()
+
+
+def test_auto_batch_fits_the_measured_peak_of_a_tiny_model(tiny_llama_dir, tmp_path):
+    """A CPU budget between the estimates of batches 2 and 4: auto takes 2, and training at 2 (measured in a fresh
+    process by benchmarks/memory_plan.py on full-length conversations) peaks within that budget."""
+    config = RecipeConfig.from_dict(
+        {
+            "model": {"source": str(tiny_llama_dir), "quantization": "none"},
+            "lora": {"r": 8},
+            "data": {"max_length": 512},
+            "training": {"batch_size": "auto", "effective_batch_size": 8, "gradient_checkpointing": False},
+        }
+    )
+    shape = planning.model_shape(config)
+
+    def peak(size: int) -> int:
+        return sum(planning.estimate(shape, config.with_overrides({"training.batch_size": size}), "cpu")[0].values())
+
+    budget = (peak(2) + peak(4)) / 2 / planning.AUTO_BATCH_MEMORY_SHARE
+    choice = planning.choose_batch_size(config, f"cpu:{budget / planning.GiB:.4f}GB", shape=shape)
+    assert (choice.batch_size, choice.gradient_accumulation_steps) == (2, 4)
+
+    result = tmp_path / "result.json"
+    overrides = [
+        f"model.source={tiny_llama_dir}",
+        "model.quantization=none",
+        "lora.r=8",
+        "data.max_length=512",
+        "training.batch_size=2",
+        "training.gradient_checkpointing=false",
+    ]
+    command = [sys.executable, str(ROOT / "benchmarks" / "memory_plan.py"), "--steps", "2", "--result", str(result)]
+    subprocess.run([*command, "--child", *overrides], check=True, cwd=ROOT, capture_output=True)
+    measured = json.loads(result.read_text())
+    assert measured["estimate_gib"] * planning.GiB == pytest.approx(choice.estimate, rel=0.02)
+    assert measured["measured_gib"] * planning.GiB <= budget
+    assert measured["estimate_gib"] == pytest.approx(measured["measured_gib"], rel=0.25)

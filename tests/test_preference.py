@@ -61,7 +61,7 @@ def dpo_run(tiny_llama_dir, pairs_jsonl, tmp_path_factory):
     config["evaluation"].update(max_rows=None, generation_rows=4, max_new_tokens=6)
     path = tmp_path_factory.mktemp("yaml") / "dpo.yaml"
     RecipeConfig.from_dict(config).to_yaml(path)
-    result = CliRunner().invoke(app, ["run", str(path)])
+    result = CliRunner().invoke(app, ["run", str(path), "--report-to", "tensorboard"])
     assert result.exit_code == 0, result.output
     return RecipeConfig.from_dict(config).run_dir, result.output
 
@@ -123,6 +123,19 @@ def test_continuing_an_sft_adapter_keeps_it_as_the_reference_never_the_bare_base
     assert torch.allclose(precomputed, torch.tensor(sft_logps), atol=1e-3)
     assert not torch.allclose(precomputed, torch.tensor(base_logps), atol=1e-1)
     recipe.cleanup()
+
+
+def test_dpo_reports_to_tensorboard_like_sft(dpo_run):
+    """--report-to reaches the preference trainers too: DPO's own metrics, the recipe, the before/after scores."""
+    from tests.test_trackers import read_events
+
+    run_dir, _ = dpo_run
+    scalars, texts = read_events(run_dir / "logs" / "tensorboard")
+    assert [step for step, _ in scalars["train/loss"]][-1] == 16
+    assert "train/rewards/margins" in scalars  # a metric only TRL's DPO trainer logs
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert scalars["after/preference_accuracy"][0][1] == pytest.approx(metrics["metrics_after"]["preference_accuracy"])
+    assert "method: dpo" in texts["recipe"][0]
 
 
 @pytest.mark.parametrize("method", ["orpo", "simpo", "kto"])

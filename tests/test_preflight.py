@@ -15,7 +15,7 @@ def config(model_dir, data_path, tmp_path, **overrides) -> RecipeConfig:
 
 def test_a_usable_recipe_passes_every_check(tiny_llama_dir, facts_jsonl, tmp_path):
     findings = preflight.preflight(config(tiny_llama_dir, facts_jsonl, tmp_path))
-    assert {f.check for f in findings} == {"data", "quantization", "context", "disk", "safety"}
+    assert {f.check for f in findings} == {"data", "quantization", "context", "disk", "safety", "trackers"}
     assert all(f.ok for f in findings) and any("fits the model's 512 tokens" in f.message for f in findings)
 
 

@@ -14,7 +14,13 @@ import quickstart  # noqa: E402
 
 # Settings a run records as decided (gradient checkpointing: auto -> the planner's choice) or as given on the
 # command line to replace an old run; neither changes what the quickstart computes.
-_DECIDED_OR_OVERRIDDEN = ("training.gradient_checkpointing", "output.overwrite")
+# Decided by the run, overridden by the benchmark, or only observing it (trackers read the metrics, change none).
+_DECIDED_OR_OVERRIDDEN = (
+    "training.gradient_checkpointing",
+    "output.overwrite",
+    "training.report_to",
+    "training.logging_dir",
+)
 
 
 def _flat(node, prefix=""):

@@ -252,6 +252,41 @@ def test_the_callers_config_is_never_changed_and_decisions_are_recorded(tiny_lla
     assert metrics["decisions"] == {"training.gradient_checkpointing": decided}
 
 
+def test_batch_size_auto_is_decided_printed_recorded_and_resumable(tiny_llama_dir, facts_jsonl, tmp_path, capsys):
+    from finetune import planning
+    from finetune.recipes import _training_differences
+
+    config = tiny_recipe(
+        tiny_llama_dir, facts_jsonl, tmp_path / "auto", training__batch_size="auto", training__effective_batch_size=8
+    )
+    config["evaluation"].update(before_and_after=False, generation=False)
+    config["output"]["merge"] = False
+    config = RecipeConfig.from_dict(config)
+    recipe = ChatSFTRecipe(config)
+    result = recipe.run()
+    # The tiny model fits a batch of 8 in any machine's free memory, so auto takes the whole effective batch.
+    expected = planning.choose_batch_size(config, train=recipe.data.splits["train"])
+    assert (expected.batch_size, expected.gradient_accumulation_steps) == (8, 1)
+    decided = {
+        "training.batch_size": 8,
+        "training.gradient_accumulation_steps": 1,
+        "training.gradient_checkpointing": False,
+    }
+    assert result.decisions == decided
+    assert json.loads((result.run_dir / "metrics.json").read_text())["decisions"] == decided
+    ran = RecipeConfig.from_yaml(result.run_dir / "recipe.yaml")
+    assert (ran.training.batch_size, ran.training.gradient_accumulation_steps, ran.training.effective_batch_size) == (
+        8,
+        1,
+        8,
+    )
+    assert "| batch size x accumulation | 8 x 1 |" in (result.run_dir / "adapter" / "README.md").read_text()
+    printed = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    assert "batch size auto: 8 conversations per batch x 1 accumulation step = 8 per optimizer step" in printed
+    assert config.training.batch_size == "auto"  # the caller's config is untouched...
+    assert not _training_differences(ran, config)  # ...and still matches the run's recipe for --resume
+
+
 def test_every_stage_works_again_after_merge(llama_run):
     """merge() releases the training model; evaluate, save, export's inputs and a second merge still work, the
     trained adapter loaded again from adapter/ (one loader: adapters.load_trained)."""

@@ -99,6 +99,7 @@ def _card(
         "",
         f"Training took {metrics.get('train_seconds')} s; final training loss {_number(metrics.get('train_loss'))}.",
         "",
+        *_tracker_lines(metrics.get("trackers") or {}),
         "<details><summary>Full recipe (recipe.yaml)</summary>",
         "",
         "```yaml",
@@ -229,6 +230,13 @@ def _hyperparameter_rows(config: RecipeConfig) -> list[str]:
         "seed (data / training)": f"{config.data.seed} / {training.seed}",
     }
     return [f"| {key} | {value} |" for key, value in values.items()]
+
+
+def _tracker_lines(trackers: dict[str, str]) -> list[str]:
+    if not trackers:
+        return []
+    lines = ["Training metrics, the recipe and the before/after scores were also logged to:", ""]
+    return [*lines, *[f"- {name}: {where}" for name, where in trackers.items()], ""]
 
 
 def _metric_lines(metrics: dict[str, Any]) -> list[str]:

@@ -32,6 +32,7 @@ def write_manifest(run_dir: str | Path) -> Path:
         "finished_at": mtime(run.metrics),
         "adapter_saved_at": mtime(weights) if weights.is_file() else None,
         "train_seconds": metrics.get("train_seconds"),
+        "trackers": metrics.get("trackers") or {},
         "reproduce": REPRODUCE,
         "base_model": base_model(config),
         "data": data_sources(config),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ def build_preference_trainer(
     *,
     dtype: torch.dtype,
     callbacks: list[TrainerCallback] | tuple[TrainerCallback, ...] = (),
+    reporting: Mapping[str, Any] | None = None,
 ) -> PreferenceTrainer:
     method, cfg, preference = config.method, config.training, config.preference
     paired = method != "kto"
@@ -77,7 +78,7 @@ def build_preference_trainer(
     train = splits["train"].select_columns(columns)
     validation = splits["validation"].select_columns(columns) if "validation" in splits else None
     settings = training_arguments(
-        cfg, output_dir, train_rows=len(train), has_validation=validation is not None, dtype=dtype
+        cfg, output_dir, train_rows=len(train), has_validation=validation is not None, dtype=dtype, reporting=reporting
     )
     # The length-grouped sampler reads an `input_ids` column these datasets do not have. KTO estimates its KL term
     # from each batch's completions paired with its other prompts, fixed when the data are prepared, so it reads the

@@ -11,7 +11,7 @@ import contextlib
 import functools
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from trl import SFTConfig, SFTTrainer
 
 from finetune import compat, distributed
 from finetune.config import TrainingConfig
+from finetune.errors import FinetuneError
 from finetune.training.nan_guard import NonFiniteLossGuard
 from finetune.training.progress import TrainingProgress
 from finetune.training.speed import trained_logits_loss, use_packed_attention
@@ -37,9 +38,20 @@ def total_steps(cfg: TrainingConfig, train_rows: int, world_size: int = 1) -> in
 
 
 def training_arguments(
-    cfg: TrainingConfig, output_dir: Path, *, train_rows: int, has_validation: bool, dtype: torch.dtype
+    cfg: TrainingConfig,
+    output_dir: Path,
+    *,
+    train_rows: int,
+    has_validation: bool,
+    dtype: torch.dtype,
+    reporting: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The transformers TrainingArguments every finetune trainer shares (SFT and the preference methods)."""
+    if cfg.batch_size == "auto":
+        raise FinetuneError(
+            "training.batch_size: auto is decided by the recipe from the memory planner (Recipe.setup, or "
+            "planning.choose_batch_size); a trainer built directly needs a number: set training.batch_size."
+        )
     steps = total_steps(
         cfg, train_rows, world_size=distributed.state().num_processes
     )  # each step uses every process's batch
@@ -84,7 +96,9 @@ def training_arguments(
         use_cpu=not on_cuda,
         bf16=on_cuda and dtype == torch.bfloat16,
         fp16=on_cuda and dtype == torch.float16,
-        report_to="none",
+        # The trackers in training.report_to, through their transformers integrations; the recipe adds where they
+        # write and the run's name (finetune.trackers), a trainer built directly gets transformers' defaults.
+        **(reporting or {"report_to": list(cfg.report_to) or "none"}),
         disable_tqdm=True,  # TrainingProgress shows one line instead of tqdm bars and raw log dicts
         dataloader_num_workers=0,
         # Multi-process runs: every LoRA weight takes part in every forward pass, so DDP need not search the graph
@@ -104,9 +118,17 @@ def trl_config(config_class: type, **settings: Any) -> Any:
 
 
 def sft_config(
-    cfg: TrainingConfig, output_dir: Path, *, train_rows: int, has_validation: bool, dtype: torch.dtype
+    cfg: TrainingConfig,
+    output_dir: Path,
+    *,
+    train_rows: int,
+    has_validation: bool,
+    dtype: torch.dtype,
+    reporting: Mapping[str, Any] | None = None,
 ) -> SFTConfig:
-    settings = training_arguments(cfg, output_dir, train_rows=train_rows, has_validation=has_validation, dtype=dtype)
+    settings = training_arguments(
+        cfg, output_dir, train_rows=train_rows, has_validation=has_validation, dtype=dtype, reporting=reporting
+    )
     return trl_config(
         SFTConfig,
         **settings,
@@ -128,12 +150,18 @@ def build_trainer(
     *,
     dtype: torch.dtype,
     callbacks: list[TrainerCallback] | tuple[TrainerCallback, ...] = (),
+    reporting: Mapping[str, Any] | None = None,
 ) -> SFTTrainer:
     """`callbacks` come on top of the NaN/inf guard, which every run gets."""
     columns = ["input_ids", "labels"]
     validation = splits["validation"].select_columns(columns) if "validation" in splits else None
     args = sft_config(
-        cfg, output_dir, train_rows=len(splits["train"]), has_validation=validation is not None, dtype=dtype
+        cfg,
+        output_dir,
+        train_rows=len(splits["train"]),
+        has_validation=validation is not None,
+        dtype=dtype,
+        reporting=reporting,
     )
     callbacks = [NonFiniteLossGuard(cfg.learning_rate), *callbacks]
     if validation is not None and cfg.early_stopping_patience is not None:
