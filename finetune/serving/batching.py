@@ -204,8 +204,8 @@ class Batcher:
             try:
                 self._step(newcomers)
             except Exception as exc:  # one failed step fails the requests in it, never the engine
-                for row in self._rows:
-                    _fail(row.job, exc)
+                for job in [row.job for row in self._rows] + newcomers:
+                    _fail(job, exc)  # a request that had already finished keeps its reply
                 self._rows, self._cache = [], None
             with self._condition:
                 self._running = len(self._rows)
