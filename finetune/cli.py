@@ -22,6 +22,8 @@ FLAGS = {
     "device": "--device",
     "dry_run": "--dry-run",
     "format": "--format",
+    "max_batch_size": "--max-batch-size",
+    "max_queue": "--max-queue",
     "merged": "--merged",
     "metric": "--metric",
     "num_processes": "--num-processes",
@@ -32,6 +34,7 @@ FLAGS = {
     "repetition_guard_strength": "--repetition-guard-strength",
     "safety_prompts": "--safety-prompts",
     "repo_id": "--repo",
+    "request_timeout": "--request-timeout",
     "resume": "--resume",
     "space": "--space",
     "temperature": "--temperature",
@@ -406,6 +409,23 @@ def serve(
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens a request may ask for; also the default.")] = 512,
     max_messages: Annotated[int, typer.Option(min=1, help="Most messages in one request.")] = 100,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body, in bytes.")] = 1_000_000,
+    max_batch_size: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Most requests generated together, sharing each decoding step (continuous batching); 1 = one at a time.",
+        ),
+    ] = 16,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Most requests waiting for a batch row; one more is refused with 429 and Retry-After."
+        ),
+    ] = 64,
+    request_timeout: Annotated[
+        float,
+        typer.Option(min=0, help="Seconds a request may take, waiting included, before it gets 504; 0 = no limit."),
+    ] = 300.0,
     temperature: Annotated[
         float | None,
         typer.Option(
@@ -424,15 +444,16 @@ def serve(
     from finetune import serving
 
     decoding = serving.DecodingSettings(max_tokens, temperature, top_p, repetition_guard, repetition_guard_strength)
-    model = serving.load_chat_model(target, adapter or [], quantization=quantization)
-    serving.serve(
-        model,
-        host=host,
-        port=port,
-        api_key=api_key,
-        limits=serving.Limits(max_tokens=max_tokens, max_messages=max_messages, max_body_bytes=max_body_bytes),
-        decoding=decoding,
+    limits = serving.Limits(
+        max_tokens=max_tokens,
+        max_messages=max_messages,
+        max_body_bytes=max_body_bytes,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+        request_timeout=request_timeout or None,
     )
+    model = serving.load_chat_model(target, adapter or [], quantization=quantization)
+    serving.serve(model, host=host, port=port, api_key=api_key, limits=limits, decoding=decoding)
 
 
 @app.command()

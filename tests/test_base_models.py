@@ -166,6 +166,24 @@ def test_serving_answers_and_stops_with_the_added_tokens(run, merged):
     assert (completion.text, completion.finish_reason) == (answer["content"], "stop")
 
 
+def test_batched_serving_keeps_the_trained_token_rows_per_adapter(run):
+    """Rows of the adapter (its trained rows for the added tokens) and of the base share a batch: each gets exactly
+    its one-at-a-time reply, and the adapter's still ends at the trained end-of-turn token."""
+    from finetune.serving import Batcher
+
+    recipe, result = run
+    chat = load_chat_model(recipe.config.model.source, [str(RunFolder(result.run_dir).adapter)])
+    questions = [rows["messages"][0] for rows in recipe.data.splits["train"]][:3]
+    jobs = [(name, chat.prompt_ids([q])) for q in questions for name in chat.variants]
+    alone = [chat.complete(name, prompt, _greedy()) for name, prompt in jobs]
+    batcher = Batcher(chat, max_batch_size=len(jobs))
+    try:
+        together = [f.result(timeout=60) for f in [batcher.submit(name, prompt, _greedy()) for name, prompt in jobs]]
+    finally:
+        batcher.close()
+    assert together == alone and alone[1].finish_reason == "stop"
+
+
 def _greedy():
     from finetune.serving import DecodingSettings
 

@@ -337,3 +337,36 @@ def test_quality_table_marks_where_the_recipe_is_ahead(quality):
         "| lr 1e-3 | LoRA r=16, alpha 32, dropout 0.05, batch 4, lr 0.001 cosine, warmup 0.03, gradient accumulation 1 | 7.00 (16) |"
         in table
     )
+
+
+@pytest.fixture(scope="module")
+def serve_load():
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["serve_load"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serve_load_summary_percentiles_and_targets(serve_load):
+    records = [
+        {"index": i, "text": "x", "finish": "stop", "latency_s": float(i + 1), "ttft_s": 0.1 * (i + 1)}
+        for i in range(10)
+    ]
+    records.append({"index": 10, "error": "APIConnectionError:  refused", "latency_s": 0.5})
+    summary = serve_load.summarize(records, 4.0, lambda record: 3)
+    assert (summary["requests"], summary["errors"], summary["error_kinds"]) == (11, 1, ["APIConnectionError"])
+    assert summary["tokens_per_s"] == 30 / 4 and summary["requests_per_s"] == 10 / 4
+    # numpy's default percentile: linear between the closest ranks of the answered requests (1..10 s)
+    assert summary["latency_p50_s"] == pytest.approx(5.5) and summary["latency_p95_s"] == pytest.approx(9.55)
+    assert summary["ttft_p95_s"] == pytest.approx(0.955) and serve_load.percentile([], 0.5) is None
+    levels = [
+        {"server": "one_at_a_time", "callers": 1, "tokens_per_s": 30.0, "latency_p95_s": 2.0},
+        {"server": "batched", "callers": 1, "tokens_per_s": 31.0, "latency_p95_s": 2.1},
+        {"server": "one_at_a_time", "callers": 16, "tokens_per_s": 35.0, "latency_p95_s": 9.0},
+        {"server": "batched", "callers": 16, "tokens_per_s": 140.0, "latency_p95_s": 3.0},
+    ]
+    goals = serve_load.goals(levels, {"errors": 0, "requests": 500})
+    assert goals["throughput_ratio_16"] == 4 and goals["throughput_met"]
+    assert goals["p95_ratio_1"] == pytest.approx(1.05) and not goals["p95_met"] and goals["soak_met"]
+    assert not serve_load.goals(levels, {"errors": 0, "requests": 499})["soak_met"]

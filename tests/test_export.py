@@ -6,6 +6,10 @@ with <|im_end|>, so a correct export must make llama.cpp say exactly those answe
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -172,6 +176,52 @@ def test_q4_k_m_from_llama_cpps_quantizer_through_the_cli(run):
     _within_bounds_with_room(recorded["checks"])
     assert all(_answers_recited(recorded["checks"]["llama_cpp_reply"]["replies"]))
     assert not list(run.folder.path.rglob("*source-f32*"))  # the float32 file llama.cpp quantized from is gone
+
+
+def test_llama_cpp_python_server_answers_the_openai_client(run, tmp_path):
+    """The recipe in docs/deployment.md: `python -m llama_cpp.server` (llama-cpp-python's OpenAI-compatible server,
+    its [server] dependencies pinned in the export and dev extras) on the exported GGUF, asked by the openai client,
+    recites what the model learnt and stops at the end-of-turn token, plain and streamed."""
+    import openai
+
+    gguf = run.folder.export / "model-f16.gguf"
+    if not gguf.is_file():
+        run.export(quant="f16")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "facts"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", "512"]
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "llama_cpp.server did not answer within 60 s"
+            try:
+                assert [model.id for model in api.models.list()] == ["facts"]
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.2)
+        # llama-cpp-python's server applies repeat_penalty 1.1 unless told otherwise: 1.0 is plain greedy decoding.
+        plain = {"temperature": 0, "max_tokens": 32, "extra_body": {"repeat_penalty": 1.0}}
+        for question, answer in FACTS[:3]:
+            messages = [{"role": "user", "content": question}]
+            reply = api.chat.completions.create(model="facts", messages=messages, **plain)
+            assert (reply.choices[0].message.content, reply.choices[0].finish_reason) == (answer, "stop")
+        chunks = list(api.chat.completions.create(model="facts", messages=messages, stream=True, **plain))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
 
 
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])

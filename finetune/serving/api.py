@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP server: `create_app(chat)` is the Starlette app (`POST /v1/chat/completions`,
-`GET /v1/models`, `GET /health`, the web chat page at `/`); `serve(chat)` runs it under uvicorn."""
+`GET /v1/models`, `GET /health`, the web chat page at `/`); `serve(chat)` runs it under uvicorn. Replies are
+generated in a continuous batch (`finetune.serving.batching.Batcher`)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,15 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import logging
 import sys
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from functools import partial
 from importlib import resources
 from typing import Any, Literal
 
@@ -30,25 +31,46 @@ from transformers import AsyncTextIteratorStreamer
 from finetune.data import RowError, to_messages, tools_json
 from finetune.errors import FinetuneError
 from finetune.generation import DecodingSettings
-from finetune.serving.chat_model import ChatModel
+from finetune.serving.batching import Batcher, QueueFull, RequestTimeout, ServerClosing, check_load_limits
+from finetune.serving.chat_model import ChatModel, Completion
 from finetune.serving.tool_calls import StreamedReply, ToolCallFormat
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for; beyond these it gets a 4xx, so no client can exhaust the server."""
+    """What one request may ask for, and how much load the server takes; beyond these a request gets a 4xx (429 when
+    the queue is full), so no client can exhaust the server."""
 
     max_tokens: int = 512  # also the reply length when a request gives no max_tokens
     max_messages: int = 100
     max_body_bytes: int = 1_000_000
+    # Requests generated together, one row each. 16 rows decode at 5.4x the throughput of 1 on 2 CPU cores
+    # (benchmarks/results/serve_load.md); more rows make each step, so every stream, slower for little gain.
+    max_batch_size: int = 16
+    max_queue: int = 64  # requests waiting for a row; one more gets 429 with Retry-After
+    request_timeout: float | None = 300.0  # seconds from arrival to the last token, waiting included; None: no limit
+
+    def __post_init__(self) -> None:
+        check_load_limits(self.max_batch_size, self.max_queue, self.request_timeout)
 
 
 class ApiError(Exception):
     """A request the server refuses, answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
 
 
 class _TextPart(BaseModel):
@@ -96,9 +118,42 @@ class ChatRequest(BaseModel):
     tool_choice: str | dict[str, Any] | None = None
 
 
-def _error(status: int, message: str, *, param: str | None = None, code: str | None = None) -> JSONResponse:
+def _error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     kind = "server_error" if status >= 500 else "invalid_request_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _error(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(_error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def _engine_error(exc: BaseException) -> ApiError:
+    """What a client is told when the batcher could not answer: the queue was full, the request timed out, or the
+    server is shutting down."""
+    if isinstance(exc, QueueFull):
+        return ApiError(
+            429,
+            f"The server is busy: every batch row is generating and {exc.waiting} requests are waiting (its "
+            f"max_batch_size and max_queue). Retry after {exc.retry_after} s.",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+    if isinstance(exc, RequestTimeout):
+        return ApiError(
+            504,
+            f"No reply: {exc}. Ask for fewer max_tokens, or ask the server's operator to raise request_timeout.",
+            code="timeout",
+        )
+    if isinstance(exc, ServerClosing):
+        return ApiError(503, f"No reply: {exc}; retry against a running server.", code="server_shutting_down")
+    return ApiError(500, f"internal error ({type(exc).__name__}); the server log has the traceback.")
 
 
 def create_app(
@@ -109,11 +164,18 @@ def create_app(
     decoding: DecodingSettings = DecodingSettings(),
 ) -> Starlette:
     """The OpenAI-compatible app. `decoding` gives temperature and top_p when a request omits them (None: the
-    model's own generation_config), and the repetition guard every request gets."""
-    # One worker thread runs every generation, in arrival order. Two at once would race on the active adapter
-    # (set_adapter changes the shared model) and split the same cores, making both slower; queued requests simply
-    # wait their turn, so load never fails a request. Generation off the event loop keeps /health and streams live.
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finetune-generate")
+    model's own generation_config), and the repetition guard every request gets. `limits` bounds each request and
+    the load: rows generated together, requests waiting, seconds per request.
+
+    """
+    # One engine thread generates every reply, the concurrent ones together in a continuous batch (batching.py); the
+    # event loop only parses, queues and streams, so /health and streams stay live under load.
+    batcher = Batcher(
+        chat,
+        max_batch_size=limits.max_batch_size,
+        max_queue=limits.max_queue,
+        request_timeout=limits.request_timeout,
+    )
     page = resources.files("finetune").joinpath("static/chat.html").read_text(encoding="utf-8")
     expected = api_key.encode() if api_key else None
 
@@ -180,11 +242,20 @@ def create_app(
             top_p=decoding.top_p if req.top_p is None else req.top_p,
         )
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if req.stream:
-            events = _sse(chat, worker, name, prompt, settings, reply_id, tool_format)
+        cancel = threading.Event()
+        streamer = (
+            AsyncTextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            if req.stream
+            else None
+        )
+        try:  # queued before answering, so a full queue is a plain 429 even for a stream
+            future = batcher.submit(name, prompt, settings, streamer=streamer, cancel=cancel)
+        except (QueueFull, ServerClosing) as exc:
+            raise _engine_error(exc) from None
+        if streamer is not None:
+            events = _sse(chat, future, streamer, cancel, name, reply_id, tool_format)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        job = partial(chat.complete, name, prompt, settings)
-        completion = await asyncio.get_running_loop().run_in_executor(worker, job)
+        completion = await _answer(request, future, cancel)
         content, calls = tool_format.parse(completion.text) if tool_format else (completion.text, [])
         message = (
             {"role": "assistant", "content": content or None, "tool_calls": calls}
@@ -220,14 +291,23 @@ def create_app(
         return JSONResponse({"object": "list", "data": data})
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        load = batcher.status()
+        return JSONResponse(
+            {
+                "status": "ok",
+                "queued": load.queued,
+                "running": load.running,
+                "max_batch_size": load.max_batch_size,
+                "max_queue": load.max_queue,
+            }
+        )
 
     async def index(request: Request) -> Response:
         return HTMLResponse(page)
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        return _error(exc.status, exc.message, param=exc.param, code=exc.code)
+        return _error(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -239,9 +319,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        worker.shutdown(wait=False, cancel_futures=True)
+        batcher.close()  # every request still waiting gets an answer (503), none is left hanging
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/models", list_models, methods=["GET"]),
@@ -251,6 +331,8 @@ def create_app(
         exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )
+    app.state.batcher = batcher  # for serve()'s start-up line and for tests
+    return app
 
 
 def _conversation(req: ChatRequest, chat: ChatModel) -> tuple[list[dict[str, Any]], str, ToolCallFormat | None]:
@@ -299,17 +381,37 @@ async def _read_json(request: Request, limit: int) -> Any:
         raise ApiError(400, f"The request body is not valid JSON ({exc}).") from exc
 
 
+async def _answer(request: Request, future: Future[Completion], cancel: threading.Event) -> Completion:
+    """The reply once generated; a client that hangs up meanwhile has its generation stopped at the next step."""
+    waiter = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiter}, timeout=_DISCONNECT_POLL_SECONDS)
+        if done:
+            break
+        if not cancel.is_set() and await request.is_disconnected():
+            cancel.set()
+    try:
+        return waiter.result()
+    except (RequestTimeout, ServerClosing) as exc:
+        raise _engine_error(exc) from None
+
+
+_DISCONNECT_POLL_SECONDS = 0.5  # how soon a vanished non-streaming client frees its row; each poll costs microseconds
+
+
 async def _sse(
     chat: ChatModel,
-    worker: ThreadPoolExecutor,
+    future: Future[Completion],
+    streamer: AsyncTextIteratorStreamer,
+    cancel: threading.Event,
     name: str,
-    prompt: list[int],
-    decoding: DecodingSettings,
     reply_id: str,
     tool_format: ToolCallFormat | None = None,
 ) -> AsyncIterator[str]:
     """The reply as OpenAI's server-sent events: a role chunk, content chunks, tool-call chunks when the model called
-    tools (text that may start a call is held back until it is known to be one), a finish chunk, then [DONE]."""
+    tools (text that may start a call is held back until it is known to be one), a finish chunk, then [DONE]. A
+    request that fails midway (its timeout, a shutdown, an internal error) ends with an `error` event, which OpenAI
+    clients raise as an APIError."""
     created = int(time.time())
 
     def event(delta: dict[str, Any], finish_reason: str | None = None) -> str:
@@ -322,11 +424,6 @@ async def _sse(
         }
         return f"data: {json.dumps(chunk)}\n\n"
 
-    cancel = threading.Event()
-    streamer = AsyncTextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    job = asyncio.get_running_loop().run_in_executor(
-        worker, partial(chat.complete, name, prompt, decoding, streamer=streamer, cancel=cancel)
-    )
     reply = StreamedReply(tool_format) if tool_format else None
     try:
         yield event({"role": "assistant", "content": ""})
@@ -334,7 +431,14 @@ async def _sse(
             text = reply.feed(text) if reply else text
             if text:
                 yield event({"content": text})
-        completion = await job
+        try:
+            completion = await asyncio.wrap_future(future)
+        except Exception as exc:
+            if not isinstance(exc, (RequestTimeout, ServerClosing)):
+                _log.error("generation failed", exc_info=exc)
+            failure = _engine_error(exc)
+            yield f"data: {json.dumps(_error_body(failure.status, failure.message, code=failure.code))}\n\n"
+            return
         content, calls = reply.finish() if reply else ("", [])
         if content:
             yield event({"content": content})
@@ -343,7 +447,7 @@ async def _sse(
         yield event({}, "tool_calls" if calls else completion.finish_reason)
         yield "data: [DONE]\n\n"
     finally:
-        cancel.set()  # a client that hung up stops its generation at the next token
+        cancel.set()  # a client that hung up stops its generation at the next step
 
 
 def serve(
@@ -367,5 +471,13 @@ def serve(
             f"warning: serving on {host} with no API key: anyone who can reach this port can use the model.",
             file=sys.stderr,
         )
+    app = create_app(chat, api_key=api_key, limits=limits, decoding=decoding)
+    batcher: Batcher = app.state.batcher
+    if batcher.unbatched_because:
+        print(f"note: one request at a time: {batcher.unbatched_because}, so rows cannot share it.", file=sys.stderr)
+    else:
+        print(
+            f"Up to {batcher.max_batch_size} requests generated together, {batcher.max_queue} waiting.", file=sys.stderr
+        )
     print(f"Models: {', '.join(chat.variants)}. Web chat: http://{host}:{port}/", file=sys.stderr)
-    uvicorn.run(create_app(chat, api_key=api_key, limits=limits, decoding=decoding), host=host, port=port)
+    uvicorn.run(app, host=host, port=port)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import textwrap
 import threading
-from collections.abc import Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +42,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: Literal["stop", "length"]
+    token_ids: tuple[int, ...] = ()  # the reply's tokens, end-of-turn token included when reached
 
 
 class _Cancelled(StoppingCriteria):
@@ -62,6 +63,8 @@ class ChatModel:
     tokenizer: PreTrainedTokenizerBase
     variants: dict[str, str | None]  # public name -> peft adapter name; None is the model without any adapter
     default: str
+    # Held while the model runs: complete() switches the active adapter, which the server's batcher must not see.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def context_length(self) -> int | None:
@@ -71,6 +74,17 @@ class ChatModel:
     def tool_format(self) -> ToolCallFormat | None:
         """How this model's chat template writes tool calls (None: it does not)."""
         return tool_call_format(self.tokenizer)
+
+    @contextmanager
+    def _variant(self, adapter: str | None) -> Iterator[None]:
+        if adapter is not None:
+            self.model.set_adapter(adapter)
+            yield
+        elif isinstance(self.model, PeftModel):
+            with self.model.disable_adapter():  # the base shares its weights with the adapters: bypass LoRA this once
+                yield
+        else:
+            yield
 
     def prompt_ids(self, messages: list[dict[str, Any]], tools: str = "") -> list[int]:
         """The conversation (and tools, as JSON text) rendered with the model's own chat template exactly as
@@ -90,17 +104,13 @@ class ChatModel:
     ) -> Completion:
         """Generate one reply with variant `name`, decoded as `finetune.generation.generate_kwargs` says (the
         model's own sampling settings, the user's, the repetition guard). One call at a time: the active adapter is
-        state on the model."""
+        state on the model (held under `lock`); the server batches requests with `finetune.serving.batching`."""
         if cancel is not None and cancel.is_set():  # the requester left while this waited in the queue
             return Completion("", len(prompt_ids), 0, "stop")
         adapter = self.variants[name]
-        if adapter is not None:
-            self.model.set_adapter(adapter)
-        # The base shares its weights with the adapters; disable_adapter() bypasses LoRA for this call only.
-        scope = self.model.disable_adapter() if adapter is None and isinstance(self.model, PeftModel) else nullcontext()
         input_ids = torch.tensor([prompt_ids], device=self.model.device)
         try:
-            with scope:
+            with self.lock, self._variant(adapter):
                 output = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
@@ -117,7 +127,7 @@ class ChatModel:
         stops = {eos} if isinstance(eos, int) else set(eos or [])
         finish = "stop" if reply and reply[-1] in stops else "length"
         text = self.tokenizer.decode(reply, skip_special_tokens=True)
-        return Completion(text, len(prompt_ids), len(reply), finish)
+        return Completion(text, len(prompt_ids), len(reply), finish, tuple(reply))
 
 
 def load_chat_model(
