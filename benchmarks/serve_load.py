@@ -76,13 +76,20 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Bundled alias, run folder or model folder.")
     parser.add_argument("--callers", type=int, nargs="+", default=[1, 4, 16, 32], help="Concurrent callers per level.")
     parser.add_argument(
-        "--requests", type=int, nargs="+", default=[8, 16, 48, 64], help="Requests per level (one per --callers)."
+        "--requests", type=int, nargs="+", default=[16, 16, 48, 64], help="Requests per level (one per --callers)."
     )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=16, help="The batched server's --max-batch-size.")
     parser.add_argument("--soak", type=int, default=500, help="Requests to the batched server at --soak-callers.")
     parser.add_argument("--soak-callers", type=int, default=32)
     parser.add_argument("--baseline-ref", default=ONE_AT_A_TIME_REF, help="Commit of the one-at-a-time server.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS of both servers (default: torch's own, one per core). On a machine shared with other "
+        "jobs, 1: two threads that the scheduler preempts wait for each other at every operation.",
+    )
     parser.add_argument("--level-timeout", type=float, default=900, help="Seconds one level may take in all.")
     parser.add_argument("--name", default="serve_load", help="Results file name under benchmarks/results/.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -104,9 +111,13 @@ def free_port() -> int:
 class Server:
     """`python -m finetune serve` from `source` (a folder holding a `finetune` package) on a free loopback port."""
 
-    def __init__(self, label: str, source: Path, model: str, options: list[str], log: Path) -> None:
+    def __init__(
+        self, label: str, source: Path, model: str, options: list[str], log: Path, threads: int | None = None
+    ) -> None:
         self.label, self.port, self.log = label, free_port(), log
         env = {**os.environ, "PYTHONPATH": str(source)}
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
         command = [sys.executable, "-m", "finetune", "serve", model, "--port", str(self.port), *options]
         self.process = subprocess.Popen(command, cwd=source, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -259,9 +270,14 @@ def main() -> None:
     old = baseline_source(args.baseline_ref, work / "baseline")
     common = ["--max-tokens", str(args.max_tokens)]
     servers = {
-        "one_at_a_time": Server("one_at_a_time", old, args.model, common, work / "one_at_a_time.log"),
+        "one_at_a_time": Server("one_at_a_time", old, args.model, common, work / "one_at_a_time.log", args.threads),
         "batched": Server(
-            "batched", ROOT, args.model, [*common, "--max-batch-size", str(args.max_batch_size)], work / "batched.log"
+            "batched",
+            ROOT,
+            args.model,
+            [*common, "--max-batch-size", str(args.max_batch_size)],
+            work / "batched.log",
+            args.threads,
         ),
     }
     try:
@@ -385,7 +401,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"`finetune serve {settings['model']}`, greedy, max_tokens {settings['max_tokens']}, the official `openai` client "
         f"streaming from N concurrent callers over 127.0.0.1; the batched server with --max-batch-size "
         f"{settings['max_batch_size']}, the one-at-a-time server from commit {settings['baseline_ref'][:7]}, each level "
-        f"run on both back to back. Command: `{payload['command']}`.",
+        f"run on both back to back; server threads: {'torch default' if settings['threads'] == 'None' else settings['threads']}. "
+        f"Command: `{payload['command']}`.",
         "",
         "| callers | server | requests | errors | tokens/s | vs one at a time | requests/s | p50 latency (s) | p95 latency (s) "
         "| p50 first token (s) | p95 first token (s) | load average before/after |",
@@ -445,8 +462,11 @@ def plot(levels: list[dict[str, Any]], path: Path) -> Path:
         latency.plot(
             callers, [level["latency_p95_s"] for level in mine], "o-", color=colour, label=label.replace("_", " ")
         )
+    callers = sorted({level["callers"] for level in levels})
     for axes, title in ((throughput, "generated tokens/s"), (latency, "p95 latency (s)")):
         axes.set_xscale("log", base=2)
+        axes.set_xticks(callers, [str(count) for count in callers])
+        axes.set_ylim(bottom=0)
         axes.set_xlabel("concurrent callers")
         axes.set_title(title)
         axes.grid(alpha=0.3)

@@ -46,8 +46,10 @@ class Limits:
     max_tokens: int = 512  # also the reply length when a request gives no max_tokens
     max_messages: int = 100
     max_body_bytes: int = 1_000_000
-    # Requests generated together, one row each. 16 rows decode at 5.4x the throughput of 1 on 2 CPU cores
-    # (benchmarks/results/serve_load.md); more rows make each step, so every stream, slower for little gain.
+    # Requests generated together, one row each. 16 callers got 4.9x the tokens/s of one-at-a-time serving on 2 CPU
+    # cores (benchmarks/results/serve_load.md). 32 rows gave 1.1-1.55x the tokens/s of 16 with requests waiting, but
+    # each stream slows down as the batch grows, and the KV cache grows with the rows (per token 2 x layers x KV heads
+    # x head_dim values: 46 KB on SmolLM2-135M, 393 KB on SmolLM2-1.7B), so the default stays at 16.
     max_batch_size: int = 16
     max_queue: int = 64  # requests waiting for a row; one more gets 429 with Retry-After
     request_timeout: float | None = 300.0  # seconds from arrival to the last token, waiting included; None: no limit

@@ -7,8 +7,8 @@ would save nothing) and its cache joins the running batch, left-padded to the ba
 decodes the next token of every row, and a row that stops (end-of-turn token, max_tokens, a client that left, its
 timeout) leaves the batch at once, so the next request takes its place.
 
-On 2 CPU cores, 16 rows decode in about the time of 3 (benchmarks/results/eval_speed.md: batch 16 is 5.7x one at a
-time), because a decoding step reads every weight once whatever the rows. Each row keeps its own decoding: its
+On 2 CPU cores, 16 concurrent callers get 4.9x the tokens/s of one generation at a time (benchmarks/results/
+serve_load.md), because a decoding step reads every weight once whatever the number of rows. Each row keeps its own decoding: its
 logits processors (temperature, top_p, the repetition guard on its own reply) are the ones `generate()` would use
 for it alone (`finetune.generation.generate_kwargs` via `hf_internals.decoding_processors`), and its adapter is
 picked per row with peft's `adapter_names`, so requests for different adapters of one base share a batch.
