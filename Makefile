@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browsers quickstart lint test benchmark quality clean
+.PHONY: install browsers quickstart lint docs docs-check test benchmark quality clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,15 @@ browsers:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The documentation site: docs/*.md and an API reference generated from the docstrings (mkdocs.yml).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+# Built with --strict (in CI): a broken link or anchor, a page missing from the navigation, or a docstring that does
+# not match its signature fails.
+docs-check: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q -d $$(mktemp -d)
 
 test: $(STAMP) browsers
 	$(BIN)/python -m pytest -q --durations=10
