@@ -17,6 +17,10 @@ import griffe
 
 ROOT = Path(__file__).resolve().parent.parent
 API_DOCS = ROOT / "docs" / "api"
+# Modules rendered but not (yet) held to the rule, and why. cli.py's commands are typer commands: typer shows a
+# command's docstring as its --help text, and each parameter is documented by its option's own help=, so an Args
+# section there would repeat every option in `finetune COMMAND --help` (unless it is cut off with click's \f marker).
+NOT_CHECKED = {"finetune.cli": "typer commands: parameters documented by each option's help= (see above)"}
 
 
 def rendered_modules() -> list[str]:
@@ -24,7 +28,7 @@ def rendered_modules() -> list[str]:
     names = set()
     for page in API_DOCS.glob("*.md"):
         names.update(re.findall(r"^::: (finetune[\w.]*)\s*$", page.read_text(), flags=re.MULTILINE))
-    return sorted(names)
+    return sorted(names - set(NOT_CHECKED))
 
 
 def load_package() -> griffe.Module:
