@@ -26,6 +26,13 @@ from finetune.config import LoraConfig
 
 @dataclass(frozen=True)
 class TrainableParameters:
+    """How many of a model's parameters train (str: "N trainable of M parameters (P%)").
+
+    Attributes:
+        trainable: Parameters that receive gradients (the adapter's, and any trainable token rows).
+        total: All parameters of the model.
+    """
+
     trainable: int
     total: int
 
@@ -34,6 +41,16 @@ class TrainableParameters:
 
 
 def peft_config(cfg: LoraConfig, trainable_tokens: dict[str, list[int]] | None = None) -> PeftLoraConfig:
+    """The peft LoraConfig of the `lora:` section, for a causal LM, with no bias trained.
+
+    Args:
+        cfg: The `lora:` section: r, alpha (or its default 2 x r), dropout, target_modules, use_dora, use_rslora.
+        trainable_tokens: Layer name -> token ids whose rows train as whole rows (peft's trainable tokens); None for
+            none.
+
+    Returns:
+        The peft LoraConfig.
+    """
     return PeftLoraConfig(
         trainable_token_indices=trainable_tokens or None,
         r=cfg.r,
@@ -66,7 +83,17 @@ def load_trained(
     """`base` with the trained adapter in `folder`: first an embedding row for every token of `tokenizer` that the
     base lacks (chatml's turn markers on a base model; the adapter holds their trained values, so the rows only need
     to exist), then the adapter. `base` is whatever the caller needs: quantized as in training, full precision for a
-    merge, the weights read back from a GGUF file."""
+    merge, the weights read back from a GGUF file.
+
+    Args:
+        base: The base model to load the adapter over.
+        tokenizer: The tokenizer saved with the adapter (it may have more tokens than the base).
+        folder: The adapter folder (a run's adapter/).
+        adapter_name: The name peft gives the adapter.
+
+    Returns:
+        The peft model with the adapter active.
+    """
     models.fit_vocabulary(base, tokenizer, for_adapter=True)
     with _peft_quietly():
         return PeftModel.from_pretrained(base, str(folder), adapter_name=adapter_name)
@@ -79,7 +106,14 @@ REFERENCE_ADAPTER = "ref"
 
 def as_before_training(model: PeftModel) -> AbstractContextManager[Any]:
     """While inside, `model` computes as it did before training: its reference adapter where the run continued one,
-    else the base with every adapter off."""
+    else the base with every adapter off.
+
+    Args:
+        model: The peft model being trained or evaluated.
+
+    Returns:
+        A context manager.
+    """
     from trl.trainer.utils import use_adapter  # TRL's own switch, the one its trainers use for the reference
 
     return use_adapter(model, REFERENCE_ADAPTER if REFERENCE_ADAPTER in model.peft_config else None)
@@ -87,7 +121,11 @@ def as_before_training(model: PeftModel) -> AbstractContextManager[Any]:
 
 def keep_reference(model: PeftModel) -> None:
     """A frozen copy of the adapter `model` is about to train further, as `REFERENCE_ADAPTER`: the model as it was
-    before this run. (TRL's DPO and KTO trainers make the same copy, under the same name, when they are built.)"""
+    before this run. (TRL's DPO and KTO trainers make the same copy, under the same name, when they are built.)
+
+    Args:
+        model: The peft model whose "default" adapter is about to train; it stays the active one.
+    """
     with _peft_quietly():
         model.add_adapter(REFERENCE_ADAPTER, model.peft_config["default"])
     with torch.no_grad():
@@ -98,7 +136,13 @@ def keep_reference(model: PeftModel) -> None:
 
 
 def add_trained(model: PeftModel, folder: Path | str, *, adapter_name: str) -> None:
-    """One more trained adapter beside those of `model` (from `load_trained`), over the same base and vocabulary."""
+    """One more trained adapter beside those of `model` (from `load_trained`), over the same base and vocabulary.
+
+    Args:
+        model: A peft model from `load_trained`.
+        folder: The other adapter's folder.
+        adapter_name: The name it is loaded under (selected with `set_adapter`).
+    """
     with _peft_quietly():
         model.load_adapter(str(folder), adapter_name=adapter_name)
 
@@ -116,7 +160,21 @@ def attach_lora(
 
     `new_tokens`: ids whose embedding rows the base never trained (`models.fit_vocabulary`), trained as whole rows
     beside LoRA (peft's trainable tokens, saved in the adapter), in the output layer too unless it is tied to the
-    input embeddings (peft then trains the shared rows once). A continued adapter brings its own."""
+    input embeddings (peft then trains the shared rows once). A continued adapter brings its own.
+
+    A quantized model is first prepared for k-bit training; otherwise gradient checkpointing is switched on when
+    asked. With `lora.fast_dropout`, the dropout modules become FastCPUDropout.
+
+    Args:
+        model: The base model from `models.load_model`.
+        cfg: The `lora:` section.
+        gradient_checkpointing: Whether to recompute activations in backward (`training.gradient_checkpointing`).
+        new_tokens: Token ids whose rows the base never trained (from `models.fit_vocabulary`).
+        continue_from: A trained adapter folder to continue training (`model.adapter`); None for a fresh adapter.
+
+    Returns:
+        The peft model, ready to train.
+    """
     if getattr(model, "is_quantized", False):
         # Casts norms to fp32 and enables input grads; without the latter, checkpointed quantized models
         # fail with "element 0 of tensors does not require grad".
@@ -136,6 +194,14 @@ def attach_lora(
 
 
 def trainable_parameters(model: PeftModel) -> TrainableParameters:
+    """Count the trainable and total parameters of a peft model.
+
+    Args:
+        model: The peft model.
+
+    Returns:
+        TrainableParameters.
+    """
     trainable, total = model.get_nb_trainable_parameters()
     return TrainableParameters(trainable=trainable, total=total)
 
@@ -167,6 +233,16 @@ class FastCPUDropout(torch.nn.Dropout):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Drop elements of `x` with this module's probability, scaling the rest by 1 / (1 - p).
+
+        Off in eval mode, at p = 0 and on other devices than CPU, where torch's own dropout runs.
+
+        Args:
+            x: The input tensor.
+
+        Returns:
+            A tensor of the same shape.
+        """
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
         # autograd keeps only the boolean mask for backward, as torch's dropout does
@@ -182,7 +258,11 @@ def _cpu_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def use_fast_cpu_dropout(model: PeftModel) -> None:
-    """Replace peft's LoRA dropout modules by FastCPUDropout of the same probability."""
+    """Replace peft's LoRA dropout modules by FastCPUDropout of the same probability.
+
+    Args:
+        model: The peft model; changed in place.
+    """
     for module in model.modules():
         if isinstance(module, LoraLayer):
             for name, dropout in module.lora_dropout.items():

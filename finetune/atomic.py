@@ -17,7 +17,15 @@ from pathlib import Path
 
 @contextmanager
 def replacing_dir(target: Path) -> Iterator[Path]:
-    """Yield an empty sibling folder to write into; when the block ends without error it becomes `target`."""
+    """Yield an empty sibling folder to write into; when the block ends without error it becomes `target`.
+
+    Args:
+        target: The folder the written folder becomes. A previous `target` is replaced only once the block ends
+            without error; a `target.partial` left by a process that died while writing is removed first.
+
+    Yields:
+        The empty folder `target.partial` to write into; it is removed if the block raises.
+    """
     target = Path(target)
     partial = target.with_name(f"{target.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)  # left by a process that died while writing
@@ -39,7 +47,14 @@ def replacing_dir(target: Path) -> Iterator[Path]:
 
 @contextmanager
 def replacing_file(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target` to write to; when the block ends without error it replaces `target`."""
+    """Yield a temporary path beside `target` to write to; when the block ends without error it replaces `target`.
+
+    Args:
+        target: The file to replace.
+
+    Yields:
+        The path `.{name}.partial-{pid}` beside `target`; it is removed if the block raises.
+    """
     target = Path(target)
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
@@ -51,10 +66,22 @@ def replacing_file(target: Path) -> Iterator[Path]:
 
 
 def write_text(target: Path, text: str) -> None:
+    """Write `text` to `target` atomically (UTF-8): a reader sees the old file or the new one, never half of it.
+
+    Args:
+        target: The file to write or replace.
+        text: The whole new content.
+    """
     with replacing_file(target) as partial:
         partial.write_text(text, encoding="utf-8")
 
 
 def copy_file(source: Path, target: Path) -> None:
+    """Copy `source` to `target` atomically: a reader sees the old `target` or the complete copy, never half of it.
+
+    Args:
+        source: The file to copy.
+        target: Where the copy goes; an existing file there is replaced.
+    """
     with replacing_file(target) as partial:
         shutil.copyfile(source, partial)

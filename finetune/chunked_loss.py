@@ -22,14 +22,29 @@ from finetune.planning import loss_chunk_positions
 
 
 def bare_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP (`.module`) and peft wrappers."""
+    """The transformers model inside DDP (`.module`) and peft wrappers.
+
+    Args:
+        model: A transformers model, possibly wrapped in DDP and/or a peft model.
+
+    Returns:
+        The innermost transformers model.
+    """
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def final_hidden_states(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-    """(batch, tokens, hidden) states after the final norm, from the model's own forward with its head on one position."""
+    """(batch, tokens, hidden) states after the final norm, from the model's own forward with its head on one position.
+
+    Args:
+        model: The (possibly wrapped) causal language model.
+        inputs: The keyword inputs of its forward (input_ids, attention_mask, ...).
+
+    Returns:
+        The decoder's output hidden states, (batch, tokens, hidden).
+    """
     captured: list[torch.Tensor] = []
     decoder = bare_model(model).get_decoder()
     hook = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
@@ -42,7 +57,15 @@ def final_hidden_states(model: torch.nn.Module, inputs: dict[str, Any]) -> torch
 
 def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """What the model's forward computes from final hidden states: its output layer (as wrapped, e.g. by peft's
-    trainable tokens), then the scaling (Granite, Cohere) and softcapping (Gemma 2) some families apply, in float32."""
+    trainable tokens), then the scaling (Granite, Cohere) and softcapping (Gemma 2) some families apply, in float32.
+
+    Args:
+        model: The (possibly wrapped) causal language model.
+        hidden: Final hidden states, (..., hidden).
+
+    Returns:
+        Float32 logits, (..., vocabulary).
+    """
     base = bare_model(model)
     config = base.config.get_text_config()
     logits = base.get_output_embeddings()(hidden)
@@ -57,6 +80,14 @@ def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_size(model: torch.nn.Module) -> int:
+    """How many positions a chunk of the output layer holds for this model's vocabulary (the planner's rule).
+
+    Args:
+        model: The (possibly wrapped) causal language model.
+
+    Returns:
+        Positions per chunk (`finetune.planning.loss_chunk_positions` of the vocabulary size).
+    """
     return loss_chunk_positions(bare_model(model).get_output_embeddings().weight.shape[0])
 
 
@@ -65,7 +96,18 @@ def cross_entropy_sum(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy, number of argmax hits) of `targets` (K,) predicted from `hidden` (K, hidden), `positions`
     at a time (default: the planner's chunk for this vocabulary). With gradients on and more than one chunk, each
-    chunk is recomputed in backward instead of keeping its logits."""
+    chunk is recomputed in backward instead of keeping its logits.
+
+    Args:
+        model: The (possibly wrapped) causal language model whose output layer computes the logits.
+        hidden: Final hidden states of the positions that are scored, (K, hidden).
+        targets: The token each position should predict, (K,).
+        positions: Positions per chunk; None for `chunk_size(model)`.
+
+    Returns:
+        The summed cross-entropy (a scalar tensor, differentiable) and the number of positions whose most likely token
+        is the target.
+    """
     positions = positions or chunk_size(model)
 
     def chunk(states: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +130,17 @@ def cross_entropy_sum(
 def token_nll(
     model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, positions: int | None = None
 ) -> torch.Tensor:
-    """Each target's negative log-likelihood (K,) from `hidden` (K, hidden), a chunk of positions at a time (no backward)."""
+    """Each target's negative log-likelihood (K,) from `hidden` (K, hidden), a chunk of positions at a time (no backward).
+
+    Args:
+        model: The (possibly wrapped) causal language model whose output layer computes the logits.
+        hidden: Final hidden states of the positions that are scored, (K, hidden).
+        targets: The token each position should predict, (K,).
+        positions: Positions per chunk; None for `chunk_size(model)`.
+
+    Returns:
+        The negative log-likelihood of each target, (K,); empty when there are no targets.
+    """
     positions = positions or chunk_size(model)
     parts = [
         F.cross_entropy(output_logits(model, hidden[i : i + positions]), targets[i : i + positions], reduction="none")

@@ -483,6 +483,9 @@ def _quiet_third_party() -> None:
 
 
 def main() -> None:
+    """The `finetune` command: run the typer app, printing a FinetuneError as one line (exit status 2) instead of a
+    traceback (`--debug` or FINETUNE_DEBUG=1 prints it too); an interrupted run exits 128 + the signal's number.
+    """
     _quiet_third_party()
     try:
         app()

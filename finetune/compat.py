@@ -21,11 +21,22 @@ class TrainerHooks:
     hooks a subclass defines, so the subclass itself names no private method."""
 
     def checkpoint_saving(self) -> AbstractContextManager[Any]:
-        """Entered around every write of the model into a checkpoint (or `save_model`)."""
+        """Entered around every write of the model into a checkpoint (or `save_model`).
+
+        Returns:
+            A context manager; a subclass must define it.
+        """
         raise NotImplementedError
 
     def train_sampler(self, sampler: Any) -> Any:
-        """The sampler to order training data by, given the one the Trainer chose."""
+        """The sampler to order training data by, given the one the Trainer chose.
+
+        Args:
+            sampler: The sampler transformers' Trainer built for the training data.
+
+        Returns:
+            The sampler to use instead (or `sampler` itself); a subclass must define it.
+        """
         raise NotImplementedError
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -54,26 +65,59 @@ class TokenizedPreferenceData:
 
 
 def log_metric(trainer: Any, mode: str, name: str, value: float) -> None:
-    """Add a value to what TRL's SFTTrainer averages and logs under `name` ("train" or "eval" mode)."""
+    """Add a value to what TRL's SFTTrainer averages and logs under `name` ("train" or "eval" mode).
+
+    Args:
+        trainer: A TRL SFTTrainer (or a subclass).
+        mode: "train" or "eval": which of TRL's metric tables.
+        name: The metric's logged name.
+        value: One value to average in with the others logged since the last log step.
+    """
     trainer._metrics[mode][name].append(value)
 
 
 def set_logged_metric(trainer: Any, mode: str, name: str, value: float) -> None:
-    """Replace what TRL logs under `name` with one value (e.g. the running count of tokens)."""
+    """Replace what TRL logs under `name` with one value (e.g. the running count of tokens).
+
+    Args:
+        trainer: A TRL SFTTrainer (or a subclass).
+        mode: "train" or "eval": which of TRL's metric tables.
+        name: The metric's logged name.
+        value: The value logged from now on in place of whatever was collected.
+    """
     trainer._metrics[mode][name] = [value]
 
 
 def add_train_tokens(trainer: Any, tokens: int) -> None:
-    """Add to TRL's running count of processed training tokens (padding excluded)."""
+    """Add to TRL's running count of processed training tokens (padding excluded).
+
+    Args:
+        trainer: A TRL SFTTrainer (or a subclass).
+        tokens: How many real (non-padding) tokens a step processed.
+    """
     trainer._total_train_tokens += tokens
 
 
 def train_tokens(trainer: Any) -> int:
-    """TRL's running count of processed training tokens."""
+    """TRL's running count of processed training tokens.
+
+    Args:
+        trainer: A TRL SFTTrainer (or a subclass).
+
+    Returns:
+        The number of training tokens processed so far.
+    """
     return trainer._total_train_tokens
 
 
 def attention_implementation(model: Any) -> str:
     """The attention implementation a transformers model runs ("sdpa", "eager", ...); set with the public
-    `set_attn_implementation`, read only from the config's private field."""
+    `set_attn_implementation`, read only from the config's private field.
+
+    Args:
+        model: A transformers model (or a peft model wrapping one).
+
+    Returns:
+        The name of the attention implementation in its config.
+    """
     return model.config._attn_implementation

@@ -35,7 +35,14 @@ Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
-    """The values a Literal type allows, e.g. choices(Quantization) -> ("none", "8bit", "4bit")."""
+    """The values a Literal type allows, e.g. choices(Quantization) -> ("none", "8bit", "4bit").
+
+    Args:
+        literal: A `Literal[...]` type such as Quantization or Dtype.
+
+    Returns:
+        Its allowed values, in order.
+    """
     return get_args(literal)
 
 
@@ -46,6 +53,11 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
+    """The `model:` section: which base model to load, its revision, quantization and chat template.
+
+    Every field is a key of the recipe's `model:` section, with its default and description (docs/configuration.md).
+    """
+
     source: str = Field(
         "smollm2-135m-instruct",
         description="Bundled alias, Hub id, local folder, or path to a .gguf file.",
@@ -78,6 +90,12 @@ class ModelConfig(_Section):
 
 
 class LoraConfig(_Section):
+    """The `lora:` section: the LoRA adapter's rank, scaling, dropout and target modules.
+
+    Every field is a key of the recipe's `lora:` section, with its default and description (docs/configuration.md).
+    `lora_alpha` is the scaling numerator in use: `alpha`, or 2 x `r` when alpha is unset.
+    """
+
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: float | None = Field(
         None, gt=0, description="LoRA alpha; default 2 x r, so changing r keeps the update scale (alpha/r) at 2."
@@ -120,6 +138,12 @@ _FIELD_NAMES = (
 
 
 class DataSource(_Section):
+    """One entry of `data.sources` (or `validation_sources`/`test_sources`): where conversations come from.
+
+    Every field is a key of the entry, with its default and description (docs/configuration.md); a field that only
+    one source `type` reads says so in its description.
+    """
+
     type: Literal["file", "hub", "chatterbot"] = Field(
         "file",
         description="file: a local file, folder, glob or save_to_disk folder; hub: a Hub dataset id (needs internet); "
@@ -182,6 +206,12 @@ class DataSource(_Section):
 
 
 class CleaningConfig(_Section):
+    """The `data.clean:` section: which cleaning steps run over every conversation.
+
+    Every field is a key of the recipe's `data.clean:` section, with its default and description
+    (docs/configuration.md).
+    """
+
     html: bool = Field(
         False, description="Strip HTML tags and decode entities (off: it would damage code and markup in replies)."
     )
@@ -217,6 +247,12 @@ class CleaningConfig(_Section):
 
 
 class AugmentConfig(_Section):
+    """The `data.augment:` section: noisy copies of training conversations (typos, word swaps, deletions).
+
+    Every field is a key of the recipe's `data.augment:` section, with its default and description
+    (docs/configuration.md).
+    """
+
     typos: float = Field(0.0, ge=0, le=1, description="Share of words in user turns given one character edit.")
     word_swaps: float = Field(
         0.0, ge=0, le=1, description="Chance that each pair of neighbouring words in user turns is swapped."
@@ -228,6 +264,11 @@ class AugmentConfig(_Section):
 
 
 class DataConfig(_Section):
+    """The `data:` section: sources, cleaning, augmentation, length limits, splits and the audit.
+
+    Every field is a key of the recipe's `data:` section, with its default and description (docs/configuration.md).
+    """
+
     sources: list[DataSource] = Field(
         default_factory=lambda: [DataSource(type="chatterbot")],
         min_length=1,
@@ -291,6 +332,11 @@ class DataConfig(_Section):
 
 
 class TrainingConfig(_Section):
+    """The `training:` section: optimizer, batch, schedule, checkpoints, logging and trackers.
+
+    Every field is a key of the recipe's `training:` section, with its default and description (docs/configuration.md).
+    """
+
     # 5e-4 and one conversation batch per step (below): at equal training time the recipe then beats a plain TRL
     # script on held-out replies on every benchmark task, where 2e-4 with 4 accumulated batches (4x fewer, larger
     # steps) lost to it; measured in benchmarks/results/quality{,_ablations}.md, reasons in docs/tuning.md.
@@ -435,6 +481,12 @@ class TrainingConfig(_Section):
 
 
 class EvaluationConfig(_Section):
+    """The `evaluation:` section: what is scored before and after training, and how replies are generated.
+
+    Every field is a key of the recipe's `evaluation:` section, with its default and description
+    (docs/configuration.md).
+    """
+
     before_and_after: bool = Field(
         True,
         description="Score the base model too (the trained model with its adapters switched off: nothing reloaded), "
@@ -492,6 +544,12 @@ class EvaluationConfig(_Section):
 
 
 class PreferenceConfig(_Section):
+    """The `preference:` section: settings of the preference methods (dpo, orpo, simpo, kto).
+
+    Every field is a key of the recipe's `preference:` section, with its default and description
+    (docs/configuration.md).
+    """
+
     beta: float | None = Field(
         None,
         gt=0,
@@ -518,10 +576,23 @@ class PreferenceConfig(_Section):
     )
 
     def beta_for(self, method: str) -> float:
+        """The beta a method trains with: `beta` when set, else the method's default (simpo 2.0, others 0.1).
+
+        Args:
+            method: The recipe's `method` ("dpo", "orpo", "simpo" or "kto").
+
+        Returns:
+            The strength of the preference loss.
+        """
         return self.beta if self.beta is not None else {"simpo": 2.0}.get(method, 0.1)
 
 
 class OutputConfig(_Section):
+    """The `output:` section: the run folder, merging after training, and overwriting.
+
+    Every field is a key of the recipe's `output:` section, with its default and description (docs/configuration.md).
+    """
+
     dir: str = Field("runs/{name}", description="Run folder; {name} is replaced by the recipe name.")
     merge: bool = Field(True, description="Merge the adapter into a full-precision copy of the base and save it.")
     merge_strategy: MergeStrategy = Field(
@@ -555,6 +626,13 @@ class OutputConfig(_Section):
 
 
 class RecipeConfig(_Section):
+    """A whole recipe: its name, method and one section per stage, validated when it is built.
+
+    Build it with `from_yaml`, `from_dict` or keyword sections; every field has a default that works. `run_dir` is the
+    run folder, `output.dir` with `{name}` replaced by `name`. An invalid value, or an unknown key, raises FinetuneError
+    naming the key (and its line in a YAML file).
+    """
+
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name, used in the run folder.")
     method: Method = Field(
         "sft",
@@ -608,10 +686,31 @@ class RecipeConfig(_Section):
         return Path(self.output.dir.format(name=self.name))
 
     def to_yaml(self, path: str | Path) -> None:
+        """Write the configuration, every key included, as a YAML recipe (atomically).
+
+        Args:
+            path: The file to write; an existing one is replaced.
+        """
         atomic.write_text(Path(path), yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> RecipeConfig:
+        """Load and validate a YAML recipe, with overrides applied first.
+
+        Args:
+            path: The YAML recipe file.
+            overrides: `section.key=value` strings (values parsed as YAML, as `--set` does) or a mapping of dotted keys
+                to
+                values; see `apply_overrides`.
+
+        Returns:
+            The validated RecipeConfig.
+
+        Raises:
+            FinetuneError: The file does not exist, is not valid YAML or not a mapping, an override is malformed, or a
+                key
+                is unknown or its value invalid (the message names the key and its line).
+        """
         path = Path(path)
         if not path.is_file():
             raise FinetuneError(
@@ -630,7 +729,20 @@ class RecipeConfig(_Section):
         return cls.from_dict(raw, source=str(path), key_lines=_key_lines(text))
 
     def with_overrides(self, overrides: Sequence[str] | Mapping[str, Any], source: str = "overrides") -> RecipeConfig:
-        """A validated copy with dotted keys changed (see `apply_overrides`); this config is left as it was."""
+        """A validated copy with dotted keys changed (see `apply_overrides`); this config is left as it was.
+
+        When `training.effective_batch_size` is set, `gradient_accumulation_steps` is derived again from the new values.
+
+        Args:
+            overrides: `section.key=value` strings or a mapping of dotted keys to values (see `apply_overrides`).
+            source: What error messages name as the origin of the values.
+
+        Returns:
+            The new, validated RecipeConfig.
+
+        Raises:
+            FinetuneError: An override is malformed, or a key is unknown or its new value invalid.
+        """
         raw = self.model_dump(mode="json")
         if self.training.effective_batch_size is not None:
             # Derived from effective_batch_size and batch_size (TrainingConfig): derived again from the new values.
@@ -642,6 +754,19 @@ class RecipeConfig(_Section):
     def from_dict(
         cls, raw: dict[str, Any], source: str = "config", key_lines: dict[str, int] | None = None
     ) -> RecipeConfig:
+        """Validate a raw recipe mapping (as read from YAML).
+
+        Args:
+            raw: Section name -> mapping of keys, as in a YAML recipe.
+            source: What error messages name as the origin (a file path, or "config").
+            key_lines: Dotted key -> line in the source file, so an error can point at the line.
+
+        Returns:
+            The validated RecipeConfig.
+
+        Raises:
+            FinetuneError: A key is unknown (the message suggests the closest allowed key) or a value is invalid.
+        """
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
@@ -653,6 +778,14 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str] | Mapping[str,
 
     `overrides` is either `section.key=value` strings, whose values are parsed as YAML (20 is an int, true a bool),
     or a mapping of dotted keys to values used as they are.
+
+    Args:
+        raw: The recipe mapping to change, in place.
+        overrides: `section.key=value` strings or a mapping of dotted keys to values.
+
+    Raises:
+        FinetuneError: A string has no `=` or no key (`overrides`), or a dotted key goes through a value that is not
+            a section.
     """
     if isinstance(overrides, Mapping):
         pairs = [(key, value, f"{key}={value!r}") for key, value in overrides.items()]

@@ -61,6 +61,11 @@ def _leave() -> None:
 
 
 def is_main() -> bool:
+    """Whether this is the main process (always, in a single-process run).
+
+    Returns:
+        True on the main process.
+    """
     return state().is_main_process
 
 
@@ -85,6 +90,16 @@ def on_main(fn: Callable[[], T]) -> T:
 
     The other processes wait meanwhile, so nothing reads a file before it is written, and an error on the main
     process (a refused run folder, a failed merge check) stops every process instead of leaving them waiting.
+
+    Args:
+        fn: What to run, with no arguments.
+
+    Returns:
+        What `fn` returned on the main process.
+
+    Raises:
+        FinetuneError: On the main process, what `fn` raised; on the others, that the main process failed, with its
+            message.
     """
     current = state()
     if current.num_processes == 1:
@@ -106,7 +121,14 @@ def on_main(fn: Callable[[], T]) -> T:
 
 
 def shard(rows: R) -> R:
-    """This process's contiguous slice of `rows` (a Dataset or a list), so that `gather` puts per-row results back in order."""
+    """This process's contiguous slice of `rows` (a Dataset or a list), so that `gather` puts per-row results back in order.
+
+    Args:
+        rows: A Dataset or a list.
+
+    Returns:
+        This process's slice; all of `rows` in a single-process run.
+    """
     current = state()
     if current.num_processes == 1:
         return rows
@@ -118,7 +140,14 @@ def shard(rows: R) -> R:
 
 
 def gather(items: list[T]) -> list[T]:
-    """Every process's `items`, concatenated in process order, on every process."""
+    """Every process's `items`, concatenated in process order, on every process.
+
+    Args:
+        items: This process's items (JSON- or pickle-able).
+
+    Returns:
+        Every process's items, in process order.
+    """
     return gather_object(items) if state().num_processes > 1 else items
 
 
@@ -127,6 +156,13 @@ def launch(cli_args: list[str], num_processes: int) -> None:
 
     One process per GPU with CUDA (NCCL); on a machine without one, CPU processes in a gloo group, which is how
     the tests check that N processes train like one. Accelerate's `--cpu` flag would start a single process.
+
+    Args:
+        cli_args: The finetune command line to run in each process (e.g. ["run", "recipe.yaml", "--set", ...]).
+        num_processes: How many processes (at least 2; at most one per GPU).
+
+    Raises:
+        FinetuneError: `num_processes` is below 2 or above the number of GPUs, or a process failed.
     """
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

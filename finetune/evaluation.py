@@ -59,6 +59,11 @@ class NLL:
         return len(self.rows)
 
     def metrics(self) -> dict[str, float]:
+        """The perplexity metrics of all rows together.
+
+        Returns:
+            perplexity (assistant tokens), perplexity_all_tokens and scored_tokens (assistant tokens scored).
+        """
         assistant, assistant_tokens, every, every_tokens = self.rows.sum(axis=0)
         return {
             "perplexity": math.exp(assistant / max(assistant_tokens, 1)),
@@ -67,6 +72,11 @@ class NLL:
         }
 
     def row_scores(self) -> dict[str, RowScores]:
+        """The per-row statistics behind the perplexities, for bootstrap intervals of a change.
+
+        Returns:
+            Metric name -> RowScores of the (NLL, tokens) pairs of each row.
+        """
         return {
             "perplexity": RowScores("perplexity", self.rows[:, :2]),
             "perplexity_all_tokens": RowScores("perplexity", self.rows[:, 2:]),
@@ -86,6 +96,17 @@ def perplexity(
 
     `across_processes=True` (every process must call it then): each process scores its share of the rows and the sums are
     added up, so every process returns the numbers one process would have computed alone.
+
+    Args:
+        model: The causal language model (a peft model included); it is put in eval mode and back afterwards.
+        dataset: Tokenized conversations with input_ids and labels (-100 where no loss is taken).
+        pad_token_id: The id batches are padded with.
+        batch_size: Conversations per forward pass.
+        desc: The progress bar's label.
+        across_processes: Whether every process of a multi-process run calls this for its share of the rows.
+
+    Returns:
+        perplexity, perplexity_all_tokens and scored_tokens (see `NLL.metrics`).
     """
     return nll(
         model, dataset, pad_token_id=pad_token_id, batch_size=batch_size, desc=desc, across_processes=across_processes
@@ -103,7 +124,19 @@ def nll(
     across_processes: bool = False,
 ) -> NLL:
     """The per-conversation sums behind `perplexity`, in the dataset's order (computed in length-sorted batches; see
-    `perplexity` for `across_processes`, where the rows come back in process order)."""
+    `perplexity` for `across_processes`, where the rows come back in process order).
+
+    Args:
+        model: The causal language model (a peft model included); it is put in eval mode and back afterwards.
+        dataset: Tokenized conversations with input_ids and labels (-100 where no loss is taken).
+        pad_token_id: The id batches are padded with.
+        batch_size: Conversations per forward pass.
+        desc: The progress bar's label.
+        across_processes: Whether every process of a multi-process run calls this for its share of the rows.
+
+    Returns:
+        The NLL record: one row of sums per conversation.
+    """
     if across_processes:
         dataset = distributed.shard(dataset)
     was_training = model.training
@@ -171,6 +204,17 @@ def generate(
 
     `tools`: each conversation's tool list as JSON text ("" for none). Batched with left padding so every prompt
     ends where generation starts; the KV cache is on by default.
+
+    Args:
+        model: The causal language model; put in eval mode and back afterwards.
+        tokenizer: Its tokenizer with the chat template the prompts are rendered with.
+        conversations: Messages whose last turn is answered (the reply to score, if any, already removed).
+        tools: Each conversation's tools JSON; None for none.
+        decoding: How to decode: greedy (temperature 0) with up to 64 new tokens by default.
+        batch_size: Prompts per `generate` call.
+
+    Returns:
+        Each reply's token ids, in the order of `conversations`.
     """
     was_training = model.training
     model.eval()
@@ -205,13 +249,29 @@ def generate(
 
 @dataclass
 class Evaluation:
+    """The scores of one model on held-out data.
+
+    Attributes:
+        metrics: Metric name -> value (perplexity, generation scores, preference and safety rates).
+        samples: Generated replies beside the reference: dicts with prompt, reference and prediction.
+        rows: Metric name -> the per-row statistics behind it (for before/after intervals).
+        safety: The replies to the safety prompts, when they were asked; their rates are in `metrics` and `rows`.
+    """
+
     metrics: dict[str, float]
     samples: list[dict[str, str]] = field(default_factory=list)  # prompt, reference, prediction
     rows: dict[str, RowScores] = field(default_factory=dict)  # the per-row statistics behind each metric
     safety: SafetyReplies | None = None  # replies to the safety prompts, whose rates are in metrics and rows
 
     def with_safety(self, replies: SafetyReplies) -> Evaluation:
-        """These scores plus the safety rates (`finetune.safety`) of `replies`."""
+        """These scores plus the safety rates (`finetune.safety`) of `replies`.
+
+        Args:
+            replies: The replies to the safety prompts.
+
+        Returns:
+            A new Evaluation with the safety rates added to metrics and rows.
+        """
         rows = replies.rows()
         metrics = {name: scores.score() for name, scores in rows.items()}
         return Evaluation({**self.metrics, **metrics}, self.samples, {**self.rows, **rows}, replies)
@@ -230,9 +290,19 @@ class Replies:
         return len(self.samples)
 
     def scores(self) -> dict[str, float]:
+        """The generation metrics of all the replies together (BLEU, ROUGE, token F1, exact match, repetition).
+
+        Returns:
+            Metric name -> value.
+        """
         return score_generations(*self._texts())
 
     def row_scores(self) -> dict[str, RowScores]:
+        """The per-row statistics behind the generation metrics, for bootstrap intervals of a change.
+
+        Returns:
+            Metric name -> RowScores.
+        """
         return generation_rows(*self._texts())
 
     def _texts(self) -> tuple[list[str], list[str]]:
@@ -250,7 +320,17 @@ def _evaluation(scored: NLL, replies: Replies | None, preferences: dict[str, Row
 def preference_rows(chosen: NLL, rejected: NLL | None, labels: list[bool] | None = None) -> dict[str, RowScores]:
     """Per-row preference scores from the NLL of each held-out reply (per token, so a longer reply is not scored
     lower for its length): for pairs, whether and by how much the chosen reply beats the rejected one; for KTO's
-    labelled replies, the log-probability of the good and of the bad ones."""
+    labelled replies, the log-probability of the good and of the bad ones.
+
+    Args:
+        chosen: NLL of each row's chosen reply (or, for KTO, its one reply).
+        rejected: NLL of each row's rejected reply; None for KTO's unpaired rows.
+        labels: For KTO, whether each row's reply is a good one; unused for pairs.
+
+    Returns:
+        preference_accuracy, reward_margin, chosen_logp and rejected_logp for pairs; desirable_logp and
+        undesirable_logp (those present) for labelled replies.
+    """
     chosen_logp = -chosen.rows[:, 0] / np.maximum(chosen.rows[:, 1], 1)
     if rejected is not None:
         rejected_logp = -rejected.rows[:, 0] / np.maximum(rejected.rows[:, 1], 1)
@@ -293,6 +373,16 @@ def score(
     In a multi-process run every process calls this: each scores and generates for its share of the rows, and
     every process gets the metrics of all of them. With sharded weights (FSDP, DeepSpeed) every forward pass is a
     collective step, so there each process runs every row instead (and generate() keeps the processes in step).
+
+    Args:
+        model: The model to score.
+        tokenizer: Its tokenizer with the chat template.
+        heldout: Tokenized held-out conversations (at most `evaluation.max_rows` are scored).
+        cfg: The `evaluation:` section: max_rows, batch_size, generation, generation_rows and decoding.
+        label: The progress bar's label.
+
+    Returns:
+        The Evaluation: metrics, sample replies and per-row statistics.
     """
     rows = heldout.select(range(min(cfg.max_rows or len(heldout), len(heldout))))
     prompts = reply_prompts(heldout, cfg.generation_rows) if cfg.generation else []
@@ -348,6 +438,14 @@ class Comparison:
         return self.after.safety.counts() if self.after.safety is not None else {}
 
     def summary(self, train_seconds: float | None) -> dict[str, Any]:
+        """What metrics.json records about the evaluation: its size, time and budget, the changes and safety.
+
+        Args:
+            train_seconds: How long training took, for the evaluation's share of it; None when unknown.
+
+        Returns:
+            A JSON-ready dict.
+        """
         share = self.cost.seconds / train_seconds if train_seconds else None
         return {
             "evaluation_rows": len(self.rows),
@@ -378,7 +476,15 @@ class Comparison:
 
     def lines(self, train_seconds: float | None, time_share: float | None) -> list[str]:
         """What the run prints about its evaluation: its size and cost, and when it went over its budget or was too
-        small to tell a change, why and which setting to raise."""
+        small to tell a change, why and which setting to raise.
+
+        Args:
+            train_seconds: How long training took; None when unknown.
+            time_share: `evaluation.time_share`, shown beside the time taken.
+
+        Returns:
+            The lines to print, first the size and cost.
+        """
         cost = self.cost
         of = f" = {cost.seconds / train_seconds:.0%} of the {train_seconds:.0f} s of training" if train_seconds else ""
         limit = f" (evaluation.time_share {time_share:.0%})" if cost.budget is not None else " (no time budget)"
@@ -453,6 +559,19 @@ def before_and_after(
     The safety sets run last, on what is left (at least `_SAFETY_SHARE` of the budget is kept for them); when not even
     one batch of each fits, they are left out and `Comparison.safety_skipped` says why.
     `clock` measures the time (a test passes a simulated one).
+
+    Args:
+        model: The trained peft model.
+        tokenizer: Its tokenizer with the trained chat template.
+        heldout: Tokenized held-out conversations (the test split), in their seeded order.
+        cfg: The `evaluation:` section.
+        train_seconds: How long training took, the base of `evaluation.time_share`; None for no time budget.
+        safety_prompts: Safety set name -> prompts; None for `finetune.safety.safety_prompts(cfg)`.
+        system_prompt: `data.system_prompt`, asked before each safety prompt when set.
+        clock: A function returning seconds, to measure the time taken.
+
+    Returns:
+        The Comparison: both Evaluations, the rows scored, what it cost, and each metric's change.
     """
     started = clock()
     budget = cfg.time_share * train_seconds if cfg.time_share and train_seconds else None
@@ -622,7 +741,17 @@ def _safety_pass(
 
 def rows_within(seconds: float, first_seconds: float, lengths: list[int], first_rows: int) -> int:
     """How many of `lengths` (tokens per conversation, in order) fit in `seconds` when the first `first_rows` of
-    them took `first_seconds`: time is taken as proportional to tokens. Never fewer than `first_rows`."""
+    them took `first_seconds`: time is taken as proportional to tokens. Never fewer than `first_rows`.
+
+    Args:
+        seconds: The time allowed.
+        first_seconds: What the first `first_rows` conversations took.
+        lengths: Tokens of each conversation, in the order they are taken.
+        first_rows: How many conversations the timed first batch held.
+
+    Returns:
+        The number of conversations to take from the start of `lengths`.
+    """
     per_token = first_seconds / max(sum(lengths[:first_rows]), 1)
     spent, count = 0.0, 0
     for length in lengths:
@@ -648,7 +777,15 @@ Prompt = tuple[list[dict[str, Any]], str]
 
 def reply_prompts(heldout: Dataset, limit: int | None = None) -> list[Prompt]:
     """Held-out conversations whose last reply can be generated and compared, at most `limit`: raw text rows have no
-    reply, and a reply that only calls tools has no text to compare with."""
+    reply, and a reply that only calls tools has no text to compare with.
+
+    Args:
+        heldout: Held-out conversations (messages and, when present, tools columns).
+        limit: The most to return; None for all.
+
+    Returns:
+        (messages, tools JSON) pairs; the last message of each is the reference reply.
+    """
     tools = heldout["tools"] if "tools" in heldout.column_names else [""] * len(heldout)
     return [(m, t) for m, t in zip(heldout["messages"], tools) if m and (m[-1]["content"] or "").strip()][:limit]
 
@@ -664,7 +801,19 @@ def reply_texts(
 ) -> list[str]:
     """The decoded reply to each conversation's last turn, decoded as `cfg` says (`DecodingSettings.for_evaluation`,
     `max_new_tokens` in place of cfg.max_new_tokens when given). In a multi-process run each process generates its
-    share and every process gets all replies, in order."""
+    share and every process gets all replies, in order.
+
+    Args:
+        model: The model to generate with.
+        tokenizer: Its tokenizer with the chat template.
+        conversations: Messages whose last turn is answered.
+        cfg: The `evaluation:` section: decoding and batch_size.
+        tools: Each conversation's tools JSON; None for none.
+        max_new_tokens: The longest reply in tokens, in place of `evaluation.max_new_tokens`; None to keep it.
+
+    Returns:
+        The replies as text, special tokens removed and stripped, in the order of `conversations`.
+    """
     split = not distributed.weights_sharded()
     pairs = list(zip(conversations, tools or [""] * len(conversations)))
     share = distributed.shard(pairs) if split else pairs
@@ -703,7 +852,24 @@ def evaluate_checkpoint(
 ) -> Evaluation:
     """Score any model (optionally with a LoRA adapter) on every valid conversation of a data config, and with
     `cfg.safety` on the safety sets too (`cfg.safety_prompts` of each, no time budget; `Evaluation.safety` holds the
-    replies). `data_cfg` None: the safety sets only."""
+    replies). `data_cfg` None: the safety sets only.
+
+    What `finetune eval` runs: the model is loaded as `model_cfg` says, with the adapter's own tokenizer (and chat
+    template) when it has one.
+
+    Args:
+        model_cfg: The `model:` section: which model, quantization, chat template.
+        data_cfg: The `data:` section of the conversations to score (all rows, no split); None for safety only.
+        cfg: The `evaluation:` section.
+        adapter: A LoRA adapter folder to apply over the model; None for the model alone.
+
+    Returns:
+        The Evaluation.
+
+    Raises:
+        FinetuneError: Neither data nor `evaluation.safety` was given, `adapter` holds no adapter_config.json, or
+            the model or data cannot be loaded.
+    """
     if data_cfg is None and not cfg.safety:
         raise FinetuneError(
             f"{argument('data_cfg', None)}: nothing to evaluate: give conversations to score, or turn on "
@@ -736,7 +902,14 @@ def evaluate_checkpoint(
 
 def comparison_table(changes: list[Change]) -> Table:
     """The before/after table the run prints: each change with its 95% interval, and better or worse only when the
-    interval excludes no change."""
+    interval excludes no change.
+
+    Args:
+        changes: Each metric's change, as `Comparison.changes` holds them.
+
+    Returns:
+        A rich Table.
+    """
     table = Table(title="Held-out evaluation: base vs fine-tuned (95% paired bootstrap intervals)")
     for column in ("metric", "before", "after", "change"):
         table.add_column(column, justify="left" if column == "metric" else "right")
@@ -752,7 +925,16 @@ def write_report(
     history: dict[str, list[tuple[int, float]]],
     samples: dict[str, list[dict[str, str]]] | None = None,
 ) -> None:
-    """metrics.json, report.md and PNG plots (loss curves, before/after bars) in the run folder."""
+    """metrics.json, report.md and PNG plots (loss curves, before/after bars) in the run folder.
+
+    Each file replaces its previous version atomically.
+
+    Args:
+        run_dir: The run folder.
+        summary: What metrics.json records (metrics before and after, changes, evaluation size, data report, ...).
+        history: Series name -> (step, value) points of the loss curves.
+        samples: "before"/"after" -> sample replies (prompt, reference, prediction); None for none.
+    """
     run = RunFolder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Each file replaces its previous version in one rename: a crash mid-write leaves the last good report.

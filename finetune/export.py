@@ -63,6 +63,20 @@ _PRE_TOKENIZERS = {
 
 @dataclass(frozen=True)
 class ExportResult:
+    """What `export_gguf` wrote and the checks the file passed.
+
+    Attributes:
+        path: The GGUF file written: the model, or with adapter_only the LoRA adapter.
+        modelfile: The Ollama Modelfile beside it.
+        quant: The GGUF weight type.
+        adapter_only: Whether `path` is a LoRA adapter GGUF.
+        size_bytes: The file's size.
+        base: For an adapter, the base GGUF it applies to; else None.
+        checks: Check name -> its outcome (tokens, logits, replies compared with transformers).
+        warnings: What the export could not reproduce exactly (e.g. a chat template Ollama cannot render).
+        seconds: How long the export took.
+    """
+
     path: Path  # the GGUF file written: the model, or with adapter_only the LoRA adapter
     modelfile: Path
     quant: str
@@ -74,6 +88,11 @@ class ExportResult:
     seconds: float = 0.0
 
     def lines(self) -> list[str]:
+        """What `finetune export` prints: the file, its size and type, the base, each check and any warning.
+
+        Returns:
+            The lines to print.
+        """
         out = [f"{self.path} ({self.size_bytes / 2**20:.1f} MiB, {self.quant}) and {self.modelfile.name}"]
         if self.base is not None:
             out.append(f"  base for the adapter: {self.base}")
@@ -347,7 +366,19 @@ def write_model_gguf(
 
     With 4- and 5-bit types the output head (the embedding matrix, when tied) is written as q8_0: every logit goes
     through it, and llama-quantize keeps it at 6 bits for the same reason. On SmolLM2-135M, q4_0 everywhere moved
-    logits by up to 2 standard deviations; see benchmarks/results/export_quality.md for what the rule buys."""
+    logits by up to 2 standard deviations; see benchmarks/results/export_quality.md for what the rule buys.
+
+    Args:
+        path: The GGUF file to write.
+        model: The merged (full-precision) model, of the Llama architecture.
+        tokenizer: Its tokenizer, with the chat template.
+        stop_ids: End-of-turn token ids, recorded as EOS/EOT.
+        quant: The weight type of 2-D weights (f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0).
+        name: The model's name in the file's metadata.
+
+    Returns:
+        Warnings about what could not be written exactly; empty when none.
+    """
     import gguf
 
     config = model.config
@@ -452,7 +483,17 @@ def _add_tokenizer(writer: Any, tokenizer: PreTrainedTokenizerBase, vocab_size: 
 def write_adapter_gguf(path: Path, adapter_dir: Path, base_model: PreTrainedModel) -> None:
     """A peft LoRA adapter as a llama.cpp LoRA GGUF: `<tensor>.lora_a` (r x in) and `<tensor>.lora_b` (out x r)
     per adapted weight, B's rows permuted like the q/k weight they update, and an alpha that gives llama.cpp's
-    alpha / r the adapter's own scale (alpha / sqrt(r) with rsLoRA)."""
+    alpha / r the adapter's own scale (alpha / sqrt(r) with rsLoRA).
+
+    Args:
+        path: The GGUF file to write.
+        adapter_dir: The peft adapter folder.
+        base_model: The model the adapter was trained on (for the modules' shapes and names).
+
+    Raises:
+        FinetuneError: The adapter uses DoRA, trains extra modules, has per-module ranks or alphas, or adapts a
+            module llama.cpp has no name for.
+    """
     import gguf
     from safetensors.torch import load_file
 
@@ -807,7 +848,14 @@ def chat_template_pieces(tokenizer: PreTrainedTokenizerBase) -> dict[str, str] |
     """The chat template as fixed text around each message: {head, <role>_pre, <role>_post, generation}, learnt by
     rendering probes and kept only if it reproduces the template exactly on several conversations; None when the
     template does more than surround messages (merges the system prompt into a user turn, adds a default system
-    prompt, rewrites earlier turns, ...)."""
+    prompt, rewrites earlier turns, ...).
+
+    Args:
+        tokenizer: The tokenizer with its chat template.
+
+    Returns:
+        The pieces, or None.
+    """
     mark = {role: f"\x02{role}\x03" for role in ("system", "user", "assistant")}
 
     def render(messages: list[dict[str, str]], generation: bool = False) -> str:
@@ -858,7 +906,15 @@ def chat_template_pieces(tokenizer: PreTrainedTokenizerBase) -> dict[str, str] |
 
 
 def render_pieces(pieces: dict[str, str], messages: list[dict[str, str]]) -> str:
-    """What the Modelfile's TEMPLATE renders for `messages` (Ollama always asks for the next assistant turn)."""
+    """What the Modelfile's TEMPLATE renders for `messages` (Ollama always asks for the next assistant turn).
+
+    Args:
+        pieces: From `chat_template_pieces`.
+        messages: The conversation so far.
+
+    Returns:
+        The rendered text, ending with the opening of the assistant's turn.
+    """
     body = "".join(pieces[f"{m['role']}_pre"] + m["content"] + pieces[f"{m['role']}_post"] for m in messages)
     return pieces["head"] + body + pieces["generation"]
 
@@ -878,7 +934,18 @@ def modelfile_text(
     system_prompt: str | None = None,
 ) -> tuple[str, str | None]:
     """An Ollama Modelfile: FROM the GGUF (ADAPTER for a LoRA GGUF), TEMPLATE rendering exactly what the chat template
-    renders, a stop per end-of-turn string, and the recipe's system prompt. Returns (text, warning or None)."""
+    renders, a stop per end-of-turn string, and the recipe's system prompt. Returns (text, warning or None).
+
+    Args:
+        tokenizer: The tokenizer with its chat template.
+        stop_ids: End-of-turn token ids (each becomes a PARAMETER stop).
+        model_from: The FROM line's GGUF file (relative to the Modelfile) or model.
+        adapter: The LoRA GGUF for an ADAPTER line; None for none.
+        system_prompt: `data.system_prompt`, written as SYSTEM; None for none.
+
+    Returns:
+        (Modelfile text, a warning when the template could not be reproduced, else None).
+    """
     lines = [f"FROM {model_from}"]
     if adapter:
         lines.append(f"ADAPTER {adapter}")

@@ -63,7 +63,14 @@ class DecodingSettings:
 
     @classmethod
     def for_evaluation(cls, cfg: EvaluationConfig) -> DecodingSettings:
-        """Greedy unless `evaluation.do_sample`: a before/after comparison needs the same reply every time."""
+        """Greedy unless `evaluation.do_sample`: a before/after comparison needs the same reply every time.
+
+        Args:
+            cfg: The `evaluation:` section: max_new_tokens, do_sample, temperature, top_p and the repetition guard.
+
+        Returns:
+            The DecodingSettings evaluation generates with.
+        """
         return cls(
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature if cfg.do_sample else 0,
@@ -80,6 +87,15 @@ def generate_kwargs(
     any (else `FALLBACK_SAMPLING`), overridden by the user's explicit `settings`, plus the repetition guard.
 
     prompt_length: the width of the (left-padded) prompt batch; the guard looks only at what comes after it.
+
+    Args:
+        settings: The user's decoding settings; None fields keep the model's own.
+        generation_config: The model's generation config.
+        prompt_length: The width of the prompt batch, in tokens.
+
+    Returns:
+        max_new_tokens, do_sample and the sampling settings, and a `logits_processor` with the RepetitionGuard when
+        it is on.
     """
     shipped = {key: getattr(generation_config, key, None) for key in MODEL_SAMPLING_KEYS}
     shipped = {key: value for key, value in shipped.items() if value is not None}
@@ -114,6 +130,12 @@ class RepetitionGuard(LogitsProcessor):
     Only the reply counts: columns before `prompt_length` (the prompt and, in a left-padded batch, its padding) are
     never matched, so a reply may quote its prompt. Columns after a row's end hold padding, but that row is finished
     and its scores are not used.
+
+    Args:
+        prompt_length: The width of the prompt batch; only later columns are the reply.
+        strength: The penalty's multiplier (the repetition guard's strength; 0 turns it off in effect).
+        base: How fast the penalty grows with each further repeated token.
+        allowed_length: The longest repeat left alone, in tokens.
     """
 
     def __init__(

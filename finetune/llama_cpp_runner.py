@@ -64,7 +64,20 @@ class ChildFailed(FinetuneError):
 def run_in_child(function: Callable[[Any], Any], request: Any, *, what: str, timeout: float | None = None) -> Any:
     """`function(request)` in a fresh Python process; its return value, or `ChildFailed` naming `what` was running.
 
-    `function` must be a module-level function importable by the child (it is found by module and name)."""
+    `function` must be a module-level function importable by the child (it is found by module and name).
+
+    Args:
+        function: A module-level function taking one argument.
+        request: Its argument (picklable).
+        what: What is running, for error messages.
+        timeout: Seconds before the child is stopped; None for no limit.
+
+    Returns:
+        What `function` returned.
+
+    Raises:
+        ChildFailed: The child timed out, died by a signal, raised, or llama-cpp-python is not installed.
+    """
     target = f"{function.__module__}:{function.__qualname__}"
     with tempfile.TemporaryDirectory(prefix="finetune-llama-cpp-") as folder:
         request_file, response_file = Path(folder, "request.pkl"), Path(folder, "response.pkl")
@@ -145,7 +158,23 @@ def inspect_gguf(
     what: str = "GGUF export check in llama.cpp",
 ) -> Inspection:
     """Load `model` (with the `lora` adapter GGUF) in llama.cpp and, for each prompt, tokenize its text, take the
-    logits after its token `ids` and generate a greedy reply; all in a child process."""
+    logits after its token `ids` and generate a greedy reply; all in a child process.
+
+    Args:
+        model: The GGUF model file.
+        lora: A LoRA adapter GGUF to apply; None for none.
+        prompts: The prompts' text.
+        ids: Each prompt's token ids as transformers tokenizes it.
+        stop_id: The token that ends a reply.
+        max_new_tokens: The longest reply.
+        what: What is running, for error messages.
+
+    Returns:
+        The Inspection: llama.cpp's tokens, last logits and replies per prompt.
+
+    Raises:
+        ChildFailed: llama.cpp failed (see `run_in_child`).
+    """
     request = {
         "model": str(model),
         "lora": str(lora) if lora else None,
@@ -158,7 +187,18 @@ def inspect_gguf(
 
 
 def quantize_gguf(source: Path, target: Path, quant: str, *, what: str = "GGUF quantization in llama.cpp") -> None:
-    """llama.cpp's own quantizer (`llama-quantize`): `source` (a float GGUF) to `target` as `quant`."""
+    """llama.cpp's own quantizer (`llama-quantize`): `source` (a float GGUF) to `target` as `quant`.
+
+    Args:
+        source: A float (f16/bf16/f32) GGUF file.
+        target: The GGUF file to write.
+        quant: A llama.cpp type (LLAMA_QUANTIZER_TYPES: q6_k, q5_k_m, q4_k_m, ...).
+        what: What is running, for error messages.
+
+    Raises:
+        FinetuneError: `quant` is not a llama.cpp quantizer type.
+        ChildFailed: llama.cpp failed (see `run_in_child`).
+    """
     if quant not in LLAMA_QUANTIZER_TYPES:
         raise FinetuneError(f"llama.cpp quantization to {quant!r}: choose one of {', '.join(LLAMA_QUANTIZER_TYPES)}.")
     run_in_child(_quantize, {"source": str(source), "target": str(target), "quant": quant}, what=what)
@@ -168,7 +208,19 @@ def score_gguf(
     model: Path, rows: list[tuple[list[int], list[int]]], *, what: str = "scoring in llama.cpp"
 ) -> tuple[float, int]:
     """Summed negative log-likelihood of the labelled next tokens (label -100 = not scored) of each (input_ids,
-    labels) row under `model` in llama.cpp, and how many tokens that was."""
+    labels) row under `model` in llama.cpp, and how many tokens that was.
+
+    Args:
+        model: The GGUF model file.
+        rows: (input_ids, labels) pairs.
+        what: What is running, for error messages.
+
+    Returns:
+        (summed negative log-likelihood, number of scored tokens).
+
+    Raises:
+        ChildFailed: llama.cpp failed (see `run_in_child`).
+    """
     return run_in_child(_score, {"model": str(model), "rows": rows}, what=what)
 
 

@@ -35,6 +35,18 @@ STRATEGIES = choices(MergeStrategy)
 
 @dataclass(frozen=True)
 class MergeReport:
+    """What `merge_adapter` did and how faithful the merged model is.
+
+    Attributes:
+        merged_dir: The folder of the merged model.
+        dtype: The merged weights' dtype.
+        strategy: The base merged into: "full_precision" or "nf4_roundtrip".
+        max_logit_diff: Largest logit difference between the merged model and its base + adapter (both float32) on
+            the probe inputs.
+        fidelity: Held-out perplexity of each merged candidate, and of the adapter on the training-time base.
+        reason: Why this candidate was kept.
+    """
+
     merged_dir: Path
     dtype: str
     strategy: str
@@ -117,6 +129,27 @@ def merge_adapter(
     """Merge, check merged logits against base+adapter on `probes`, then save a plain transformers folder.
 
     `reference_perplexity` is the adapter-on-training-base perplexity on `heldout`, when the caller has it.
+
+    Args:
+        model_cfg: The `model:` section of the run (the base, and whether training was 4-bit).
+        adapter_dir: The trained adapter folder.
+        out_dir: Where the merged model is written (replaced atomically).
+        tokenizer: The run's tokenizer, saved with the merged model.
+        probes: Token id sequences the merged logits are checked on.
+        stop_ids: End-of-turn token ids for the merged model's generation config.
+        heldout: Held-out conversations to choose between candidates by perplexity; None to skip that.
+        reference_perplexity: The adapter's perplexity on its training-time base on `heldout`, when known.
+        strategy: "auto", "full_precision" or "nf4_roundtrip" (`output.merge_strategy`).
+        select: How "auto" chooses: "perplexity" or "fidelity" (`output.merge_select`).
+        dtype: The merged weights' dtype (`output.merge_dtype`); "auto" keeps the base's.
+        tolerance: The largest logit difference the check accepts.
+
+    Returns:
+        The MergeReport.
+
+    Raises:
+        FinetuneError: `strategy` or `select` is unknown, nf4_roundtrip is asked for an adapter not trained on a
+            4-bit base, or the merged logits differ from base + adapter by more than `tolerance`.
     """
     if strategy not in STRATEGIES:
         raise FinetuneError(

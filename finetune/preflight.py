@@ -30,6 +30,14 @@ _HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 
 @dataclass(frozen=True)
 class Finding:
+    """The outcome of one pre-flight check.
+
+    Attributes:
+        check: Which check: disk, data, quantization, context, safety or trackers.
+        ok: True when it passed, False when the run cannot go on, None when it could not be checked here.
+        message: What was found, with the fix when it failed.
+    """
+
     check: str  # disk, data, quantization, context, safety or trackers
     ok: bool | None  # None: could not be checked here (the run goes on)
     message: str
@@ -48,6 +56,18 @@ class ModelFacts:
 
 
 def preflight(cfg: RecipeConfig) -> list[Finding]:
+    """Check, before anything is loaded or written, what would make a run fail later: data files, quantization on this
+    device, the context length, disk space, and the packages safety and trackers need.
+
+    Args:
+        cfg: The recipe.
+
+    Returns:
+        Every check's Finding (none failed).
+
+    Raises:
+        FinetuneError: A check failed; the message lists each failure with its fix.
+    """
     facts = model_facts(cfg.model)
     findings = [
         *check_data_files(cfg),
@@ -67,7 +87,14 @@ def preflight(cfg: RecipeConfig) -> list[Finding]:
 
 
 def check_safety(cfg: RecipeConfig) -> Finding:
-    """The packages evaluation.safety, data.safety_mix and data.clean.toxicity read (prompt sets, the classifier)."""
+    """The packages evaluation.safety, data.safety_mix and data.clean.toxicity read (prompt sets, the classifier).
+
+    Args:
+        cfg: The recipe.
+
+    Returns:
+        A Finding: ok, not ok (the run stops), or None when it cannot be checked here.
+    """
     from finetune.safety import missing_packages
 
     problems = missing_packages(cfg)
@@ -78,7 +105,14 @@ def check_safety(cfg: RecipeConfig) -> Finding:
 
 
 def check_trackers(cfg: RecipeConfig) -> Finding:
-    """The packages of the experiment trackers in training.report_to."""
+    """The packages of the experiment trackers in training.report_to.
+
+    Args:
+        cfg: The recipe (`training.report_to`).
+
+    Returns:
+        A Finding: ok, not ok (the run stops), or None when it cannot be checked here.
+    """
     from finetune.trackers import missing_packages
 
     problems = missing_packages(cfg)
@@ -92,6 +126,14 @@ def check_trackers(cfg: RecipeConfig) -> Finding:
 
 
 def check_data_files(cfg: RecipeConfig) -> list[Finding]:
+    """Whether every local data source (`data.sources`, validation and test sources) exists and can be read.
+
+    Args:
+        cfg: The recipe.
+
+    Returns:
+        One Finding per source.
+    """
     from finetune.data import source_files  # lazy: finetune.data imports datasets and transformers
 
     findings = []
@@ -113,6 +155,14 @@ def check_data_files(cfg: RecipeConfig) -> list[Finding]:
 
 
 def check_quantization(cfg: ModelConfig) -> Finding:
+    """Whether `model.quantization` works on this device (bitsandbytes runs a small test layer).
+
+    Args:
+        cfg: The `model:` section.
+
+    Returns:
+        A Finding: ok, not ok (the run stops), or None when it cannot be checked here.
+    """
     if cfg.quantization == "none":
         return Finding("quantization", True, "quantization: none (full precision)")
     from finetune import distributed  # lazy: imports torch and accelerate
@@ -138,7 +188,15 @@ def check_quantization(cfg: ModelConfig) -> Finding:
 
 @functools.cache
 def quantization_problem(kind: str, device: str) -> str | None:
-    """None if bitsandbytes quantizes and runs a small layer of this kind on `device`; else what went wrong."""
+    """None if bitsandbytes quantizes and runs a small layer of this kind on `device`; else what went wrong.
+
+    Args:
+        kind: "4bit" or "8bit".
+        device: The torch device, e.g. "cpu" or "cuda".
+
+    Returns:
+        None, or the problem.
+    """
     try:
         import bitsandbytes as bnb
         import torch
@@ -167,6 +225,15 @@ def quantization_problem(kind: str, device: str) -> str | None:
 
 
 def check_context(cfg: RecipeConfig, facts: ModelFacts) -> Finding:
+    """Whether `data.max_length` fits the model's context length.
+
+    Args:
+        cfg: The recipe.
+        facts: What is known of the model.
+
+    Returns:
+        A Finding: ok, not ok (the run stops), or None when it cannot be checked here.
+    """
     if facts.context is None:
         return Finding(
             "context",
@@ -189,7 +256,15 @@ def check_context(cfg: RecipeConfig, facts: ModelFacts) -> Finding:
 
 
 def estimate_bytes(cfg: RecipeConfig, facts: ModelFacts) -> dict[str, int]:
-    """What the run writes to its folder, by item; an upper estimate (adapter and optimizer state in float32)."""
+    """What the run writes to its folder, by item; an upper estimate (adapter and optimizer state in float32).
+
+    Args:
+        cfg: The recipe.
+        facts: What is known of the model (its parameter count).
+
+    Returns:
+        Item -> bytes; empty when the model's size is not known.
+    """
     if facts.parameters is None:
         return {}
     # A rank-r adapter on a (d_in x d_out) layer has r(d_in + d_out) weights: at most 2r/hidden of the layer's own.
@@ -205,6 +280,15 @@ def estimate_bytes(cfg: RecipeConfig, facts: ModelFacts) -> dict[str, int]:
 
 
 def check_disk(cfg: RecipeConfig, facts: ModelFacts) -> Finding:
+    """Whether the run folder's disk has room for what the run writes (`estimate_bytes`).
+
+    Args:
+        cfg: The recipe.
+        facts: What is known of the model.
+
+    Returns:
+        A Finding: ok, not ok (the run stops), or None when it cannot be checked here.
+    """
     run_dir = cfg.run_dir.expanduser().resolve()
     volume = _existing_parent(run_dir)
     free = shutil.disk_usage(volume).free
@@ -256,6 +340,14 @@ def _gb(size: float) -> str:
 
 
 def model_facts(cfg: ModelConfig) -> ModelFacts:
+    """What the checks need to know about the model, read from its config or GGUF metadata without loading it.
+
+    Args:
+        cfg: The `model:` section.
+
+    Returns:
+        The ModelFacts (context length, parameter count, ...), None where it cannot be known offline.
+    """
     source = model_source.resolve(cfg)
     if source.kind == "hub":
         return _hub_facts(cfg)

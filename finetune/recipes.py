@@ -58,6 +58,19 @@ _RESUME_MAY_CHANGE = (
 
 @dataclass
 class RunResult:
+    """What `Recipe.run()` returns: where the run's outputs are, and its scores before and after training.
+
+    Attributes:
+        run_dir: The run folder.
+        adapter_dir: The saved adapter (run_dir/adapter).
+        merged_dir: The merged model, or None when `output.merge` is off.
+        metrics_before: The base model's held-out metrics, or None without `evaluation.before_and_after`.
+        metrics_after: The trained model's held-out metrics.
+        train_loss: Mean training loss, or None when none was logged.
+        merge_max_logit_diff: Largest logit difference between the merged model and base + adapter; None unmerged.
+        decisions: What `auto` settings became (e.g. "training.batch_size": 8).
+    """
+
     run_dir: Path
     adapter_dir: Path
     merged_dir: Path | None
@@ -90,6 +103,14 @@ class RunInputs:
 
 @dataclass
 class TrainingOutcome:
+    """What `Recipe.train()` returns.
+
+    Attributes:
+        loss: Mean training loss (after a resume: over the logged steps of the whole run); None when none was logged.
+        seconds: Wall-clock seconds training took.
+        history: "train_loss" and "eval_loss" -> (optimizer step, value) points.
+    """
+
     loss: float | None  # mean training loss (after a resume: over the logged steps of the whole run)
     seconds: float
     history: dict[str, list[tuple[int, float]]]  # train_loss and eval_loss by optimizer step
@@ -124,9 +145,15 @@ class Recipe:
     that order; `evaluate()`, `save()`, `export()` and `push()` also work after `merge()` (the trained adapter is
     loaded again from adapter/ when the training model was released). `from_run_dir()` reopens a finished run.
 
+    Args:
+        config: The recipe's configuration; the recipe works on a copy of it.
+        sections: Instead of `config`, its sections as keyword arguments (model=, lora=, data=, training=, ...), each
+            a dict or a section model.
+
     Raises:
         FinetuneError: invalid config, missing files, unusable data, a stage called before the one it needs, or a
-            failed merge check, with the fix.
+            failed merge check, with the fix. When built: both `config` and sections given, or a `method` this class
+            does not train.
     """
 
     METHODS: tuple[str, ...] = ()  # the `method` values a subclass trains
@@ -150,17 +177,46 @@ class Recipe:
 
     @classmethod
     def for_config(cls, config: RecipeConfig) -> Recipe:
-        """The recipe that trains `config.method` (this class itself, when it is a concrete one)."""
+        """The recipe that trains `config.method` (this class itself, when it is a concrete one).
+
+        Args:
+            config: The recipe configuration.
+
+        Returns:
+            A recipe of the class that trains its method, built on it.
+        """
         return (recipe_class(config.method) if cls is Recipe else cls)(config)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+        """The recipe a YAML file describes, of the class its `method` names.
+
+        Args:
+            path: The YAML recipe file.
+            overrides: `section.key=value` strings applied on top (as `--set` does).
+
+        Returns:
+            The recipe (nothing run yet).
+
+        Raises:
+            FinetuneError: The file is missing or invalid, an override is malformed, or the method is not this class's.
+        """
         return cls.for_config(RecipeConfig.from_yaml(path, overrides))
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path) -> Recipe:
         """Reopen a finished run (its recipe.yaml, tokenizer and data splits) to merge, evaluate or export it again;
-        the trained adapter is loaded from adapter/ when a stage needs the model."""
+        the trained adapter is loaded from adapter/ when a stage needs the model.
+
+        Args:
+            run_dir: The run folder (runs/NAME).
+
+        Returns:
+            The recipe with its tokenizer and data prepared (the same splits, by the same seed).
+
+        Raises:
+            FinetuneError: The folder has no recipe.yaml or adapter/, or its data cannot be prepared again.
+        """
         folder = RunFolder(Path(run_dir))
         folder.require_adapter()
         recipe = cls.for_config(folder.read_config({"output.dir": str(folder.path)}))
@@ -253,7 +309,20 @@ class Recipe:
 
     def setup(self, resume: bool = False) -> None:
         """Pre-flight checks, run folder, tokenizer, data, model and LoRA. `resume=True` continues the run in the
-        run folder from its newest complete checkpoint instead of starting one (see `run`)."""
+        run folder from its newest complete checkpoint instead of starting one (see `run`).
+
+        With `training.batch_size: auto` or `training.gradient_checkpointing: auto`, the memory planner decides them
+        here
+        (`RunResult.decisions`).
+
+        Args:
+            resume: Whether to continue the run in the run folder instead of starting a new one.
+
+        Raises:
+            FinetuneError: A pre-flight check fails, the run folder exists (without `output.overwrite`), there is
+                nothing
+                to resume or the recipe differs from the run's, or the model or data cannot be loaded.
+        """
         cfg = self.config
         distributed.init()  # joins the process group of `accelerate launch` / `torchrun`, if any
         for finding in preflight.preflight(cfg):  # blocking problems raise here, before anything is loaded or written
@@ -328,7 +397,19 @@ class Recipe:
     def train(self, callbacks: Sequence[TrainerCallback] = ()) -> TrainingOutcome:
         """Train, saving a checkpoint every `training.save_steps`. SIGINT/SIGTERM saves one more and raises
         `Interrupted`; a NaN/inf loss raises `NonFiniteLoss` before the bad step reaches the weights.
-        `callbacks` are extra transformers TrainerCallbacks (a sweep's pruning hook)."""
+        `callbacks` are extra transformers TrainerCallbacks (a sweep's pruning hook).
+
+        Args:
+            callbacks: Extra transformers TrainerCallbacks.
+
+        Returns:
+            TrainingOutcome: mean loss, seconds, loss history.
+
+        Raises:
+            FinetuneError: setup() was not called first.
+            Interrupted: SIGINT or SIGTERM stopped training after a checkpoint was saved (exit code 130 / 143).
+            NonFiniteLoss: The loss became NaN or infinite.
+        """
         inputs = self._inputs("train")
         if self.state.model is None or self.state.log is None:
             raise FinetuneError("train() needs the model setup() attaches LoRA to: call setup() first.")
@@ -358,7 +439,17 @@ class Recipe:
         return self.state.training
 
     def evaluate(self, label: str = "Scoring") -> evaluation.Evaluation:
-        """Score the model as it is now on the held-out split (no time budget)."""
+        """Score the model as it is now on the held-out split (no time budget).
+
+        Args:
+            label: The progress bar's label.
+
+        Returns:
+            The Evaluation.
+
+        Raises:
+            FinetuneError: setup() was not called first (or the run was not reopened with `from_run_dir`).
+        """
         inputs = self._inputs("evaluate")
         return evaluation.score(self.model, inputs.tokenizer, inputs.heldout, self.config.evaluation, label=label)
 
@@ -424,7 +515,22 @@ class Recipe:
     ) -> merging.MergeReport:
         """Merge the saved adapter into a full-precision base (see `finetune.merging`). The training model is
         released first to make room. Merging a finished run into its own merged/ again also updates its
-        metrics.json, report, model cards and run.json to the new weights."""
+        metrics.json, report, model cards and run.json to the new weights.
+
+        Args:
+            strategy: The base to merge into ("auto", "full_precision", "nf4_roundtrip"); None for
+                `output.merge_strategy`.
+            dtype: The merged weights' dtype ("auto", "float32", "bfloat16", "float16"); None for `output.merge_dtype`.
+            out_dir: Where to write the merged model; None for the run's merged/.
+
+        Returns:
+            The MergeReport: folder, strategy, dtype, the check against base + adapter.
+
+        Raises:
+            FinetuneError: setup() was not called first (or the run was not reopened with `from_run_dir`), there is no
+                saved
+                adapter, or the merged model fails its check.
+        """
         inputs = self._inputs("merge")
         self.folder.require_adapter()
         self._release_training_model()
@@ -467,7 +573,20 @@ class Recipe:
         self, format: str = "gguf", quant: str = "f16", adapter_only: bool = False, check_rows: int = 3
     ) -> export.ExportResult:
         """Export the merged model (or with `adapter_only` the LoRA adapter) for llama.cpp, Ollama and LM Studio,
-        verified on `check_rows` held-out conversations before it is kept (see `finetune.export`)."""
+        verified on `check_rows` held-out conversations before it is kept (see `finetune.export`).
+
+        Args:
+            format: The export format; only "gguf".
+            quant: The GGUF weight type (f16, bf16, q8_0, ..., q4_0; see ExportQuant).
+            adapter_only: Whether to write the LoRA adapter as a llama.cpp LoRA GGUF instead of the merged model.
+            check_rows: How many held-out prompts the exported file must answer as the model does.
+
+        Returns:
+            The ExportResult: the files written and the checks they passed.
+
+        Raises:
+            FinetuneError: `format` is unknown, setup() was not called first, or the export fails or its check does.
+        """
         if format not in choices(ExportFormat):
             raise FinetuneError(
                 f"{argument('format', format)}: unknown export format; choose one of {', '.join(choices(ExportFormat))}."
@@ -493,7 +612,18 @@ class Recipe:
         return result
 
     def push(self, repo_id: str, **options: Any) -> hub.PushReport:
-        """Publish this run's adapter (or merged model, `merged=True`) to the Hub; see `finetune.hub.push`."""
+        """Publish this run's adapter (or merged model, `merged=True`) to the Hub; see `finetune.hub.push`.
+
+        Args:
+            repo_id: The Hub repository ("user/name").
+            options: More keyword arguments of `finetune.hub.push` (private, merged, dry_run, revision, ...).
+
+        Returns:
+            The PushReport.
+
+        Raises:
+            FinetuneError: The run cannot be published as asked (see `finetune.hub.push`).
+        """
         return distributed.on_main(lambda: hub.push(self.run_dir, repo_id, **options))
 
     def cleanup(self) -> None:
@@ -506,7 +636,17 @@ class Recipe:
     def run(self, resume: bool = False) -> RunResult:
         """The whole pipeline. `resume=True` continues an interrupted run of this recipe in its run folder from
         the newest complete checkpoint, with the same data order and the same final weights as an uninterrupted
-        run; it refuses a recipe that differs from the run's in anything that changes training."""
+        run; it refuses a recipe that differs from the run's in anything that changes training.
+
+        Args:
+            resume: Whether to continue an interrupted run instead of starting one.
+
+        Returns:
+            RunResult: folders, scores before and after, and the decisions taken.
+
+        Raises:
+            FinetuneError: Any stage's problem (see `setup`, `train`, `merge`), with the fix.
+        """
         self.setup(resume=resume)
         trained = self.train()
         comparison = self.evaluate_before_and_after()
@@ -765,7 +905,14 @@ class PreferenceRecipe(Recipe):
 
 
 def recipe_class(method: str) -> type[Recipe]:
-    """The recipe class that trains `method`."""
+    """The recipe class that trains `method`.
+
+    Args:
+        method: The recipe's `method`: "sft", or a preference method.
+
+    Returns:
+        ChatSFTRecipe for "sft", else PreferenceRecipe.
+    """
     return ChatSFTRecipe if method == "sft" else PreferenceRecipe
 
 

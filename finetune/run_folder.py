@@ -33,16 +33,40 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 def is_adapter(folder: Path) -> bool:
-    """A peft adapter folder (a run's adapter/, or one saved anywhere else)."""
+    """A peft adapter folder (a run's adapter/, or one saved anywhere else).
+
+    Args:
+        folder: Any folder.
+
+    Returns:
+        True when `folder` holds an adapter_config.json.
+    """
     return (folder / ADAPTER_CONFIG).is_file()
 
 
 @dataclass(frozen=True)
 class RunFolder:
+    """One run's folder (runs/NAME/ by default) and the paths of everything in it (the layout above).
+
+    Its properties name the files and folders (`recipe`, `train_log`, `checkpoints`, `adapter`, `merged`, `metrics`,
+    `report`, `manifest`, `logs`, `inspect`, `export`, ...); the methods tell what exists and read it back.
+
+    Attributes:
+        path: The run folder itself (`output.dir`/`output.run_name` of the recipe).
+    """
+
     path: Path
 
     @classmethod
     def of(cls, config: RecipeConfig) -> RunFolder:
+        """The run folder a configuration writes to.
+
+        Args:
+            config: The recipe configuration; its `run_dir` is the folder.
+
+        Returns:
+            The RunFolder at `config.run_dir` (it need not exist yet).
+        """
         return cls(config.run_dir)
 
     @property
@@ -106,18 +130,51 @@ class RunFolder:
         return self.adapter, self.merged
 
     def has_recipe(self) -> bool:
+        """Whether the folder holds recipe.yaml, written first by every run.
+
+        Returns:
+            True when recipe.yaml is a file.
+        """
         return self.recipe.is_file()
 
     def has_adapter(self) -> bool:
+        """Whether the run saved its adapter (adapter/adapter_config.json exists).
+
+        Returns:
+            True when adapter/ is a peft adapter folder.
+        """
         return is_adapter(self.adapter)
 
     def has_merged(self) -> bool:
+        """Whether the run has a merged model (merged/config.json exists).
+
+        Returns:
+            True when merged/ holds a full model.
+        """
         return (self.merged / "config.json").is_file()
 
     def is_finished(self) -> bool:
+        """Whether the run finished: metrics.json is written last.
+
+        Returns:
+            True when metrics.json is a file.
+        """
         return self.metrics.is_file()
 
     def read_config(self, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
+        """The configuration the run was made with, read from its recipe.yaml.
+
+        Args:
+            overrides: `key=value` strings applied on top, as `--set` does on the command line.
+
+        Returns:
+            The validated RecipeConfig.
+
+        Raises:
+            FinetuneError: The folder has no recipe.yaml (it was not made by `finetune run`), or the recipe or an
+                override
+                is invalid.
+        """
         if not self.has_recipe():
             raise FinetuneError(
                 f"{self.path}: no {RECIPE}, so this is not a run folder made by `finetune run`. Pass a folder like runs/NAME."
@@ -125,6 +182,14 @@ class RunFolder:
         return RecipeConfig.from_yaml(self.recipe, overrides)
 
     def read_metrics(self) -> dict[str, Any]:
+        """The run's metrics.json: before/after metrics, loss history and data report.
+
+        Returns:
+            The parsed metrics.json.
+
+        Raises:
+            FinetuneError: The folder has no metrics.json: the run did not finish.
+        """
         if not self.is_finished():
             raise FinetuneError(
                 f"{self.path}: no {self.metrics.name}; the run did not finish. Run the recipe again to completion."
@@ -132,6 +197,10 @@ class RunFolder:
         return json.loads(self.metrics.read_text(encoding="utf-8"))
 
     def require_adapter(self) -> None:
-        """A run that got as far as saving its adapter (merging, exporting and publishing start from it)."""
+        """A run that got as far as saving its adapter (merging, exporting and publishing start from it).
+
+        Raises:
+            FinetuneError: The folder has no recipe.yaml or no adapter/, so it is not a finished run folder.
+        """
         if not self.has_recipe() or not self.has_adapter():
             raise FinetuneError(f"{self.path} is not a finished run folder (expected {RECIPE} and adapter/).")

@@ -66,6 +66,11 @@ class Parameter(_Strict):
 
 
 class Pruning(_Strict):
+    """The `pruning:` section of a search space: when trials that trail earlier ones are stopped early.
+
+    Every field has its default and description.
+    """
+
     enabled: bool = Field(True, description="Stop trials whose validation loss trails the median of earlier trials.")
     startup_trials: int = Field(
         3, ge=0, description="Trials that always run to the end, to learn what a median run looks like."
@@ -96,6 +101,17 @@ class SearchSpace(_Strict):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SearchSpace:
+        """Read and validate a search space file (docs/tuning.md).
+
+        Args:
+            path: The YAML file: a mapping with `parameters` and optionally `pruning`.
+
+        Returns:
+            The SearchSpace.
+
+        Raises:
+            FinetuneError: The file does not exist, is not valid YAML or not such a mapping, or a parameter is invalid.
+        """
         path = Path(path)
         if not path.is_file():
             raise FinetuneError(f"{argument('space', path)}: file not found.")
@@ -121,7 +137,16 @@ class SearchSpace(_Strict):
             raise FinetuneError("Invalid search space:\n  " + "\n  ".join(problems)) from exc
 
     def check(self, config: RecipeConfig, source: str) -> None:
-        """Fail before any trial runs if a key does not exist, or a value at the edge of its range is invalid."""
+        """Fail before any trial runs if a key does not exist, or a value at the edge of its range is invalid.
+
+        Args:
+            config: The recipe the trials start from.
+            source: What error messages name as the space's origin.
+
+        Raises:
+            FinetuneError: A key is not a recipe key, `training.epochs` is searched while the recipe sets
+                `training.max_steps`, or a value at a range's edge makes an invalid recipe.
+        """
         for key, parameter in self.parameters.items():
             section, _, field = key.partition(".")
             owner = RecipeConfig.model_fields.get(section)
@@ -153,6 +178,20 @@ def _is_int_field(key: str) -> bool:
 
 @dataclass
 class SweepResult:
+    """What `sweep` returns: the best trial and how many ran.
+
+    Attributes:
+        sweep_dir: The sweep folder.
+        metric: The metric trials were ranked by.
+        direction: "minimize" or "maximize".
+        best_value: The best trial's metric value.
+        best_params: The best trial's searched values, by recipe key.
+        best_trial: The best trial's number.
+        best_recipe: The recipe file of the best trial, ready to run.
+        completed: Trials that finished.
+        pruned: Trials stopped early.
+    """
+
     sweep_dir: Path
     metric: str
     direction: str  # "minimize" or "maximize"
@@ -201,6 +240,16 @@ def sweep(
     Raises:
         FinetuneError: no validation data, an unknown metric or space key, a space value that makes an invalid
             recipe, or a sweep folder that holds a different sweep.
+
+    Args:
+        config: The recipe every trial starts from.
+        trials: Finished trials wanted (an interrupted sweep counts those already done).
+        space: A SearchSpace or its YAML file; None for the default space.
+        metric: What ranks trials, on the validation split (e.g. eval_loss, perplexity, rougeL).
+        out: The sweep folder; None for the run folder + "-sweep".
+
+    Returns:
+        The SweepResult.
     """
     import optuna
     from rich.console import Console

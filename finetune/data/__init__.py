@@ -89,6 +89,18 @@ def load_conversations(cfg: DataConfig, report: DataReport, sources: list[DataSo
     Columns: messages (OpenAI-style, empty for raw text rows), text (raw text rows), tools (the row's tool list as
     JSON text, "" without), origin (`file:line`), source (index into cfg.sources, -1 for separate validation/test
     sources).
+
+    Args:
+        cfg: The `data:` section: sources, cleaning, system prompt, strict, max_bad_fraction, near duplicates.
+        report: Counts of rows read, skipped, changed and dropped, added to in place.
+        sources: Sources to read instead of `cfg.sources` (the separate validation or test sources).
+
+    Returns:
+        The conversations as one Dataset with the columns above.
+
+    Raises:
+        FinetuneError: A row is invalid while `data.strict` is on, more than `data.max_bad_fraction` of the rows are
+            invalid, no valid conversation is left, or a source cannot be read (`data.sources`).
     """
     steps = text_steps(cfg.clean)
     blocklist = load_blocklist(cfg.clean)
@@ -156,6 +168,16 @@ def split_conversations(dataset: Dataset, cfg: DataConfig) -> DatasetDict:
     """Seeded shuffle, optional cap, then disjoint train/validation/test splits (one conversation, one split).
 
     A split that comes from its own files (validation_sources, test_sources) is not carved out of `dataset`.
+
+    Args:
+        dataset: The conversations, as `load_conversations` returns them.
+        cfg: The `data:` section: seed, max_rows, test_split, validation_split and the separate sources.
+
+    Returns:
+        A DatasetDict with "train" and, when they are carved out here, "validation" and "test".
+
+    Raises:
+        FinetuneError: Too few conversations to hold out the test and validation shares and keep one for training.
     """
     order = list(range(len(dataset)))
     random.Random(cfg.seed).shuffle(order)
@@ -234,7 +256,21 @@ def _mix_and_augment(train: Dataset, cfg: DataConfig, report: DataReport) -> Dat
 def tokenize_splits(
     conversations: DatasetDict, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, report: DataReport
 ) -> DatasetDict:
-    """Tokenize every split with loss masks and apply the length policy (data.max_length, too_long, min_length)."""
+    """Tokenize every split with loss masks and apply the length policy (data.max_length, too_long, min_length).
+
+    Args:
+        conversations: The splits of conversations.
+        tokenizer: The model's tokenizer, with the chat template that training uses.
+        cfg: The `data:` section: max_length, too_long, min_length, reasoning, num_proc.
+        report: Counts of samples added, rows truncated and dropped, added to in place.
+
+    Returns:
+        The splits with input_ids and labels (-100 where no loss is taken) added to the conversation columns.
+
+    Raises:
+        FinetuneError: A conversation is longer than `data.max_length` while `data.too_long` is "error", or the chat
+            template cannot render one (the message names the row's origin).
+    """
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         """One row per training sample: a conversation may become several (see data.reasoning)."""
@@ -312,7 +348,24 @@ def tokenize_splits(
 def prepare_data(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, split: bool = True, enforce_audit: bool = True
 ) -> PreparedData:
-    """The whole data stage. split=False puts every conversation in one `test` split (for scoring a model on a file)."""
+    """The whole data stage. split=False puts every conversation in one `test` split (for scoring a model on a file).
+
+    Held-out conversations that also appear in the training split are removed from it; the audit's findings are in
+    the report, and with `enforce_audit` a blocking one stops the run (`data.audit`).
+
+    Args:
+        cfg: The `data:` section.
+        tokenizer: The model's tokenizer, with the chat template that training uses.
+        split: False to score a model on a file: no train/validation split, no mixing or augmentation.
+        enforce_audit: Whether audit findings stop the run as `data.audit` says; False to only report them.
+
+    Returns:
+        PreparedData: the tokenized splits and the DataReport.
+
+    Raises:
+        FinetuneError: From loading, splitting or tokenizing (see `load_conversations`, `split_conversations`,
+            `tokenize_splits`), or an audit finding while `data.audit` is "stop".
+    """
     report = DataReport()
     if not split:
         conversations = DatasetDict({"test": load_conversations(cfg, report)})
@@ -350,7 +403,21 @@ def inspect_data(
 ) -> Inspection:
     """Prepare the data exactly as training would (for `method`: sft, or a preference method), without stopping on
     audit findings, for a person to look at; with out_dir, also write inspect.md, inspect.json and lengths.png there.
-    Preference rows show their prompt and chosen reply; the audit covers the rejected replies too."""
+    Preference rows show their prompt and chosen reply; the audit covers the rejected replies too.
+
+    Args:
+        cfg: The `data:` section.
+        tokenizer: The tokenizer and chat template to render with.
+        out_dir: Folder to write inspect.md, inspect.json and lengths.png into; None writes nothing.
+        show_rows: How many training rows to render token by token.
+        method: The recipe's method: "sft", or a preference method ("dpo", "orpo", "simpo", "kto").
+
+    Returns:
+        The Inspection: the report, its findings and the rendered rows.
+
+    Raises:
+        FinetuneError: The data cannot be loaded or tokenized (see `prepare_data`).
+    """
     from finetune.data.preference import prepare_preferences
 
     prepared = (

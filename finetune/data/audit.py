@@ -30,6 +30,19 @@ _NO_REPLY = "no assistant reply to train on (the last turn must be the assistant
 def audit(
     tokenizer: PreTrainedTokenizerBase, splits: DatasetDict, report: DataReport, *, reasoning: str = "drop"
 ) -> list[Finding]:
+    """Pre-flight checks of tokenized data that would silently ruin a fine-tune: the share of tokens that carry loss,
+    whether every assistant turn's end-of-turn token is trained, a doubled BOS, the pad token, truncation, rows
+    without an assistant turn, the chat template, reasoning text and prompt length.
+
+    Args:
+        tokenizer: The tokenizer and chat template the data was tokenized with.
+        splits: The tokenized splits (checked on "train", else the first split).
+        report: The data report so far (loss share, rows dropped and truncated).
+        reasoning: `data.reasoning`: "drop" or "keep" the reasoning text of assistant turns.
+
+    Returns:
+        One Finding per check, each "ok", "info", "warning" or "serious".
+    """
     findings = []
     train = splits["train"] if "train" in splits else next(iter(splits.values()))
     chats = [row for row in train if row["messages"]]
@@ -214,6 +227,15 @@ def _segment_ends(labels: list[int]) -> list[int]:
 
 
 def enforce(findings: list[Finding], cfg: DataConfig) -> None:
+    """Stop the run on a "serious" audit finding unless `data.audit` is "warn".
+
+    Args:
+        findings: The audit's findings.
+        cfg: The `data:` section (its `audit`).
+
+    Raises:
+        FinetuneError: A finding is "serious" and `data.audit` is "stop"; the message lists them.
+    """
     serious = [f for f in findings if f.level == "serious"]
     if serious and cfg.audit == "stop":
         raise FinetuneError(
@@ -228,6 +250,16 @@ def enforce(findings: list[Finding], cfg: DataConfig) -> None:
 
 @dataclass
 class Inspection:
+    """What `finetune data inspect` shows: the data report, token lengths, a few rendered rows and the chat template.
+
+    Attributes:
+        report: The DataReport of the prepared data, its audit findings included.
+        lengths: Split name -> the token length of each of its rows.
+        rendered: A few training rows, each as (text piece, whether it carries loss) pairs, one per token.
+        template: The chat template inference will use ("" when the tokenizer has none).
+        files: Name -> path of what `write` wrote (empty until then).
+    """
+
     report: DataReport
     lengths: dict[str, list[int]]  # split -> token lengths
     rendered: list[list[tuple[str, bool]]]  # a few training rows as (text piece, carries loss)
@@ -235,6 +267,11 @@ class Inspection:
     files: dict[str, Path] = field(default_factory=dict)
 
     def print(self, console: Console) -> None:
+        """Print the report, a histogram of token lengths, the audit, the rendered rows and the chat template.
+
+        Args:
+            console: The rich Console to print to.
+        """
         for line in self.report.lines():
             console.print(f"  {line}")
         lengths = [n for values in self.lengths.values() for n in values]
@@ -264,7 +301,14 @@ class Inspection:
         console.print(f"Chat template inference will use:\n{self.template}", markup=False, highlight=False)
 
     def write(self, out_dir: Path) -> dict[str, Path]:
-        """inspect.json, inspect.md and lengths.png in out_dir."""
+        """inspect.json, inspect.md and lengths.png in out_dir.
+
+        Args:
+            out_dir: The folder to write into (created if missing).
+
+        Returns:
+            Name -> path of the three files written (also kept in `files`).
+        """
         from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures are untouched
 
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -332,6 +376,16 @@ def _histogram(values: list[int], bins: int = 10) -> list[tuple[int, int, int]]:
 
 
 def summarize(prepared: PreparedData, tokenizer: PreTrainedTokenizerBase, show_rows: int = 3) -> Inspection:
+    """An Inspection of prepared data: its report, token lengths per split and the first rows rendered.
+
+    Args:
+        prepared: The prepared data.
+        tokenizer: The tokenizer that tokenized it (to decode each token).
+        show_rows: How many training rows (else rows of the first split) to render token by token.
+
+    Returns:
+        The Inspection (nothing written yet).
+    """
     train = prepared.splits["train"] if "train" in prepared.splits else next(iter(prepared.splits.values()))
     rendered = []
     for row in train.select(range(min(show_rows, len(train)))):

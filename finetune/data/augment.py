@@ -18,7 +18,17 @@ _WORD_OR_SPACE = re.compile(r"\S+|\s+")
 
 
 def add_typo(word: str, rng: random.Random) -> str:
-    """One character edit: substitute, delete, insert, or swap two neighbours."""
+    """One character edit: substitute, delete, insert, or swap two neighbours.
+
+    Words shorter than 3 characters are returned unchanged.
+
+    Args:
+        word: The word to edit.
+        rng: The random generator choosing the position, the kind of edit and any inserted letter.
+
+    Returns:
+        The edited word.
+    """
     if len(word) < 3:
         return word
     i = rng.randrange(len(word) - 1)
@@ -33,6 +43,18 @@ def add_typo(word: str, rng: random.Random) -> str:
 
 
 def noisy(text: str, cfg: AugmentConfig, rng: random.Random) -> str:
+    """A noisy version of a user message: words deleted, neighbours swapped and typos added at `cfg`'s rates.
+
+    At least one word is always kept; repeated spaces left by deletions are collapsed.
+
+    Args:
+        text: The user message.
+        cfg: The `data.augment:` section: word_deletions, word_swaps and typos (shares of words).
+        rng: The random generator, seeded per row and copy.
+
+    Returns:
+        The noisy text.
+    """
     pieces = _WORD_OR_SPACE.findall(text)
     words = [i for i, piece in enumerate(pieces) if not piece.isspace()]
     if cfg.word_deletions and len(words) > 1:
@@ -54,7 +76,16 @@ def noisy(text: str, cfg: AugmentConfig, rng: random.Random) -> str:
 
 
 def augmented_copies(rows: list[dict[str, Any]], cfg: AugmentConfig, seed: int) -> list[dict[str, Any]]:
-    """`cfg.copies` noisy copies of each chat conversation (text rows are left alone); copies equal to their original are skipped."""
+    """`cfg.copies` noisy copies of each chat conversation (text rows are left alone); copies equal to their original are skipped.
+
+    Args:
+        rows: Training conversations (cleaned, validated).
+        cfg: The `data.augment:` section: `copies` and the noise rates; only user turns are changed.
+        seed: `data.seed`; each copy's randomness depends on it, the copy number and the row's origin only.
+
+    Returns:
+        The new rows, their origin marked "(augmented N)".
+    """
     copies = []
     for row in rows:
         if not row["messages"]:

@@ -39,6 +39,14 @@ class _TextOnly(HTMLParser):
 
 
 def strip_html(text: str) -> str:
+    """Cleaning step "html": HTML tags removed and entities decoded, the text kept.
+
+    Args:
+        text: A message's content.
+
+    Returns:
+        The text without markup (unchanged when it has no `<` or `&`).
+    """
     if "<" not in text and "&" not in text:
         return text
     parser = _TextOnly()
@@ -48,6 +56,14 @@ def strip_html(text: str) -> str:
 
 
 def normalize_unicode(text: str) -> str:
+    """Cleaning step "unicode": Unicode normalised to NFC.
+
+    Args:
+        text: A message's content.
+
+    Returns:
+        The NFC-normalised text.
+    """
     # NFC, not NFKC: NFKC rewrites superscripts, full-width forms and ligatures, which changes meaning in code and maths.
     return unicodedata.normalize("NFC", text)
 
@@ -56,6 +72,16 @@ _INVISIBLE = {"\u200b", "\ufeff", "\u2060", "\u00ad"}  # zero-width space, BOM, 
 
 
 def remove_control_chars(text: str) -> str:
+    r"""Cleaning step "control_chars": line endings made `\n`, control and invisible characters removed.
+
+    Newlines and tabs are kept.
+
+    Args:
+        text: A message's content.
+
+    Returns:
+        The text without control characters.
+    """
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     return "".join(ch for ch in text if ch in "\n\t" or (unicodedata.category(ch) != "Cc" and ch not in _INVISIBLE))
 
@@ -65,6 +91,14 @@ _TRAILING_SPACE = re.compile(r"[ \t\u00a0]+$", re.MULTILINE)
 
 
 def normalize_whitespace(text: str) -> str:
+    """Cleaning step "whitespace": non-breaking spaces made plain, trailing spaces and runs of blank lines removed.
+
+    Args:
+        text: A message's content.
+
+    Returns:
+        The text, stripped at both ends.
+    """
     # Indentation and runs of inner spaces are kept: they carry meaning in code and tables.
     text = text.replace("\u00a0", " ")
     return _MANY_NEWLINES.sub("\n\n", _TRAILING_SPACE.sub("", text)).strip()
@@ -76,6 +110,17 @@ _IPV4 = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
 
 
 def scrub_pii(text: str) -> str:
+    """Cleaning step "pii": e-mail addresses replaced by [EMAIL] and phone numbers by [PHONE].
+
+    A phone number is 9 to 15 digits written with a leading + or separators; plain integers, decimals, dates and IPv4
+    addresses are left alone.
+
+    Args:
+        text: A message's content.
+
+    Returns:
+        The text with the addresses and numbers replaced.
+    """
     text = _EMAIL.sub("[EMAIL]", text)
 
     def phone(match: re.Match[str]) -> str:
@@ -93,6 +138,14 @@ def scrub_pii(text: str) -> str:
 
 
 def text_steps(cfg: CleaningConfig) -> list[tuple[str, Callable[[str], str]]]:
+    """The text cleaning steps `data.clean` switches on, in the order they run.
+
+    Args:
+        cfg: The `data.clean:` section.
+
+    Returns:
+        (step name, function) pairs: html, unicode, control_chars, whitespace, lowercase, pii (those switched on).
+    """
     steps: list[tuple[str, Callable[[str], str] | None]] = [
         ("html", strip_html if cfg.html else None),
         ("unicode", normalize_unicode if cfg.unicode else None),
@@ -107,7 +160,16 @@ def text_steps(cfg: CleaningConfig) -> list[tuple[str, Callable[[str], str]]]:
 def clean_conversation(
     row: Conversation, steps: list[tuple[str, Callable[[str], str]]], report: DataReport
 ) -> Conversation:
-    """Apply the text steps to every message (or the text), counting each step that changed the row."""
+    """Apply the text steps to every message (or the text), counting each step that changed the row.
+
+    Args:
+        row: A conversation (messages, text, tools, origin).
+        steps: The steps from `text_steps`.
+        report: The data report; `report.cleaned[step]` counts the rows each step changed.
+
+    Returns:
+        The cleaned row (a new dict when anything changed).
+    """
     for name, step in steps:
         messages = [_cleaned_message(m, step) for m in row["messages"]]
         text = step(row["text"]) if row["text"] else row["text"]
@@ -126,6 +188,17 @@ def _cleaned_message(message: dict[str, Any], step: Callable[[str], str]) -> dic
 
 
 def load_blocklist(cfg: CleaningConfig) -> re.Pattern[str] | None:
+    """The `data.clean.blocklist` terms as one case-insensitive whole-word pattern.
+
+    Args:
+        cfg: The `data.clean:` section; `blocklist` is a list of terms or a file with one term a line (# comments).
+
+    Returns:
+        The pattern, or None when there is no blocklist or it holds no terms.
+
+    Raises:
+        FinetuneError: `data.clean.blocklist` names a file that does not exist.
+    """
     if cfg.blocklist is None:
         return None
     terms = cfg.blocklist
@@ -148,10 +221,26 @@ def load_blocklist(cfg: CleaningConfig) -> re.Pattern[str] | None:
 
 
 def all_text(row: Conversation) -> str:
+    """All of a conversation's text: a raw text row's text, or its messages' contents joined by newlines.
+
+    Args:
+        row: A conversation.
+
+    Returns:
+        The text.
+    """
     return row["text"] or "\n".join(m["content"] for m in row["messages"])
 
 
 def exact_key(row: Conversation) -> str:
+    """A key equal for two rows exactly when their messages, text and tools are equal (for exact duplicates).
+
+    Args:
+        row: A conversation.
+
+    Returns:
+        The key: the row's messages, text and tools as sorted JSON.
+    """
     return json.dumps([row["messages"], row["text"], row.get("tools", "")], sort_keys=True)
 
 
@@ -159,6 +248,13 @@ def drop_near_duplicates(rows: list[Conversation], threshold: float, seed: int) 
     """Keep the first of every group of conversations whose word 3-gram sets have Jaccard similarity >= threshold.
 
     Returns the kept rows and, for each dropped row, "origin ~ origin of the kept row it resembles".
+
+    Similarity is estimated with MinHash (128 permutations) and candidates found with LSH.
+
+    Args:
+        rows: The conversations, in order; the first of a group is kept.
+        threshold: `data.clean.near_duplicates`: the Jaccard similarity from which two rows count as duplicates.
+        seed: The MinHash seed.
     """
     from datasketch import MinHash, MinHashLSH
 

@@ -23,6 +23,17 @@ TURN_FIELDS = ("role", "content", "from", "value")
 
 
 def detect_format(row: dict[str, Any]) -> str:
+    """The chat format of a raw row, from the fields it has: messages, sharegpt, alpaca, prompt_completion or text.
+
+    Args:
+        row: A raw row with its columns already renamed (the source's `columns`).
+
+    Returns:
+        The format's name.
+
+    Raises:
+        RowError: The row is preference data (chosen/rejected, or completion with label), or no format fits.
+    """
     # Fields with values decide first (files that mix formats fill the others with null); then any field present,
     # so an empty CSV cell is reported as that field's problem rather than as an unknown format.
     present = {k for k, v in row.items() if v is not None}
@@ -52,7 +63,18 @@ def detect_format(row: dict[str, Any]) -> str:
 
 def to_conversation(row: Any, source: DataSource) -> tuple[str, list[dict[str, Any]], str, str]:
     """(format, messages, text, tools) of one raw row; exactly one of messages/text is non-empty; tools is the
-    row's tool list as JSON text ("" without one)."""
+    row's tool list as JSON text ("" without one).
+
+    Args:
+        row: A raw row as a source yields it.
+        source: Its `data.sources` entry: format, columns, roles.
+
+    Returns:
+        (format, messages, text, tools).
+
+    Raises:
+        RowError: The row is not an object, is preference data, or is invalid in its format.
+    """
     if not isinstance(row, dict):
         raise RowError("a row must be an object with named fields")
     if source.columns:
@@ -84,7 +106,19 @@ def _rename(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
 
 
 def to_messages(row: dict[str, Any], fmt: str, roles: dict[str, str] | None = None) -> list[dict[str, str]]:
-    """Convert one row of a known chat format to a list of {role, content} messages."""
+    """Convert one row of a known chat format to a list of {role, content} messages.
+
+    Args:
+        row: A raw row.
+        fmt: "messages", "sharegpt", "alpaca", "prompt_completion", or "auto" to detect it.
+        roles: Role names -> standard roles (the source's `roles`), on top of ShareGPT's human/gpt mapping.
+
+    Returns:
+        The messages; an alpaca row's `input` is appended to its instruction and its `system` becomes a system turn.
+
+    Raises:
+        RowError: A field is missing, of the wrong type, or not valid JSON, or the format is unknown.
+    """
     if fmt == "auto":
         fmt = detect_format(row)
     if fmt in ("messages", "sharegpt"):
@@ -190,7 +224,17 @@ def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
 
 def tools_json(tools: Any) -> str:
     """A row's (or request's) `tools`, OpenAI function definitions, checked and stored as JSON text ("" for none);
-    also accepted as a JSON string (CSV cells)."""
+    also accepted as a JSON string (CSV cells).
+
+    Args:
+        tools: None, a list of `{type: function, function: {name, description, parameters}}`, or that list as JSON.
+
+    Returns:
+        The tools as JSON text, "" for none.
+
+    Raises:
+        RowError: The JSON is invalid, or the value is not such a list (the message names the tool).
+    """
     if tools is None:
         return ""
     if isinstance(tools, str):
@@ -214,7 +258,16 @@ def tools_json(tools: Any) -> str:
 def validate_messages(messages: list[dict[str, Any]], tools: str = "") -> None:
     """A trainable conversation: an optional system turn, then user and assistant turns alternating, ending with a
     reply. `tools` is the row's tool list as JSON text (as to_conversation returns it). An assistant turn with tool calls is followed by one `tool` turn per call, then by the assistant again
-    (or it ends the conversation: the model learns to call)."""
+    (or it ends the conversation: the model learns to call).
+
+    Args:
+        messages: The conversation's messages.
+        tools: The row's tools JSON; when there are tools, every tool call must name one of them.
+
+    Raises:
+        RowError: No messages, an empty turn, a misplaced system turn, roles that do not alternate, a tool result
+            that answers no open call, a call of an undeclared tool, or no final assistant reply.
+    """
     if not messages:
         raise RowError("no messages")
     declared = {tool["function"]["name"] for tool in chat_tools(tools) or []}
@@ -263,13 +316,28 @@ def validate_messages(messages: list[dict[str, Any]], tools: str = "") -> None:
 
 
 def validate_text(text: str) -> None:
+    """Check a raw text row (continued pretraining) has text.
+
+    Args:
+        text: The row's text.
+
+    Raises:
+        RowError: The text is empty or blank.
+    """
     if not text.strip():
         raise RowError("empty text")
 
 
 def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages as chat templates take them: fields a row lacks removed (Arrow stores them as null, and templates
-    test `is defined`), tool-call arguments as objects (templates write them with `tojson`)."""
+    test `is defined`), tool-call arguments as objects (templates write them with `tojson`).
+
+    Args:
+        messages: Stored messages (role, content, and tool_calls with JSON-text arguments, tool_call_id, ...).
+
+    Returns:
+        New message dicts; the input is not changed.
+    """
     out = []
     for message in messages:
         clean = {key: value for key, value in message.items() if value is not None}
@@ -291,5 +359,12 @@ def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def chat_tools(tools: str) -> list[dict[str, Any]] | None:
-    """The stored tools JSON as apply_chat_template's `tools` argument (None without tools)."""
+    """The stored tools JSON as apply_chat_template's `tools` argument (None without tools).
+
+    Args:
+        tools: The tool list as JSON text, as `tools_json` stores it ("" for none).
+
+    Returns:
+        The list of OpenAI function definitions, or None.
+    """
     return json.loads(tools) if tools else None

@@ -62,6 +62,16 @@ _traits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def template_traits(tokenizer: PreTrainedTokenizerBase) -> TemplateTraits:
+    """What this tokenizer's chat template does, learnt by rendering probe conversations (cached per tokenizer while its
+    template is unchanged).
+
+    Args:
+        tokenizer: The tokenizer with its chat template.
+
+    Returns:
+        TemplateTraits: its end-of-turn token, how it renders reasoning, and whether its prompt tokens merge with a
+        reply's.
+    """
     cached = _traits.get(tokenizer)
     if cached is not None and cached[0] == tokenizer.chat_template:
         return cached[1]
@@ -88,7 +98,14 @@ def template_traits(tokenizer: PreTrainedTokenizerBase) -> TemplateTraits:
 
 def missing_turn_markers(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """The turn markers this chat template writes that are not special tokens of the tokenizer, in order of first
-    appearance: ChatML's <|im_start|> and <|im_end|> given to a base model whose vocabulary never had them."""
+    appearance: ChatML's <|im_start|> and <|im_end|> given to a base model whose vocabulary never had them.
+
+    Args:
+        tokenizer: The tokenizer with its chat template.
+
+    Returns:
+        The marker strings, empty when all are special tokens.
+    """
     rendered = _apply(tokenizer, _PROBE) + _apply(tokenizer, _PROBE[:1], generation_prompt=True)
     special = set(tokenizer.all_special_tokens)
     return [marker for marker in dict.fromkeys(_TURN_MARKER.findall(rendered)) if marker not in special]
@@ -118,7 +135,15 @@ def _apply(
 
 def template_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Messages as this template takes them: reasoning stays in `reasoning_content` when the template writes that
-    field, and is otherwise put into the content as a <think> block, so it is never silently lost."""
+    field, and is otherwise put into the content as a <think> block, so it is never silently lost.
+
+    Args:
+        tokenizer: The tokenizer with its chat template.
+        messages: Stored messages.
+
+    Returns:
+        The messages ready for `apply_chat_template`.
+    """
     return _reasoning_placed(chat_messages(messages), template_traits(tokenizer).renders_reasoning_field)
 
 
@@ -143,14 +168,33 @@ def render_chat(
     *,
     generation_prompt: bool = False,
 ) -> str:
-    """Stored messages (and tools JSON) rendered as training renders them."""
+    """Stored messages (and tools JSON) rendered as training renders them.
+
+    Args:
+        tokenizer: The tokenizer with its chat template.
+        messages: Stored messages (see `chat_messages`).
+        tools: The tools as JSON text ("" for none).
+        generation_prompt: Whether to end with the template's opening of an assistant turn.
+
+    Returns:
+        The rendered text.
+    """
     return _apply(
         tokenizer, template_messages(tokenizer, messages), chat_tools(tools), generation_prompt=generation_prompt
     )
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: str = "") -> str:
-    """The conversation rendered for the assistant's next turn, exactly as training rendered its prompts."""
+    """The conversation rendered for the assistant's next turn, exactly as training rendered its prompts.
+
+    Args:
+        tokenizer: The tokenizer with its chat template.
+        messages: The conversation so far (stored messages).
+        tools: The tools as JSON text ("" for none).
+
+    Returns:
+        The rendered prompt text, ending with the opening of the assistant's turn.
+    """
     return render_chat(tokenizer, messages, tools, generation_prompt=True)
 
 
@@ -237,6 +281,20 @@ def _trains(ids: list[int], turn: _Turn) -> bool:
 def conversation_samples(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], tools: str = "", reasoning: str = "drop"
 ) -> list[_Sample]:
+    """The token ids of one conversation's training samples, and which assistant turns each trains.
+
+    A template that renders earlier turns differently once a conversation goes on (e.g. dropping their reasoning)
+    needs more than one sample so every assistant turn is trained as inference shows it.
+
+    Args:
+        tokenizer: The tokenizer with the chat template that training uses.
+        messages: A validated conversation.
+        tools: The row's tools as JSON text ("" for none).
+        reasoning: `data.reasoning`: "drop" or "keep".
+
+    Returns:
+        The samples (input_ids, trained token ranges, messages covered up to each trained turn), shortest first.
+    """
     renderer = _Renderer(tokenizer, messages, tools)
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     turns = {i: renderer.turn(i) for i in assistant}
@@ -272,7 +330,20 @@ def tokenize_conversation(
     """The training samples of one conversation (one for prefix-preserving templates, see the module docstring),
     each with input_ids, labels that are -100 outside trained assistant turns, `turn_ends` (the token position just
     after each trained turn, where the sample may be cut without splitting a turn) and `turn_messages` (how many
-    messages the sample covers up to each of those turns)."""
+    messages the sample covers up to each of those turns).
+
+    Args:
+        tokenizer: The tokenizer with the chat template that training uses.
+        messages: A validated conversation.
+        tools: The row's tools as JSON text ("" for none).
+        reasoning: `data.reasoning`: "drop" or "keep" the reasoning of assistant turns.
+
+    Returns:
+        The samples, shortest first, the whole conversation last.
+
+    Raises:
+        FinetuneError: `reasoning` is not one of REASONING_POLICIES (`data.reasoning`).
+    """
     if reasoning not in REASONING_POLICIES:
         raise FinetuneError(f"data.reasoning {reasoning!r}: use one of {', '.join(REASONING_POLICIES)}.")
     out = []
@@ -293,7 +364,15 @@ def tokenize_conversation(
 
 
 def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> dict[str, Any]:
-    """Raw text for continued pretraining: every token carries loss, and the document ends with EOS."""
+    """Raw text for continued pretraining: every token carries loss, and the document ends with EOS.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        text: The document.
+
+    Returns:
+        One sample: input_ids, labels equal to them, turn_ends and turn_messages (one turn covering the whole text).
+    """
     ids = list(tokenizer(text).input_ids)
     if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids.append(tokenizer.eos_token_id)
@@ -304,7 +383,16 @@ def truncate_at_turn(
     tokens: dict[str, Any], messages: list[dict[str, Any]], max_length: int
 ) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
     """Keep the longest run of whole turns, ending with a trained assistant turn, that fits in max_length; None if
-    the first one does not fit."""
+    the first one does not fit.
+
+    Args:
+        tokens: One sample from `tokenize_conversation` (input_ids, labels, turn_ends, turn_messages).
+        messages: The messages the sample covers.
+        max_length: `data.max_length`, in tokens.
+
+    Returns:
+        (the cut sample, the messages it still covers), or None.
+    """
     fitting = [i for i, end in enumerate(tokens["turn_ends"]) if end <= max_length]
     if not fitting:
         return None
@@ -320,6 +408,13 @@ def truncate_at_turn(
 
 
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The special token that closes an assistant turn in this template (e.g. <|im_end|>), for generation stops."""
+    """The special token that closes an assistant turn in this template (e.g. <|im_end|>), for generation stops.
+
+    Args:
+        tokenizer: The tokenizer with its chat template.
+
+    Returns:
+        The id of that token, or an empty list when the template ends a turn with no special token.
+    """
     token = template_traits(tokenizer).end_of_turn
     return [tokenizer.convert_tokens_to_ids(token)] if token else []

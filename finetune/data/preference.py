@@ -46,6 +46,18 @@ _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 
 
 def detect_preference_format(row: dict[str, Any]) -> str:
+    """The preference format of a raw row: "preference" (prompt, chosen, rejected), "preference_implicit" (chosen
+    and rejected as whole conversations) or "unpaired" (prompt, completion, label; KTO).
+
+    Args:
+        row: A raw row with its columns already renamed.
+
+    Returns:
+        The format's name.
+
+    Raises:
+        RowError: The row has none of these sets of fields.
+    """
     present = {k for k, v in row.items() if v is not None}
     if {"chosen", "rejected"} <= present:
         return "preference" if "prompt" in present else "preference_implicit"
@@ -60,7 +72,18 @@ def detect_preference_format(row: dict[str, Any]) -> str:
 
 def to_preference(row: Any, source: DataSource) -> tuple[str, dict[str, Any]]:
     """(format, normalized row) of one raw row: `prompt` messages with `chosen` + `rejected` texts, or with
-    `completion` + `label`."""
+    `completion` + `label`.
+
+    Args:
+        row: A raw row as a source yields it.
+        source: Its `data.sources` entry: format, columns, roles.
+
+    Returns:
+        (format, row with `prompt` messages and `chosen`/`rejected` or `completion`/`label`).
+
+    Raises:
+        RowError: The row is not an object, the source's format is a supervised one, or a field is invalid.
+    """
     if not isinstance(row, dict):
         raise RowError("a row must be an object with named fields")
     if source.columns:
@@ -155,7 +178,21 @@ def _implicit(chosen: Any, rejected: Any, source: DataSource) -> tuple[list[dict
 def load_preferences(
     cfg: DataConfig, report: DataReport, *, paired: bool, sources: list[DataSource] | None = None
 ) -> Dataset:
-    """The sources as one Dataset of cleaned, validated, de-duplicated pairs (or unpaired KTO rows)."""
+    """The sources as one Dataset of cleaned, validated, de-duplicated pairs (or unpaired KTO rows).
+
+    Args:
+        cfg: The `data:` section: sources, cleaning, strict, max_bad_fraction, seed.
+        report: The data report, added to in place.
+        paired: True for dpo, orpo and simpo (chosen + rejected rows), False for kto (labelled completions).
+        sources: Sources to read instead of `cfg.sources` (the separate validation or test sources).
+
+    Returns:
+        The rows as one Dataset, with origin and source columns.
+
+    Raises:
+        FinetuneError: A row is invalid while `data.strict` is on, more than `data.max_bad_fraction` of the rows are
+            invalid, or no valid row is left (`data.sources`).
+    """
     steps = text_steps(cfg.clean)
     blocklist = load_blocklist(cfg.clean)
     kept, seen, bad, read_before = [], set(), 0, report.rows_read
@@ -267,7 +304,16 @@ def reply_tokens(
     tokenizer: PreTrainedTokenizerBase, conversation: list[dict[str, Any]], reasoning: str
 ) -> tuple[list[int], list[int]]:
     """(prompt ids, reply ids) of a conversation's last assistant turn: the tokens inference feeds the model, and the
-    turn's trained span through its end-of-turn token (the last sample, which ends with that turn)."""
+    turn's trained span through its end-of-turn token (the last sample, which ends with that turn).
+
+    Args:
+        tokenizer: The tokenizer with the chat template that training uses.
+        conversation: The prompt messages followed by one assistant reply.
+        reasoning: `data.reasoning`: "drop" or "keep".
+
+    Returns:
+        (prompt ids, reply ids).
+    """
     sample = conversation_samples(tokenizer, conversation, "", reasoning)[-1]
     start, end = sample.trained[-1]
     return list(sample.input_ids[:start]), list(sample.input_ids[start:end])
@@ -279,7 +325,22 @@ def tokenize_preferences(
     """Each row's prompt and reply tokens (see the module docstring), the SFT view of its first conversation, and the
     length policy: a prompt that alone fills data.max_length is dropped; a reply that does not fit follows
     data.too_long (truncate: cut at its end, the prompt kept whole, its end-of-turn then untrained, which the audit
-    reports; drop; error)."""
+    reports; drop; error).
+
+    Args:
+        splits: The split rows from `load_preferences`.
+        tokenizer: The tokenizer with the chat template that training uses.
+        cfg: The `data:` section: max_length, too_long, reasoning.
+        report: The data report, added to in place (dropped, truncated, split sizes, trained token share).
+
+    Returns:
+        The splits with prompt_ids, chosen_ids and rejected_ids (or completion_ids), and input_ids/labels of the
+        first conversation.
+
+    Raises:
+        FinetuneError: A row does not fit `data.max_length` while `data.too_long` is "error", the chat template
+            cannot render one, or a split is left empty.
+    """
     tokenized = DatasetDict()
     for name, split in splits.items():
         rows = []
@@ -333,7 +394,19 @@ def tokenize_preferences(
 
 
 def preference_findings(tokenizer: PreTrainedTokenizerBase, splits: DatasetDict, report: DataReport) -> list[Finding]:
-    """The pitfalls preference data brings, checked on the tokens that will be trained."""
+    """The pitfalls preference data brings, checked on the tokens that will be trained.
+
+    Checks that each reply ends at the end-of-turn token, that no reply starts with BOS or carries an extra EOS, that
+    chosen and rejected differ, and how many rows the length limit dropped or cut.
+
+    Args:
+        tokenizer: The tokenizer the data was tokenized with.
+        splits: The tokenized splits (checked on "train", else the first split).
+        report: The data report (rows dropped and truncated).
+
+    Returns:
+        One Finding per check.
+    """
     findings = []
     train = splits["train"] if "train" in splits else next(iter(splits.values()))
     stops = set(end_of_turn_ids(tokenizer))
@@ -389,7 +462,20 @@ def preference_findings(tokenizer: PreTrainedTokenizerBase, splits: DatasetDict,
 def prepare_preferences(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, *, paired: bool, enforce_audit: bool = True
 ) -> PreparedData:
-    """The whole data stage of a preference recipe (see the module docstring)."""
+    """The whole data stage of a preference recipe (see the module docstring).
+
+    Args:
+        cfg: The `data:` section.
+        tokenizer: The tokenizer with the chat template that training uses.
+        paired: True for dpo, orpo and simpo, False for kto.
+        enforce_audit: Whether a "serious" finding stops the run as `data.audit` says; False to only report it.
+
+    Returns:
+        PreparedData: the tokenized splits and the DataReport with its findings.
+
+    Raises:
+        FinetuneError: The data cannot be loaded, split or tokenized, or the audit stops the run (`data.audit`).
+    """
     from finetune.data import split_conversations  # the one splitter: seeded, disjoint, held-out sources kept apart
 
     report = DataReport()

@@ -46,6 +46,11 @@ class DataReport:
     findings: list[Finding] = field(default_factory=list)
 
     def lines(self) -> list[str]:
+        """The report as short lines for a person: rows read by format, skipped, changed, dropped, added; the splits.
+
+        Returns:
+            One line per count that is not zero, then the split sizes and the share of training tokens that carry loss.
+        """
         formats = ", ".join(f"{count} {name}" for name, count in self.formats.most_common())
         out = [f"{self.rows_read} rows read" + (f" ({formats})" if formats else "")]
         for reason, count in self.invalid.most_common():
@@ -84,6 +89,14 @@ class DataReport:
 
 @dataclass
 class PreparedData:
+    """What the data stage hands to training: the tokenized splits and the report of how they were made.
+
+    Attributes:
+        splits: "train", "validation" and "test" (those present); columns messages, text, tools, origin, source,
+            input_ids, labels and more.
+        report: What happened to every row read.
+    """
+
     splits: (
         DatasetDict  # train / validation / test; columns: messages, text, tools, origin, source, input_ids, labels, ...
     )

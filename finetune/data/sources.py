@@ -24,13 +24,28 @@ FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "par
 
 
 def describe(source: DataSource) -> str:
+    """A short name for a source in reports: its path, or `chatterbot:LANGUAGE`.
+
+    Args:
+        source: A `data.sources` entry.
+
+    Returns:
+        The name.
+    """
     if source.type == "chatterbot":
         return f"chatterbot:{source.language}"
     return str(source.path)
 
 
 def read_source(source: DataSource) -> Iterator[tuple[str, Any]]:
-    """(origin, raw row) pairs of one source, in file order."""
+    """(origin, raw row) pairs of one source, in file order.
+
+    Args:
+        source: A `data.sources` entry: files, a folder, a glob, a `save_to_disk` folder, a Hub dataset or chatterbot.
+
+    Yields:
+        (origin, row): where the row comes from (e.g. `file:line`) and the row as read, not yet validated.
+    """
     if source.type == "chatterbot":
         yield from _read_chatterbot(source)
     elif source.type == "hub":
@@ -45,7 +60,19 @@ def read_source(source: DataSource) -> Iterator[tuple[str, Any]]:
 
 
 def source_files(source: DataSource) -> list[Path]:
-    """The files a source reads (for hashing in the model card); a Hub source has none locally."""
+    """The files a source reads (for hashing in the model card); a Hub source has none locally.
+
+    Args:
+        source: A `data.sources` entry.
+
+    Returns:
+        The files it reads: the file, every supported file under the folder (or every file of a `save_to_disk`
+        folder), the glob's matches, or the chatterbot files; none for a Hub source.
+
+    Raises:
+        FinetuneError: The file type is not supported, the folder holds no data files, or the path matches nothing
+            (`data.sources`); for chatterbot, see `chatterbot_files`.
+    """
     if source.type == "chatterbot":
         return chatterbot_files(source)
     if source.type == "hub":
@@ -212,7 +239,18 @@ def _locate_json_error(path: Path) -> str | None:
 
 
 def chatterbot_files(source: DataSource) -> list[Path]:
-    """The chatterbot-corpus YAML files a source selects (all categories of its language by default)."""
+    """The chatterbot-corpus YAML files a source selects (all categories of its language by default).
+
+    Args:
+        source: A `data.sources` entry of type "chatterbot" (its `language` and `categories`).
+
+    Returns:
+        The YAML file of each selected category.
+
+    Raises:
+        FinetuneError: chatterbot-corpus is not installed, the language is not in it, or a category is unknown
+            (`data.sources`).
+    """
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None or not spec.submodule_search_locations:
         raise FinetuneError(

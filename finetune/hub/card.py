@@ -25,6 +25,12 @@ def write_model_card(run_dir: str | Path) -> Path:
     Built from the run's `recipe.yaml` and `metrics.json`: base model, data sources with sha256, recipe and
     hyperparameters, metrics before and after, library versions, how to reproduce and load it, intended use and
     limits. Returns the adapter card's path.
+
+    Args:
+        run_dir: A finished run folder (recipe.yaml and metrics.json).
+
+    Raises:
+        FinetuneError: The folder has no recipe.yaml, or no metrics.json (the run did not finish).
     """
     run = RunFolder(Path(run_dir))
     config, metrics = run.read_config(), run.read_metrics()

@@ -21,6 +21,15 @@ def write_manifest(run_dir: str | Path) -> Path:
 
     Records what a reader needs to trust and reproduce the run: library versions, sha256 of the data files and of
     every weight and config file, the recipe, the metrics, timestamps, Python and platform.
+
+    Args:
+        run_dir: A finished run folder (recipe.yaml and metrics.json).
+
+    Returns:
+        The path of the root run.json.
+
+    Raises:
+        FinetuneError: The folder has no recipe.yaml, or no metrics.json (the run did not finish).
     """
     run = RunFolder(Path(run_dir))
     config, metrics = run.read_config(), run.read_metrics()

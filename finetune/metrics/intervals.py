@@ -40,6 +40,14 @@ class RowScores:
         return len(self.values)
 
     def score(self, rows: np.ndarray | None = None) -> float:
+        """The metric over all rows, or over a resample of them.
+
+        Args:
+            rows: Row indices to aggregate (repeats allowed); None for every row once.
+
+        Returns:
+            The metric's value.
+        """
         values = self.values if rows is None else self.values[rows]
         return _aggregate(self.aggregate, values)
 
@@ -68,7 +76,15 @@ def _resampled(scores: RowScores, samples: np.ndarray) -> np.ndarray:
 
 
 def bleu_rows(predictions: list[str], references: list[str]) -> RowScores:
-    """Per-reply sacrebleu statistics whose sums give exactly `sacrebleu.corpus_bleu(predictions, [references])`."""
+    """Per-reply sacrebleu statistics whose sums give exactly `sacrebleu.corpus_bleu(predictions, [references])`.
+
+    Args:
+        predictions: The generated replies.
+        references: The reference reply of each, in the same order.
+
+    Returns:
+        RowScores with the "bleu" aggregate: (replies, 10) statistics.
+    """
     import sacrebleu
 
     scorer = sacrebleu.BLEU()
@@ -80,7 +96,15 @@ def bleu_rows(predictions: list[str], references: list[str]) -> RowScores:
 
 
 def generation_rows(predictions: list[str], references: list[str]) -> dict[str, RowScores]:
-    """Per-reply statistics of every generation score (`finetune.metrics.score_generations`)."""
+    """Per-reply statistics of every generation score (`finetune.metrics.score_generations`).
+
+    Args:
+        predictions: The generated replies.
+        references: The reference reply of each, in the same order.
+
+    Returns:
+        Score name -> RowScores: bleu's statistics, and each per-reply score's values (aggregate "mean").
+    """
     from finetune.metrics import per_reply_scores
 
     rows = {"bleu": bleu_rows(predictions, references)}
@@ -120,6 +144,11 @@ class Change:
         return f"{value:+.1%}" if self.relative else f"{value:+.4g}"
 
     def as_dict(self) -> dict[str, float | int | str | bool]:
+        """The change as a JSON-ready dict of its fields (what metrics.json records; `Change(**d)` reads it back).
+
+        Returns:
+            Field name -> value.
+        """
         return {**self.__dict__}
 
 
@@ -127,7 +156,24 @@ def paired_change(
     metric: str, before: RowScores, after: RowScores, *, lower_is_better: bool, relative: bool = True
 ) -> Change:
     """The change of one metric from `before` to `after`, scored on the same rows in the same order; as a share of
-    the before score where `relative` (and every resample's before score is non-zero), else in the metric's units."""
+    the before score where `relative` (and every resample's before score is non-zero), else in the metric's units.
+
+    The interval is the central 95% of RESAMPLES paired bootstrap resamples of the rows (seeded, so it never changes);
+    the verdict is "better" or "worse" only when it excludes zero, "unchanged" when the rows' values are identical.
+
+    Args:
+        metric: The metric's name.
+        before: Its per-row statistics before training.
+        after: Its per-row statistics after training, on the same rows.
+        lower_is_better: Whether a decrease is an improvement.
+        relative: Whether to express the change as a share of the before score.
+
+    Returns:
+        The Change.
+
+    Raises:
+        ValueError: `before` and `after` differ in rows or aggregate.
+    """
     if len(before) != len(after) or before.aggregate != after.aggregate:
         raise ValueError(f"{metric}: before and after must be scored on the same rows ({len(before)} vs {len(after)})")
     old, new = before.score(), after.score()
@@ -153,14 +199,28 @@ def paired_change(
 
 
 def comparison_markdown(changes: list[Change]) -> list[str]:
-    """The same table in Markdown (report.md, the model card)."""
+    """The same table in Markdown (report.md, the model card).
+
+    Args:
+        changes: Each metric's change.
+
+    Returns:
+        The table's lines.
+    """
     lines = ["| metric | before | after | change (95% interval) |", "|---|---:|---:|---:|"]
     lines += [f"| {c.metric} | {c.before:.4g} | {c.after:.4g} | {c.text()} |" for c in changes]
     return lines
 
 
 def recorded_changes(summary: dict[str, Any]) -> list[Change]:
-    """The changes a run's metrics.json records."""
+    """The changes a run's metrics.json records.
+
+    Args:
+        summary: The parsed metrics.json.
+
+    Returns:
+        Its Changes, none when it has no "changes".
+    """
     return [Change(**change) for change in summary.get("changes") or []]
 
 
@@ -172,7 +232,15 @@ INTERVAL_NOTE = (
 
 
 def compare(before: dict[str, RowScores], after: dict[str, RowScores]) -> list[Change]:
-    """Every metric both sides have, in `before`'s order, with its interval."""
+    """Every metric both sides have, in `before`'s order, with its interval.
+
+    Args:
+        before: Metric name -> per-row statistics before training.
+        after: Metric name -> per-row statistics after training, on the same rows.
+
+    Returns:
+        One Change per metric, relative except for the scores in ABSOLUTE_CHANGE.
+    """
     from finetune.metrics import ABSOLUTE_CHANGE, lower_is_better
 
     return [

@@ -8,6 +8,10 @@ ROUGE_TYPES = ["rouge1", "rouge2", "rougeL"]
 
 
 class Rouge(evaluate.Metric):
+    """ROUGE-1, ROUGE-2 and ROUGE-L F-measures (rouge_score, stemmed), each the mean over replies, as an `evaluate`
+    metric: `compute` returns rouge1, rouge2 and rougeL.
+    """
+
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=__doc__,
@@ -19,7 +23,15 @@ class Rouge(evaluate.Metric):
         )
 
     def per_row(self, predictions: list[str], references: list[str]) -> dict[str, list[float]]:
-        """Each reply's F-measures, the values `compute` averages (for intervals over replies)."""
+        """Each reply's F-measures, the values `compute` averages (for intervals over replies).
+
+        Args:
+            predictions: The generated replies.
+            references: The reference reply of each, in the same order.
+
+        Returns:
+            rouge1, rouge2 and rougeL -> one F-measure per reply.
+        """
         scorer = rouge_scorer.RougeScorer(ROUGE_TYPES, use_stemmer=True)
         rows = [scorer.score(target=ref, prediction=pred) for pred, ref in zip(predictions, references)]
         return {key: [row[key].fmeasure for row in rows] for key in ROUGE_TYPES}

@@ -13,10 +13,29 @@ PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
 def normalize(text: str) -> str:
+    """SQuAD's answer normalisation: lowercased, punctuation and the articles a/an/the removed, spaces collapsed.
+
+    Args:
+        text: A reply.
+
+    Returns:
+        The normalised text.
+    """
     return " ".join(ARTICLES.sub(" ", text.lower().translate(PUNCTUATION)).split())
 
 
 def f1(prediction: str, reference: str) -> float:
+    """Token F1 of a reply against its reference, over their normalised words (SQuAD's definition).
+
+    When either side has no words, F1 is 1 if both have none, else 0.
+
+    Args:
+        prediction: The generated reply.
+        reference: The reference reply.
+
+    Returns:
+        F1 between 0 and 1.
+    """
     pred_tokens = normalize(prediction).split()
     ref_tokens = normalize(reference).split()
     # SQuAD v2 convention: if either side is empty, F1 is 1 only when both are.
@@ -31,6 +50,10 @@ def f1(prediction: str, reference: str) -> float:
 
 
 class TokenF1(evaluate.Metric):
+    """Token F1 and exact match (SQuAD's definitions), each the mean over replies, as an `evaluate` metric:
+    `compute` returns token_f1 and exact_match.
+    """
+
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description=__doc__,
@@ -42,7 +65,15 @@ class TokenF1(evaluate.Metric):
         )
 
     def per_row(self, predictions: list[str], references: list[str]) -> dict[str, list[float]]:
-        """Each reply's F1 and exact match (0 or 1), the values `compute` averages (for intervals over replies)."""
+        """Each reply's F1 and exact match (0 or 1), the values `compute` averages (for intervals over replies).
+
+        Args:
+            predictions: The generated replies.
+            references: The reference reply of each, in the same order.
+
+        Returns:
+            token_f1 and exact_match -> one value per reply.
+        """
         pairs = list(zip(predictions, references))
         return {
             "token_f1": [f1(pred, ref) for pred, ref in pairs],

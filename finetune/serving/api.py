@@ -59,7 +59,15 @@ class Limits:
 
 
 class ApiError(Exception):
-    """A request the server refuses, answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
+    """A request the server refuses, answered as OpenAI does: {"error": {"message", "type", "param", "code"}}.
+
+    Args:
+        status: The HTTP status code (400, 401, 404, 413, 429, ...).
+        message: What was wrong, for the client.
+        param: The request field at fault, when there is one.
+        code: OpenAI's error code (e.g. "invalid_api_key", "model_not_found").
+        headers: Extra response headers (e.g. Retry-After).
+    """
 
     def __init__(
         self,
@@ -105,6 +113,12 @@ class _Message(BaseModel):
 
 
 class ChatRequest(BaseModel):
+    """The body of a POST /v1/chat/completions request, as OpenAI's API defines it (the fields served here).
+
+    Fields not listed (user, seed, logprobs, ...) are ignored. `model` picks a served variant (default: the first);
+    `max_completion_tokens` or `max_tokens` bounds the reply; `stop` sequences and `n` other than 1 are refused.
+    """
+
     # Fields not listed (user, seed, logprobs, ...) are ignored: OpenAI clients send many optional ones.
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
@@ -169,6 +183,17 @@ def create_app(
     model's own generation_config), and the repetition guard every request gets. `limits` bounds each request and
     the load: rows generated together, requests waiting, seconds per request.
 
+
+    Args:
+        chat: The loaded model (`load_chat_model`).
+        api_key: The bearer key every /v1 request must send; None for no key.
+        limits: Per-request bounds and the load the server takes (Limits' defaults: 512 tokens, 16 rows together, 64
+            waiting, 300 s per request).
+        decoding: Default temperature and top_p for requests that omit them, and the repetition guard.
+
+    Returns:
+        The Starlette app: /v1/chat/completions, /v1/models, /health and the web chat page at /; the Batcher is in
+        `app.state.batcher`.
     """
     # One engine thread generates every reply, the concurrent ones together in a continuous batch (batching.py); the
     # event loop only parses, queues and streams, so /health and streams stay live under load.
@@ -461,7 +486,19 @@ def serve(
     limits: Limits = Limits(),
     decoding: DecodingSettings = DecodingSettings(),
 ) -> None:
-    """Run the app under uvicorn until Ctrl-C."""
+    """Run the app under uvicorn until Ctrl-C.
+
+    A warning is printed when the server is reachable from other machines with no API key.
+
+    Args:
+        chat: The loaded model (`load_chat_model`).
+        host: The address to bind; 0.0.0.0 exposes the server to the network.
+        port: The TCP port.
+        api_key: The bearer key every /v1 request must send; None for no key.
+        limits: Per-request bounds and the load the server takes (Limits' defaults: 512 tokens, 16 rows together, 64
+            waiting, 300 s per request).
+        decoding: Default temperature and top_p for requests that omit them, and the repetition guard.
+    """
     import uvicorn
 
     try:

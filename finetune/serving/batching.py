@@ -37,7 +37,12 @@ BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
 class QueueFull(Exception):
-    """Every batch row is busy and `max_queue` requests already wait; `retry_after` estimates when a slot frees."""
+    """Every batch row is busy and `max_queue` requests already wait; `retry_after` estimates when a slot frees.
+
+    Args:
+        waiting: Requests already waiting.
+        retry_after: Seconds after which a retry is likely to find a row (the Retry-After header).
+    """
 
     def __init__(self, waiting: int, retry_after: int) -> None:
         super().__init__(f"{waiting} requests are already waiting")
@@ -45,7 +50,12 @@ class QueueFull(Exception):
 
 
 class RequestTimeout(Exception):
-    """A request ran past `request_timeout` seconds (waiting included); what it generated is dropped."""
+    """A request ran past `request_timeout` seconds (waiting included); what it generated is dropped.
+
+    Args:
+        seconds: The request timeout that passed.
+        generated: Tokens generated before it passed (0: the request was still queued).
+    """
 
     def __init__(self, seconds: float, generated: int) -> None:
         where = f"after {generated} generated tokens" if generated else "before it reached the model (queued)"
@@ -71,6 +81,15 @@ def check_load_limits(max_batch_size: int, max_queue: int, request_timeout: floa
 
 @dataclass(frozen=True)
 class BatchStatus:
+    """How busy a Batcher is.
+
+    Attributes:
+        queued: Requests waiting for a row.
+        running: Rows being generated.
+        max_batch_size: Rows generated together at most.
+        max_queue: Requests that may wait.
+    """
+
     queued: int  # waiting for a row
     running: int  # rows being generated
     max_batch_size: int
@@ -107,7 +126,18 @@ class _Row:
 
 class Batcher:
     """Serves replies from one `ChatModel` in a continuous batch. Thread-safe; the engine thread starts on the first
-    request and stops at `close()`."""
+    request and stops at `close()`.
+
+    Args:
+        chat: The loaded model.
+        max_batch_size: Requests generated together, one row each (1 for models whose cache rows cannot share one).
+        max_queue: Requests that may wait for a row; one more raises QueueFull.
+        request_timeout: Seconds from arrival to the last token, waiting included; None for no limit.
+
+    Raises:
+        FinetuneError: A limit is out of range (`max_batch_size` below 1, `max_queue` below 0, `request_timeout`
+            not above 0).
+    """
 
     def __init__(
         self,
@@ -137,6 +167,11 @@ class Batcher:
         self._thread: threading.Thread | None = None
 
     def status(self) -> BatchStatus:
+        """How busy the batcher is now (for /health).
+
+        Returns:
+            BatchStatus: requests queued and rows running, with the limits.
+        """
         with self._condition:
             return BatchStatus(len(self._queue), self._running, self.max_batch_size, self.max_queue)
 
@@ -155,6 +190,16 @@ class Batcher:
         Raises:
             QueueFull: all `max_batch_size` rows are busy and `max_queue` requests already wait.
             ServerClosing: after `close()`.
+
+        Args:
+            name: The variant (adapter name, or the base) to reply with.
+            prompt: The prompt's token ids (`ChatModel.prompt_ids`).
+            settings: How to decode this reply.
+            streamer: Receives the reply's text as it is generated; None for none.
+            cancel: Set it to end the reply at the next step; None for a request that cannot be cancelled.
+
+        Returns:
+            A Future holding the Completion, or RequestTimeout when `request_timeout` passed.
         """
         deadline = None if self.request_timeout is None else time.monotonic() + self.request_timeout
         job = _Job(name, prompt, settings, streamer, cancel or threading.Event(), deadline)
@@ -173,7 +218,11 @@ class Batcher:
         return job.future
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the engine; every request not yet answered fails with ServerClosing."""
+        """Stop the engine; every request not yet answered fails with ServerClosing.
+
+        Args:
+            timeout: Seconds to wait for the engine thread to finish its current step.
+        """
         with self._condition:
             self._closed = True
             self._condition.notify()

@@ -38,6 +38,16 @@ from finetune.serving.tool_calls import ToolCallFormat, tool_call_format
 
 @dataclass(frozen=True)
 class Completion:
+    """One generated reply.
+
+    Attributes:
+        text: The reply, special tokens removed.
+        prompt_tokens: Tokens in the prompt.
+        completion_tokens: Tokens generated.
+        finish_reason: "stop" when the reply reached the end-of-turn token, "length" when it ran out of tokens.
+        token_ids: The reply's tokens, the end-of-turn token included when reached.
+    """
+
     text: str
     prompt_tokens: int
     completion_tokens: int
@@ -88,7 +98,18 @@ class ChatModel:
 
     def prompt_ids(self, messages: list[dict[str, Any]], tools: str = "") -> list[int]:
         """The conversation (and tools, as JSON text) rendered with the model's own chat template exactly as
-        training rendered prompts, ready for the assistant's turn."""
+        training rendered prompts, ready for the assistant's turn.
+
+        Args:
+            messages: The conversation so far (OpenAI-style messages).
+            tools: The tools as JSON text ("" for none).
+
+        Returns:
+            The prompt's token ids.
+
+        Raises:
+            FinetuneError: The chat template rejects the conversation.
+        """
         text = render_prompt(self.tokenizer, messages, tools)  # a template that rejects it raises FinetuneError
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -104,7 +125,18 @@ class ChatModel:
     ) -> Completion:
         """Generate one reply with variant `name`, decoded as `finetune.generation.generate_kwargs` says (the
         model's own sampling settings, the user's, the repetition guard). One call at a time: the active adapter is
-        state on the model (held under `lock`); the server batches requests with `finetune.serving.batching`."""
+        state on the model (held under `lock`); the server batches requests with `finetune.serving.batching`.
+
+        Args:
+            name: The variant to reply with (a key of `variants`).
+            prompt_ids: The prompt's token ids (`prompt_ids`).
+            decoding: How to decode.
+            streamer: Receives the reply's text as it is generated; None for none.
+            cancel: Set it to stop the reply at the next token; None for none.
+
+        Returns:
+            The Completion: text, token counts, finish reason ("stop" at the end-of-turn token, else "length").
+        """
         if cancel is not None and cancel.is_set():  # the requester left while this waited in the queue
             return Completion("", len(prompt_ids), 0, "stop")
         adapter = self.variants[name]
@@ -142,6 +174,14 @@ def load_chat_model(
 
     Raises:
         FinetuneError: unknown quantization, a run folder without weights, a missing or mismatched adapter.
+
+    Args:
+        target: A run folder, model folder, .gguf file, bundled alias or Hub id.
+        adapters: LoRA adapters to serve beside it, each `PATH` or `NAME=PATH`.
+        quantization: Load the base as "none", "8bit" or "4bit".
+
+    Returns:
+        The ChatModel: model, tokenizer and the variants by public name.
     """
     if quantization not in choices(Quantization):
         raise FinetuneError(f"{argument('quantization', quantization)}: use one of {', '.join(choices(Quantization))}.")

@@ -29,6 +29,20 @@ def chat_loop(
     `read` takes the prompt and returns one line, raising EOFError at the end (as `input` does). `/reset` starts the
     conversation over (keeping the system prompt); Ctrl-C stops a reply midway. Returns the conversation since the
     last reset.
+
+    Args:
+        chat: The loaded model.
+        model: The variant to chat with; None for the first one (`chat.default`).
+        system: A system prompt opening the conversation; None for none.
+        decoding: How replies are decoded.
+        read: Reads one line after showing a prompt; `input` by default.
+        out: Where replies are written; None for stdout.
+
+    Returns:
+        The messages since the last /reset, the system prompt included.
+
+    Raises:
+        FinetuneError: `model` is not a loaded variant.
     """
     out = out or sys.stdout
     name = model or chat.default

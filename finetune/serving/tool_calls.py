@@ -49,7 +49,14 @@ class ToolCallFormat:
     arguments_key: str
 
     def parse(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        """(content, OpenAI tool_calls) of a generated reply; a reply without a well-formed call is all content."""
+        """(content, OpenAI tool_calls) of a generated reply; a reply without a well-formed call is all content.
+
+        Args:
+            text: The generated reply.
+
+        Returns:
+            (the reply's text outside the calls, the calls as OpenAI tool_calls with JSON-text arguments).
+        """
         decoder = json.JSONDecoder()
         if not self.open:
             stripped = text.strip()
@@ -100,7 +107,16 @@ def _json_or_none(text: str) -> Any:
 
 
 def tool_call_format(tokenizer: PreTrainedTokenizerBase) -> ToolCallFormat | None:
-    """The template's tool-call format, or None when it does not write tool calls."""
+    """The template's tool-call format, or None when it does not write tool calls.
+
+    Found by rendering a probe conversation with one tool call through the template.
+
+    Args:
+        tokenizer: The tokenizer with its chat template.
+
+    Returns:
+        The ToolCallFormat, or None.
+    """
     try:
         prompt = render_chat(tokenizer, _PROBE[:1], _PROBE_TOOLS, generation_prompt=True)
         ending = render_chat(tokenizer, _PROBE, _PROBE_TOOLS)
@@ -140,13 +156,24 @@ def tool_call_format(tokenizer: PreTrainedTokenizerBase) -> ToolCallFormat | Non
 
 class StreamedReply:
     """A reply streamed as it is generated: text is passed on at once, except from the moment it may be starting a
-    tool call (a prefix of the open marker, or a bare-JSON reply), which is held until the end and parsed there."""
+    tool call (a prefix of the open marker, or a bare-JSON reply), which is held until the end and parsed there.
+
+    Args:
+        fmt: The chat template's tool-call format.
+    """
 
     def __init__(self, fmt: ToolCallFormat) -> None:
         self.fmt, self.text, self.sent, self.holding = fmt, "", 0, False
 
     def feed(self, piece: str) -> str:
-        """Add generated text; return the content that can be sent now."""
+        """Add generated text; return the content that can be sent now.
+
+        Args:
+            piece: The next piece of generated text.
+
+        Returns:
+            The text to stream now ("" while text is held).
+        """
         self.text += piece
         if self.holding:
             return ""

@@ -27,6 +27,15 @@ class Checkpoints:
 
 
 def checkpoint_is_complete(folder: Path) -> bool:
+    """Whether a checkpoint folder was written to the end: adapter weights, optimizer, scheduler, trainer state and RNG
+    state are all there, and the trainer state's step matches the folder's name.
+
+    Args:
+        folder: A `checkpoint-N` folder.
+
+    Returns:
+        True when a run can resume from it.
+    """
     match = _CHECKPOINT.match(folder.name)
     if not match or not all((folder / name).is_file() for name in _CHECKPOINT_FILES):
         return False
@@ -40,6 +49,14 @@ def checkpoint_is_complete(folder: Path) -> bool:
 
 
 def find_checkpoints(output_dir: Path) -> Checkpoints:
+    """The checkpoints in a run's checkpoints/ folder: the newest complete one, and those that are not complete.
+
+    Args:
+        output_dir: The trainer's output folder (a run's checkpoints/); it may not exist.
+
+    Returns:
+        Checkpoints: `latest` (None when no complete one exists), its step, and the incomplete folders, oldest first.
+    """
     folders = (
         [p for p in output_dir.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)] if output_dir.is_dir() else []
     )

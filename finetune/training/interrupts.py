@@ -40,6 +40,17 @@ class StopOnSignal(TrainerCallback):
         self._previous.clear()
 
     def on_step_end(self, args, state, control, **kwargs):
+        """After each optimizer step: when a signal came, ask the trainer to save a checkpoint and stop.
+
+        Args:
+            args: The trainer's TrainingArguments.
+            state: The trainer's TrainerState (global_step, max_steps, ...).
+            control: The TrainerControl to return.
+            kwargs: What else the trainer passes (model, tokenizer, ...); unused.
+
+        Returns:
+            `control`, with should_save and should_training_stop set after a signal.
+        """
         if self.signal is not None:
             control.should_save = True
             control.should_training_stop = True

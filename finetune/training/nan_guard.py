@@ -23,12 +23,31 @@ class NonFiniteLossGuard(TrainerCallback):
     applies them: a NaN/inf loss always yields non-finite gradients, and raising there leaves the weights and
     every saved checkpoint as they were. The logged loss is checked too (fp16 runs skip the gradient check: their
     grad scaler expects overflowing steps and skips them itself).
+
+    Args:
+        learning_rate: `training.learning_rate`, quoted in the error's advice.
     """
 
     def __init__(self, learning_rate: float) -> None:
         self.learning_rate = learning_rate
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        """Before each optimizer step: check the trainable weights' gradients are finite (skipped under fp16).
+
+        Args:
+            args: The trainer's TrainingArguments.
+            state: The trainer's TrainerState (global_step, max_steps, ...).
+            control: The TrainerControl to return.
+            model: The model being trained.
+            kwargs: What else the trainer passes (model, tokenizer, ...); unused.
+
+        Returns:
+            The same `control`.
+
+        Raises:
+            NonFiniteLoss: (a FinetuneError) A gradient is NaN or infinite; the message names the step, the last
+                good checkpoint and the usual fixes (`training.learning_rate`, `model.compute_dtype`).
+        """
         if args.fp16 or model is None:
             return control
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
@@ -37,6 +56,21 @@ class NonFiniteLossGuard(TrainerCallback):
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """On each log entry: check the logged training loss is finite.
+
+        Args:
+            args: The trainer's TrainingArguments.
+            state: The trainer's TrainerState (global_step, max_steps, ...).
+            control: The TrainerControl to return.
+            logs: The entry the trainer logs.
+            kwargs: What else the trainer passes (model, tokenizer, ...); unused.
+
+        Returns:
+            The same `control`.
+
+        Raises:
+            NonFiniteLoss: (a FinetuneError) The logged loss is NaN or infinite.
+        """
         loss = (logs or {}).get("loss")
         if isinstance(loss, float) and not math.isfinite(loss):
             raise self._error(args, state.global_step, f"the logged loss is {loss}")

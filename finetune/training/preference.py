@@ -42,13 +42,27 @@ _UNPAIRED_COLUMNS = ["prompt_ids", "completion_ids", "label"]
 
 
 def uses_reference(method: str) -> bool:
-    """DPO and KTO compare with a reference model; ORPO and SimPO need none."""
+    """DPO and KTO compare with a reference model; ORPO and SimPO need none.
+
+    Args:
+        method: The recipe's method.
+
+    Returns:
+        True for "dpo" and "kto".
+    """
     return method in ("dpo", "kto")
 
 
 def precomputes_reference(config: RecipeConfig) -> bool:
     """Reference log-probs once before training: always on CPU by default (a second forward per step costs about as
-    much as the step's own forward), per step on a GPU unless asked."""
+    much as the step's own forward), per step on a GPU unless asked.
+
+    Args:
+        config: The recipe (`method` and `preference.reference_log_probs`).
+
+    Returns:
+        True when the reference log-probabilities are computed once before training.
+    """
     choice = config.preference.reference_log_probs
     return uses_reference(config.method) and (
         choice == "precompute" or (choice == "auto" and not torch.cuda.is_available())
@@ -57,6 +71,13 @@ def precomputes_reference(config: RecipeConfig) -> bool:
 
 @dataclass
 class PreferenceTrainer:
+    """A preference trainer and what building it took.
+
+    Attributes:
+        trainer: The TRL trainer (DPOTrainer, KTOTrainer, ORPOTrainer, or CPOTrainer for SimPO).
+        setup_seconds: Seconds spent building it, precomputed reference log-probabilities included.
+    """
+
     trainer: Any  # the TRL trainer
     setup_seconds: float  # building it, reference log-probs included when they are precomputed
 
@@ -72,6 +93,26 @@ def build_preference_trainer(
     callbacks: list[TrainerCallback] | tuple[TrainerCallback, ...] = (),
     reporting: Mapping[str, Any] | None = None,
 ) -> PreferenceTrainer:
+    """The TRL trainer of a preference recipe: DPO, KTO, ORPO, or SimPO (CPO's simpo loss without its
+    behaviour-cloning term), with the NaN/inf guard, the float32-adapter hook and the progress display.
+
+    Args:
+        model: The peft model from `adapters.attach_lora`.
+        tokenizer: Its tokenizer.
+        splits: Tokenized preference splits (`data.preference.prepare_preferences`): "train" and maybe "validation".
+        config: The recipe: method, training, preference and data.max_length.
+        output_dir: Where checkpoints go (a run's checkpoints/).
+        dtype: The compute dtype.
+        callbacks: More transformers callbacks.
+        reporting: Extra settings for the experiment trackers; None for none.
+
+    Returns:
+        PreferenceTrainer: the trainer and the seconds building it took.
+
+    Raises:
+        ValueError: `config.method` is not a preference method.
+        FinetuneError: `training.batch_size` is still "auto".
+    """
     method, cfg, preference = config.method, config.training, config.preference
     paired = method != "kto"
     columns = _PAIR_COLUMNS if paired else _UNPAIRED_COLUMNS

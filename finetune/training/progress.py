@@ -15,7 +15,11 @@ from transformers import TrainerCallback
 
 
 class TrainingProgress(TrainerCallback):
-    """Shows `Training ━━━━━━ 12/24 · loss 2.314 · 812 tokens/s · 0:00:31 left` while the trainer runs (main process only)."""
+    """Shows `Training ━━━━━━ 12/24 · loss 2.314 · 812 tokens/s · 0:00:31 left` while the trainer runs (main process only).
+
+    Args:
+        console: The rich Console to draw on; None for a new one.
+    """
 
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console()
@@ -24,6 +28,17 @@ class TrainingProgress(TrainerCallback):
         self._clock: tuple[float, int] | None = None  # (time, processed tokens) when counting started
 
     def on_train_begin(self, args, state, control, **kwargs):
+        """Start the progress bar at the trainer's current step (on the main process only).
+
+        Args:
+            args: The trainer's TrainingArguments.
+            state: The trainer's TrainerState (global_step, max_steps, ...).
+            control: The TrainerControl to return.
+            kwargs: What else the trainer passes (model, tokenizer, ...); unused.
+
+        Returns:
+            The same `control`.
+        """
         if not state.is_world_process_zero:
             return control
         self.progress = Progress(
@@ -44,11 +59,35 @@ class TrainingProgress(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
+        """Move the bar to the current step.
+
+        Args:
+            args: The trainer's TrainingArguments.
+            state: The trainer's TrainerState (global_step, max_steps, ...).
+            control: The TrainerControl to return.
+            kwargs: What else the trainer passes (model, tokenizer, ...); unused.
+
+        Returns:
+            The same `control`.
+        """
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step)
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """Show the logged loss and tokens per second (the first interval, warm-up, is not counted); print each
+        validation loss.
+
+        Args:
+            args: The trainer's TrainingArguments.
+            state: The trainer's TrainerState (global_step, max_steps, ...).
+            control: The TrainerControl to return.
+            logs: The entry the trainer logs.
+            kwargs: What else the trainer passes (model, tokenizer, ...); unused.
+
+        Returns:
+            The same `control`.
+        """
         if self.progress is None or not logs:
             return control
         if "loss" in logs:
@@ -66,16 +105,49 @@ class TrainingProgress(TrainerCallback):
         return control
 
     def on_prediction_step(self, args, state, control, **kwargs):
+        """Label the bar 'Validating' while the validation split is scored.
+
+        Args:
+            args: The trainer's TrainingArguments.
+            state: The trainer's TrainerState (global_step, max_steps, ...).
+            control: The TrainerControl to return.
+            kwargs: What else the trainer passes (model, tokenizer, ...); unused.
+
+        Returns:
+            The same `control`.
+        """
         if self.progress is not None:
             self.progress.update(self.task, description="Validating")
         return control
 
     def on_evaluate(self, args, state, control, **kwargs):
+        """Label the bar 'Training' again after a validation.
+
+        Args:
+            args: The trainer's TrainingArguments.
+            state: The trainer's TrainerState (global_step, max_steps, ...).
+            control: The TrainerControl to return.
+            kwargs: What else the trainer passes (model, tokenizer, ...); unused.
+
+        Returns:
+            The same `control`.
+        """
         if self.progress is not None:
             self.progress.update(self.task, description="Training")
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        """Stop the progress bar.
+
+        Args:
+            args: The trainer's TrainingArguments.
+            state: The trainer's TrainerState (global_step, max_steps, ...).
+            control: The TrainerControl to return.
+            kwargs: What else the trainer passes (model, tokenizer, ...); unused.
+
+        Returns:
+            The same `control`.
+        """
         if self.progress is not None:
             self.progress.stop()
             self.progress = None

@@ -27,6 +27,17 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     (measured, forward + backward), and the mask costs memory in every layer. The padding-free collator already
     gives the boundaries (`cu_seq_lens_q`). Anything else (padded batches, generation with a cache) goes to
     transformers' sdpa unchanged.
+
+    Args:
+        module: The attention layer (transformers' attention interface).
+        query: Queries, (batch, heads, tokens, head size).
+        key: Keys, (batch, key-value heads, tokens, head size).
+        value: Values, shaped as `key`.
+        attention_mask: The mask transformers built; unused for a packed row.
+        kwargs: What transformers passes on to sdpa; `cu_seq_lens_q` gives the conversations' boundaries.
+
+    Returns:
+        (attention output, None), as transformers' sdpa returns them.
     """
     bounds = kwargs.pop("cu_seq_lens_q", None)
     kwargs.pop("cu_seq_lens_k", None)
@@ -45,7 +56,11 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
 def use_packed_attention(model: torch.nn.Module) -> None:
     """Switch a model that uses sdpa to the per-conversation variant (flash attention already works per conversation).
 
-    The variant is registered with transformers here, when first used, not when this module is imported."""
+    The variant is registered with transformers here, when first used, not when this module is imported.
+
+    Args:
+        model: The model (or peft model) to switch; changed in place, and left alone unless it runs sdpa.
+    """
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     if compat.attention_implementation(base) == "sdpa":
         AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
@@ -65,6 +80,12 @@ def trained_logits_loss(
     a chunk of them at a time (`finetune.chunked_loss`).
 
     Returns (loss, argmax hits, labelled tokens), the hits for the token accuracy TRL logs.
+
+    Args:
+        model: The model being trained (possibly wrapped by DDP or peft).
+        inputs: The batch: input_ids, labels (-100 where no loss is taken), attention_mask or position ids.
+        num_items_in_batch: The labelled tokens of the whole optimizer step under gradient accumulation (as the
+            Trainer passes it); None to divide by this batch's.
     """
     labels = inputs["labels"]
     keep = labels[:, 1:] != -100  # position i predicts token i + 1

@@ -31,6 +31,16 @@ from finetune.training.speed import trained_logits_loss, use_packed_attention
 
 
 def total_steps(cfg: TrainingConfig, train_rows: int, world_size: int = 1) -> int:
+    """The number of optimizer steps a run takes: `training.max_steps`, else the epochs over the training rows.
+
+    Args:
+        cfg: The `training:` section (max_steps, epochs, a number batch_size, gradient_accumulation_steps).
+        train_rows: Rows in the training split.
+        world_size: Training processes; each step takes a batch from every process.
+
+    Returns:
+        The step count, at least 1.
+    """
     if cfg.max_steps:
         return cfg.max_steps
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
@@ -46,7 +56,22 @@ def training_arguments(
     dtype: torch.dtype,
     reporting: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The transformers TrainingArguments every finetune trainer shares (SFT and the preference methods)."""
+    """The transformers TrainingArguments every finetune trainer shares (SFT and the preference methods).
+
+    Args:
+        cfg: The `training:` section.
+        output_dir: Where checkpoints go (a run's checkpoints/).
+        train_rows: Rows in the training split, for the step count.
+        has_validation: Whether there is a validation split (validation and keeping the best adapter need one).
+        dtype: The compute dtype; bf16 or fp16 mixed precision follows it on CUDA.
+        reporting: Extra settings for the experiment trackers (`report_to`, logging folder, run name); None for none.
+
+    Returns:
+        Keyword arguments for a TRL config class (see `trl_config`).
+
+    Raises:
+        FinetuneError: `training.batch_size` is "auto": only the recipe resolves it, with the memory planner.
+    """
     if cfg.batch_size == "auto":
         raise FinetuneError(
             "training.batch_size: auto is decided by the recipe from the memory planner (Recipe.setup, or "
@@ -110,7 +135,15 @@ def training_arguments(
 
 
 def trl_config(config_class: type, **settings: Any) -> Any:
-    """A TRL config (SFTConfig, DPOConfig, ...) from settings."""
+    """A TRL config (SFTConfig, DPOConfig, ...) from settings.
+
+    Args:
+        config_class: The TRL config class.
+        settings: Its keyword arguments.
+
+    Returns:
+        The config, built without TRL's deprecation warning about `gradient_checkpointing`.
+    """
     with warnings.catch_warnings():
         # TRL's config still sets the `gradient_checkpointing` alias, so transformers warns on every run; the setting works.
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
@@ -126,6 +159,23 @@ def sft_config(
     dtype: torch.dtype,
     reporting: Mapping[str, Any] | None = None,
 ) -> SFTConfig:
+    """TRL's SFTConfig for a run: `training_arguments`, with the data taken as already tokenized and no length limit
+    of TRL's own; `training.packing` turns on padding-free batches.
+
+    Args:
+        cfg: The `training:` section.
+        output_dir: Where checkpoints go (a run's checkpoints/).
+        train_rows: Rows in the training split, for the step count.
+        has_validation: Whether there is a validation split (validation and keeping the best adapter need one).
+        dtype: The compute dtype; bf16 or fp16 mixed precision follows it on CUDA.
+        reporting: Extra settings for the experiment trackers (`report_to`, logging folder, run name); None for none.
+
+    Returns:
+        The SFTConfig.
+
+    Raises:
+        FinetuneError: `training.batch_size` is still "auto".
+    """
     settings = training_arguments(
         cfg, output_dir, train_rows=train_rows, has_validation=has_validation, dtype=dtype, reporting=reporting
     )
@@ -152,7 +202,28 @@ def build_trainer(
     callbacks: list[TrainerCallback] | tuple[TrainerCallback, ...] = (),
     reporting: Mapping[str, Any] | None = None,
 ) -> SFTTrainer:
-    """`callbacks` come on top of the NaN/inf guard, which every run gets."""
+    """The SFT trainer of a run: TRL's SFTTrainer over the tokenized splits, with finetune's checkpoint, sampler and
+    float32-adapter hooks, and the training progress display.
+
+    `callbacks` come on top of the NaN/inf guard, which every run gets; early stopping is added with a validation split
+    and `training.early_stopping_patience`.
+
+    Args:
+        model: The peft model from `adapters.attach_lora`.
+        tokenizer: Its tokenizer, saved with every checkpoint.
+        splits: The tokenized splits: "train" and, when present, "validation".
+        cfg: The `training:` section.
+        output_dir: Where checkpoints go (a run's checkpoints/).
+        dtype: The compute dtype; bf16 or fp16 mixed precision follows it on CUDA.
+        callbacks: More transformers callbacks (the run log, the signal handler, ...).
+        reporting: Extra settings for the experiment trackers; None for none.
+
+    Returns:
+        The SFTTrainer, ready for `train()`.
+
+    Raises:
+        FinetuneError: `training.batch_size` is still "auto" (see `training_arguments`).
+    """
     columns = ["input_ids", "labels"]
     validation = splits["validation"].select_columns(columns) if "validation" in splits else None
     args = sft_config(
@@ -185,7 +256,14 @@ def build_trainer(
 def logged_train_loss(trainer: SFTTrainer) -> float | None:
     """Mean training loss over the whole run, from the log (each entry averages the steps since the previous one).
 
-    Used after a resume, where the trainer's own mean covers only the steps run in the resuming process."""
+    Used after a resume, where the trainer's own mean covers only the steps run in the resuming process.
+
+    Args:
+        trainer: A trainer that has trained.
+
+    Returns:
+        The mean loss, or None when no loss was logged.
+    """
     total = steps = last = 0
     for entry in trainer.state.log_history:
         if "loss" in entry:
@@ -196,7 +274,14 @@ def logged_train_loss(trainer: SFTTrainer) -> float | None:
 
 
 def loss_history(trainer: SFTTrainer) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) series of training and validation loss from the trainer's log."""
+    """(step, value) series of training and validation loss from the trainer's log.
+
+    Args:
+        trainer: A trainer that has trained.
+
+    Returns:
+        "train_loss" and "eval_loss" -> (step, value) points.
+    """
     history: dict[str, list[tuple[int, float]]] = {"train_loss": [], "eval_loss": []}
     for entry in trainer.state.log_history:
         for key, series in (("loss", "train_loss"), ("eval_loss", "eval_loss")):
@@ -237,6 +322,11 @@ class Float32Adapters:
     every adapted layer. Measured on SmolLM2-135M in 4-bit: held-out loss after 4 steps 3.820 with float32 adapters,
     3.823 with bf16 ones. A reference copy of the adapter that DPO or KTO makes while being built is frozen, so it
     is never cast and keeps the values it was copied with.
+
+    Args:
+        model: The peft model to train.
+        args: The trainer class's other positional arguments.
+        kwargs: The trainer class's keyword arguments.
     """
 
     def __init__(self, model: PeftModel, *args: Any, **kwargs: Any) -> None:
