@@ -102,7 +102,9 @@ def six_step_run(tiny_llama_dir, facts_jsonl, tmp_path_factory):
 def test_same_seed_same_config_gives_an_identical_loss_curve(six_step_run, tiny_llama_dir, facts_jsonl, tmp_path):
     again = train(six_steps(tiny_llama_dir, facts_jsonl, tmp_path / "again"))
     other_seed = train(six_steps(tiny_llama_dir, facts_jsonl, tmp_path / "other", seed=4, steps=2))
-    curves = [[loss for _, loss in run.state.training.history["train_loss"]] for run in (six_step_run, again, other_seed)]
+    curves = [
+        [loss for _, loss in run.state.training.history["train_loss"]] for run in (six_step_run, again, other_seed)
+    ]
     assert len(curves[0]) == 6 and curves[0] == curves[1]  # exact: no tolerance
     assert curves[2] != curves[0][:2]  # the seed does reach LoRA initialisation, dropout and data order
 
@@ -313,4 +315,5 @@ def test_a_run_killed_at_a_random_step_resumes_to_the_same_weights_without_repea
     theirs = load_file(reference.folder.adapter / "adapter_model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     history = json.loads((tmp_path / "interrupted" / "metrics.json").read_text())["history"]["train_loss"]
-    assert [tuple(point) for point in history] == reference.state.training.history["train_loss"]  # the same loss at every step
+    # the same loss at every step
+    assert [tuple(point) for point in history] == reference.state.training.history["train_loss"]
