@@ -566,7 +566,8 @@ class PreferenceConfig(_Section):
     reference_log_probs: Literal["auto", "precompute", "each_step"] = Field(
         "auto",
         description="dpo and kto: compute the reference model's log-probabilities once before training (precompute: "
-        "no reference forward per step) or at each step; auto precomputes on CPU.",
+        "no reference forward per step) or at each step; auto precomputes on CPU when training reads every row at "
+        "least once.",
     )
     desirable_weight: float = Field(
         1.0, gt=0, description="kto only: weight of the loss on good (label: true) replies."

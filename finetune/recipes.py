@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftModel
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
@@ -895,12 +896,23 @@ class PreferenceRecipe(Recipe):
             callbacks=callbacks,
             reporting=reporting,
         )
-        if preference_training.precomputes_reference(self.config):
+        if preference_training.uses_reference(self.config.method):
             reference = "the frozen SFT adapter" if self.config.model.adapter else "the base (adapters off)"
-            self._say(
-                f"  reference log-probs of {len(inputs.data.splits['train'])} training rows, from {reference}: "
-                f"computed once before training in {built.setup_seconds:.1f} s (no reference pass per step)"
-            )
+            train_rows = len(inputs.data.splits["train"])
+            if preference_training.precomputes_reference(self.config, train_rows):
+                self._say(
+                    f"  reference log-probs of {train_rows} training rows, from {reference}: computed once before "
+                    f"training in {built.setup_seconds:.1f} s (no reference pass per step)"
+                )
+            else:
+                why = {
+                    "each_step": "preference.reference_log_probs: each_step",
+                    "auto": "on a GPU a second forward is cheap"
+                    if torch.cuda.is_available()
+                    else f"training reads fewer rows than the {train_rows} a precomputation would score; "
+                    "preference.reference_log_probs: precompute forces it",
+                }[self.config.preference.reference_log_probs]
+                self._say(f"  reference log-probs from {reference}, at each step ({why})")
         return built.trainer
 
 

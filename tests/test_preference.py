@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from finetune import ChatSFTRecipe, FinetuneError, PreferenceRecipe, Recipe, RecipeConfig
 from finetune.cli import app
 from finetune.evaluation import nll
+from finetune.training import preference as preference_training
 from tests.conftest import FACTS, tiny_recipe
 
 
@@ -83,6 +84,26 @@ def test_dpo_runs_end_to_end_with_the_sft_recipes_outputs(dpo_run):
     assert "| preference_accuracy |" in (run_dir / "report.md").read_text()
 
 
+@pytest.mark.parametrize(
+    ("method", "choice", "training", "expected"),
+    [
+        ("dpo", "auto", {"max_steps": 16, "batch_size": 4}, True),  # reads 64 rows of 60: one reference pass each
+        ("dpo", "auto", {"max_steps": 4, "batch_size": 4}, False),  # reads 16 of 60: per step costs 16, not 60
+        ("kto", "auto", {"max_steps": 2, "batch_size": 4, "gradient_accumulation_steps": 8}, True),
+        ("dpo", "auto", {"epochs": 1.0}, True),
+        ("dpo", "auto", {"epochs": 0.5}, False),
+        ("dpo", "precompute", {"max_steps": 1}, True),
+        ("dpo", "each_step", {"epochs": 3.0}, False),
+        ("orpo", "precompute", {"epochs": 3.0}, False),  # no reference at all
+    ],
+)
+def test_auto_precomputes_reference_log_probs_only_when_training_reads_every_row(method, choice, training, expected):
+    config = RecipeConfig.from_dict(
+        {"method": method, "preference": {"reference_log_probs": choice}, "training": training}
+    )
+    assert preference_training.precomputes_reference(config, train_rows=60) is expected
+
+
 def test_a_method_is_trained_by_its_recipe_class(tiny_llama_dir, pairs_jsonl, tmp_path):
     config = RecipeConfig.from_dict(_preference_recipe(tiny_llama_dir, pairs_jsonl, tmp_path / "x"))
     assert isinstance(Recipe.for_config(config), PreferenceRecipe)
@@ -99,6 +120,7 @@ def test_continuing_an_sft_adapter_keeps_it_as_the_reference_never_the_bare_base
     sft_dir = sft.run().run_dir
     config = _preference_recipe(tiny_llama_dir, pairs_jsonl, tmp_path / "dpo", training__max_steps=1)
     config["model"]["adapter"] = str(sft_dir)
+    config["preference"] = {"reference_log_probs": "precompute"}  # one step reads fewer rows than auto precomputes
     recipe = PreferenceRecipe(**config)
     recipe.setup()
     recipe.train()
