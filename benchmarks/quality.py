@@ -100,21 +100,36 @@ def variants(args: argparse.Namespace) -> dict[str, list[str]]:
 # ---------------------------------------------------------------- child: train one arm
 
 
-def budget_callback(seconds: float, peak_lr: float, warmup_ratio: float, out: Path, conversations_per_step: int) -> Any:
-    """Runs the arm's cosine schedule over `seconds` of process CPU time, saves its adapter at POINTS of them and
-    stops the trainer at the end. Time spent saving is left out of the budget."""
+def budget_callback(
+    seconds: float,
+    peak_lr: float,
+    warmup_ratio: float,
+    out: Path,
+    conversations_per_step: int,
+    *,
+    scheduler: str = "cosine",
+    started: float | None = None,
+) -> Any:
+    """Runs the arm's schedule (warmup, then `scheduler`: cosine or linear decay) over `seconds` of process CPU time,
+    saves its adapter at POINTS of them and stops the trainer at the end. The budget starts at `started` (a
+    `time.process_time()` value, e.g. taken before the trainer is built, so work done while building it counts) or
+    else when training begins. Time spent saving is left out of the budget."""
     from transformers import TrainerCallback
 
     class Budget(TrainerCallback):
         def __init__(self) -> None:
-            self.start = self.excluded = 0.0
+            self.start = started
+            self.excluded = 0.0
+            self.build_seconds = 0.0  # of the budget, spent before training began (building the trainer)
             self.saved: list[dict[str, Any]] = []
 
         def spent(self) -> float:
             return time.process_time() - self.start - self.excluded
 
         def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-            self.start = time.process_time()
+            if self.start is None:
+                self.start = time.process_time()
+            self.build_seconds = self.spent()
 
         def on_pre_optimizer_step(
             self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any
@@ -122,6 +137,8 @@ def budget_callback(seconds: float, peak_lr: float, warmup_ratio: float, out: Pa
             progress = min(1.0, self.spent() / seconds)
             if progress < warmup_ratio:
                 rate = peak_lr * progress / warmup_ratio
+            elif scheduler == "linear":
+                rate = peak_lr * (1 - progress) / (1 - warmup_ratio)
             else:
                 rate = peak_lr * 0.5 * (1 + math.cos(math.pi * (progress - warmup_ratio) / (1 - warmup_ratio)))
             for group in optimizer.param_groups:

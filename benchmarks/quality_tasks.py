@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import random
 import re
 import shutil
@@ -198,14 +199,14 @@ def reply_tokens(tokenizer: Any, chat: Chat) -> tuple[list[int], int]:
     return prompt_ids + reply_ids, len(prompt_ids)
 
 
-def reply_perplexity(model: Any, tokenizer: Any, chats: list[Chat], batch_size: int = 8) -> float:
-    """exp(mean next-token NLL over the last assistant reply of every chat), with a plain forward pass per padded
-    batch: no code of the library under test."""
+def reply_nll(model: Any, tokenizer: Any, chats: list[Chat], batch_size: int = 8) -> list[tuple[float, int]]:
+    """(summed next-token NLL, token count) of the last assistant reply of each chat, with a plain forward pass per
+    padded batch: no code of the library under test."""
     import torch
 
     encoded = [reply_tokens(tokenizer, chat) for chat in chats]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total, count = 0.0, 0
+    rows: list[tuple[float, int]] = []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
@@ -221,8 +222,13 @@ def reply_perplexity(model: Any, tokenizer: Any, chats: list[Chat], batch_size: 
             logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
             targets = labels[:, 1:]
             nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum"
+                logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none"
             )
-            total += float(nll)
-            count += int((targets != -100).sum())
-    return float(torch.exp(torch.tensor(total / count)))
+            rows += [(float(total), int(count)) for total, count in zip(nll.sum(1), (targets != -100).sum(1))]
+    return rows
+
+
+def reply_perplexity(model: Any, tokenizer: Any, chats: list[Chat], batch_size: int = 8) -> float:
+    """exp(mean next-token NLL over the last assistant reply of every chat), token-weighted (`reply_nll`)."""
+    rows = reply_nll(model, tokenizer, chats, batch_size)
+    return math.exp(sum(total for total, _ in rows) / sum(count for _, count in rows))
