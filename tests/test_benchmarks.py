@@ -370,3 +370,90 @@ def test_serve_load_summary_percentiles_and_targets(serve_load):
     assert goals["throughput_ratio_16"] == 4 and goals["throughput_met"]
     assert goals["p95_ratio_1"] == pytest.approx(1.05) and not goals["p95_met"] and goals["soak_met"]
     assert not serve_load.goals(levels, {"errors": 0, "requests": 499})["soak_met"]
+
+
+# ---------------------------------------------------------------- benchmarks/preference.py: pairs and scoring
+
+
+@pytest.fixture(scope="module")
+def preference():
+    spec = importlib.util.spec_from_file_location("preference", ROOT / "benchmarks" / "preference.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["preference"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_preference_scores_match_a_direct_computation(preference, tiny_llama_dir, chatml_tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    pairs = [
+        {"prompt": [{"role": "user", "content": "hi"}], "chosen": "hello there", "rejected": "go away, said at length"},
+        {
+            "prompt": [
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "and 3+3?"},
+            ],
+            "chosen": "6",
+            "rejected": "7, I think",
+        },
+        {"prompt": [{"role": "user", "content": "name a colour"}], "chosen": "blue", "rejected": "red"},
+    ]
+    # by hand, one conversation at a time: transformers' own mean loss over the reply's tokens (end of turn included)
+    logp, nll, tokens = {"chosen": [], "rejected": []}, 0.0, 0
+    for pair in pairs:
+        for side in ("chosen", "rejected"):
+            full = chatml_tokenizer.apply_chat_template(
+                [*pair["prompt"], {"role": "assistant", "content": pair[side]}], tokenize=False
+            )
+            prompt = chatml_tokenizer.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
+            prompt_ids = chatml_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            ids = prompt_ids + chatml_tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+            labels = [-100] * len(prompt_ids) + ids[len(prompt_ids) :]
+            with torch.no_grad():
+                loss = float(model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss)
+            logp[side].append(-loss)
+            if side == "chosen":
+                reply = len(ids) - len(prompt_ids)
+                nll, tokens = nll + loss * reply, tokens + reply
+    scores = preference.summary(preference.pair_rows(model, chatml_tokenizer, pairs, batch_size=2))
+    margins = [c - r for c, r in zip(logp["chosen"], logp["rejected"])]
+    assert scores["margin"] == pytest.approx(sum(margins) / 3, abs=1e-5)
+    assert scores["accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 3)
+    assert scores["chosen_logp"] == pytest.approx(sum(logp["chosen"]) / 3, abs=1e-5)
+    assert scores["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+
+
+def test_preference_pairs_split_by_prompt_greedy_and_unpaired(preference, tiny_llama_dir, chatml_tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tasks = preference.quality_tasks
+    chats = [tasks.exchange(f"question {i % 12}", f"answer {i}") for i in range(36)]
+    chats.append(tasks.exchange("question 0", "answer 0"))  # an exact duplicate
+    chats = preference.distinct(chats)
+    assert len(chats) == 36
+    train, test = preference.split_by_prompt(chats, test_prompts=3, seed=0)
+    held = {c[0]["content"] for c in test}
+    assert len(held) == 3 and len(test) == 9 and not held & {c[0]["content"] for c in train}
+    assert preference.split_by_prompt(chats, test_prompts=3, seed=0) == (train, test)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    prompts = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "a much longer question, padded"}]]
+    replies = preference.greedy_replies(model, chatml_tokenizer, prompts, max_new_tokens=5, batch_size=2)
+    for prompt, reply in zip(prompts, replies):  # left padding changes nothing: each one alone, greedy
+        ids = chatml_tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt")
+        ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
+        alone = model.generate(ids, do_sample=False, max_new_tokens=5, pad_token_id=chatml_tokenizer.pad_token_id)
+        assert reply == chatml_tokenizer.decode(alone[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+    generated = {preference.prompt_key(c[:-1]): "answer 1" if c[0]["content"] == "question 1" else "no" for c in chats}
+    pairs = preference.greedy_pairs(chats, generated)
+    assert len(pairs) == 35  # the pair whose real reply is the generated one is dropped
+    assert {"prompt": chats[2][:-1], "chosen": "answer 2", "rejected": "no"} in pairs
+    rows = preference.unpaired(pairs[:2])
+    assert [r["label"] for r in rows] == [True, False, True, False]
+    assert rows[1]["completion"] == [{"role": "assistant", "content": "no"}]
