@@ -77,7 +77,7 @@ def transformers_perplexity(folder: Path, rows: list[dict[str, Any]]) -> float:
 
 def main() -> None:
     args = arguments()
-    from finetune import ChatSFTRecipe
+    from finetune import ChatSFTRecipe, FinetuneError
     from finetune.export import MARGIN
 
     info = machine()
@@ -107,7 +107,12 @@ def main() -> None:
     merged_bytes = sum(f.stat().st_size for f in recipe.folder.merged.glob("*.safetensors"))
     results = []
     for quant in args.quants:
-        exported = recipe.export(quant=quant)
+        try:
+            exported = recipe.export(quant=quant)
+        except FinetuneError as exc:  # a type whose file fails the export's checks is a result too, not the end
+            results.append({"quant": quant, "failed": str(exc)})
+            print(f"{quant}: export failed its checks: {exc}")
+            continue
         started = time.perf_counter()
         ppl = llama_cpp_perplexity(exported.path, rows)
         results.append(
@@ -137,6 +142,9 @@ def main() -> None:
         f"| merged/ (safetensors, float32, transformers) | {merged_bytes / 2**20:.1f} | 1.00 | {baseline:.4f} | 1.0000 | | | |",
     ]
     for r in results:
+        if "failed" in r:
+            table.append(f"| {r['quant']} | export refused: {r['failed']} | | | | | | |")
+            continue
         checks = r["checks"]
         reload, runtime = checks["transformers_reload"], checks["llama_cpp_logits"]
         table.append(

@@ -216,7 +216,7 @@ class _Written:
     gguf_file: Path  # in the staging folder
     base: Path | None  # adapter_only: the base GGUF the adapter applies to (staged, or the source's own file)
     checks: dict[str, Any]
-    warnings: list[str]
+    warnings: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------- the two exports
@@ -225,13 +225,13 @@ class _Written:
 def _export_merged(folder: RunFolder, probe: _Probe, *, quant: str, staging: Path) -> _Written:
     merged = _load(folder.merged)
     path = staging / f"model-{quant}.gguf"
-    warnings = _write_as(path, merged, probe, quant=quant, staging=staging, name=folder.path.name)
+    _write_as(path, merged, probe, quant=quant, staging=staging, name=folder.path.name)
     stored = _stored_tensors(path)
     on_file = _load_gguf(path)
     checks = {"transformers_reload": _reload_check(on_file, merged, stored, probe)}
     del merged
     checks.update(_llama_cpp_checks(path, lora=None, reference=on_file, stored=stored, probe=probe))
-    return _Written(gguf_file=path, base=None, checks=checks, warnings=warnings)
+    return _Written(gguf_file=path, base=None, checks=checks)
 
 
 def _export_adapter(folder: RunFolder, model_cfg: ModelConfig, probe: _Probe, *, quant: str, staging: Path) -> _Written:
@@ -240,11 +240,11 @@ def _export_adapter(folder: RunFolder, model_cfg: ModelConfig, probe: _Probe, *,
     base_model = load_model(model_cfg, quantized=False)
     checks: dict[str, Any] = {}
     if source.gguf is not None:  # the base already is a GGUF: the adapter applies to that very file
-        base, warnings = source.gguf, []
+        base = source.gguf
         stored = _stored_tensors(base)
     else:
         base = staging / f"base-{quant}.gguf"
-        warnings = _write_as(base, base_model, probe, quant=quant, staging=staging, name=f"{folder.path.name}-base")
+        _write_as(base, base_model, probe, quant=quant, staging=staging, name=f"{folder.path.name}-base")
         stored = _stored_tensors(base)
         on_file = _load_gguf(base)
         checks["transformers_reload"] = _reload_check(on_file, base_model, stored, probe)
@@ -252,21 +252,21 @@ def _export_adapter(folder: RunFolder, model_cfg: ModelConfig, probe: _Probe, *,
     write_adapter_gguf(adapter_path, folder.adapter, base_model)
     reference = load_trained(base_model, probe.tokenizer, folder.adapter).eval()
     checks.update(_llama_cpp_checks(base, lora=adapter_path, reference=reference, stored=stored, probe=probe))
-    return _Written(gguf_file=adapter_path, base=base, checks=checks, warnings=warnings)
+    return _Written(gguf_file=adapter_path, base=base, checks=checks)
 
 
-def _write_as(path: Path, model: PreTrainedModel, probe: _Probe, *, quant: str, staging: Path, name: str) -> list[str]:
-    """`model` as a GGUF of type `quant`: written here, or for llama.cpp's K-quant mixes, written in float32 and
-    quantized by llama.cpp's own quantizer (which picks each tensor's type). Returns warnings."""
+def _write_as(path: Path, model: PreTrainedModel, probe: _Probe, *, quant: str, staging: Path, name: str) -> None:
+    """`model` as a GGUF of type `quant`: f16 and bf16 written here, quantized types written in float32 and
+    quantized by llama.cpp's own quantizer (which picks each tensor's type)."""
     if quant not in LLAMA_QUANTIZER_TYPES:
-        return write_model_gguf(path, model, probe.tokenizer, probe.stop_ids, quant, name=name)
+        write_model_gguf(path, model, probe.tokenizer, probe.stop_ids, quant, name=name)
+        return
     source = staging / f"{path.stem}-source-f32.gguf"
     write_model_gguf(source, model, probe.tokenizer, probe.stop_ids, "f32", name=name)
     try:
         quantize_gguf(source, path, quant, what=f"GGUF export: quantizing to {quant} in llama.cpp")
     finally:
         source.unlink()
-    return []
 
 
 # ---------------------------------------------------------------------------------------------- writing GGUF
@@ -344,11 +344,6 @@ def _types(quant: str):
         "f32": (q.F32, gguf.LlamaFileType.ALL_F32),  # the source llama.cpp's quantizer reads (never kept)
         "f16": (q.F16, gguf.LlamaFileType.MOSTLY_F16),
         "bf16": (q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-        "q8_0": (q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-        "q5_0": (q.Q5_0, gguf.LlamaFileType.MOSTLY_Q5_0),
-        "q5_1": (q.Q5_1, gguf.LlamaFileType.MOSTLY_Q5_1),
-        "q4_0": (q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
-        "q4_1": (q.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
     }[quant]
 
 
@@ -360,31 +355,26 @@ def write_model_gguf(
     quant: str,
     *,
     name: str,
-) -> list[str]:
+) -> None:
     """Write a Llama-architecture model as one GGUF file: hyperparameters, tokenizer, chat template, weights
-    (2-D ones as `quant`; norms stay float32, as llama.cpp's converter keeps them). Returns warnings.
-
-    With 4- and 5-bit types the output head (the embedding matrix, when tied) is written as q8_0: every logit goes
-    through it, and llama-quantize keeps it at 6 bits for the same reason. On SmolLM2-135M, q4_0 everywhere moved
-    logits by up to 2 standard deviations; see benchmarks/results/export_quality.md for what the rule buys.
+    (2-D ones as `quant`; norms stay float32, as llama.cpp's converter keeps them). Quantized types are made from the
+    f32 file this writes by llama.cpp's own quantizer (`llama_cpp_runner.quantize_gguf`): a hand-written quantizer
+    (this module's until issue 21) wrote files whose rounding the export's checks could not model, and llama.cpp keeps
+    the output head at 6 bits or more, which a hand-written one has to copy rule by rule.
 
     Args:
         path: The GGUF file to write.
         model: The merged (full-precision) model, of the Llama architecture.
         tokenizer: Its tokenizer, with the chat template.
         stop_ids: End-of-turn token ids, recorded as EOS/EOT.
-        quant: The weight type of 2-D weights (f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0).
+        quant: The weight type of 2-D weights: f32, f16 or bf16.
         name: The model's name in the file's metadata.
-
-    Returns:
-        Warnings about what could not be written exactly; empty when none.
     """
     import gguf
 
     config = model.config
     layout = _llama_layout(config)
     qtype, file_type = _types(quant)
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
@@ -402,32 +392,17 @@ def write_model_gguf(
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(file_type)
     _add_tokenizer(writer, tokenizer, config.vocab_size, stop_ids)
-    head = "token_embd.weight" if getattr(config, "tie_word_embeddings", False) else "output.weight"
-    low_bits = quant.startswith(("q4", "q5"))
-    kept_f16 = []
     for tensor in _gguf_tensors(model.state_dict(), config):
         tensor_name, array = tensor.name, tensor.array
         if array.ndim == 1:
             writer.add_tensor(tensor_name, array.astype(np.float32))
             continue
-        this_type = gguf.GGMLQuantizationType.Q8_0 if low_bits and tensor_name == head else qtype
-        if (
-            array.shape[-1] % block
-        ):  # rows that do not fill whole quantization blocks; llama.cpp falls back the same way
-            this_type = gguf.GGMLQuantizationType.F16
-            kept_f16.append(tensor_name)
-        data = gguf.quants.quantize(array, this_type)
-        plain = this_type in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)  # numpy knows their dtype
-        writer.add_tensor(tensor_name, data, raw_dtype=None if plain else this_type)
+        data = gguf.quants.quantize(array, qtype)
+        writer.add_tensor(tensor_name, data, raw_dtype=qtype if qtype == gguf.GGMLQuantizationType.BF16 else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    if kept_f16:
-        return [
-            f"{len(kept_f16)} tensor(s) kept as f16: their rows are not a multiple of {block} ({', '.join(kept_f16[:3])})"
-        ]
-    return []
 
 
 def _add_tokenizer(writer: Any, tokenizer: PreTrainedTokenizerBase, vocab_size: int, stop_ids: list[int]) -> None:

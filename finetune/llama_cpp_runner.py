@@ -28,12 +28,18 @@ from finetune.errors import FinetuneError
 LLAMA_CPP_PIN = "llama-cpp-python==0.3.36"
 # The build that runs on every x86-64 CPU with AVX2 (what `make install` does; see the Makefile for why).
 PORTABLE_REBUILD = f'CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" pip install --force-reinstall --no-deps --no-cache-dir {LLAMA_CPP_PIN}'
-# GGUF types that llama.cpp's own quantizer writes (`llama-quantize`'s names): its K-quant mixes choose a type per
-# tensor (e.g. Q4_K_M keeps half of the attention values and feed-forward outputs at 6 bits).
+# GGUF types that llama.cpp's own quantizer writes (`llama-quantize`'s names), every quantized type export offers: the
+# K-quant mixes choose a type per tensor (e.g. Q4_K_M keeps half of the attention values and feed-forward outputs at
+# 6 bits), and every type keeps the output head at 6 bits or more, since every logit goes through it.
 LLAMA_QUANTIZER_TYPES = {
-    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
-    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
     "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q5_1": "LLAMA_FTYPE_MOSTLY_Q5_1",
+    "q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
 }
 
 _CAUSES = {
