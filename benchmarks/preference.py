@@ -462,7 +462,7 @@ def train_recipe(unit: dict[str, Any], folder: Path, out: Path, method: str) -> 
         "loss": recipe.config.preference.loss if method == "dpo" else method,
         "reference": (
             "precomputed before training"
-            if precomputes_reference(recipe.config)
+            if precomputes_reference(recipe.config, len(recipe.data.splits["train"]))
             else ("a pass per step" if method in ("dpo", "kto") else "none")
         ),
         "gradient_checkpointing": recipe.config.training.gradient_checkpointing,
