@@ -25,7 +25,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from finetune import atomic, chunked_loss, distributed, models, safety
+from finetune import atomic, chunked_loss, distributed, models, precision, safety
 from finetune.adapters import as_before_training, load_trained
 from finetune.config import DataConfig, EvaluationConfig, ModelConfig
 from finetune.data import IGNORE_INDEX, end_of_turn_ids, prepare_data, render_prompt
@@ -145,43 +145,48 @@ def nll(
     ids, all_labels = dataset["input_ids"], dataset["labels"]
     order = sorted(range(len(ids)), key=lambda index: len(ids[index]))
     per_row = np.zeros((len(ids), 4))
-    for start in tqdm(
-        range(0, len(order), batch_size),
-        desc=desc,
-        unit="batch",
-        leave=False,
-        disable=not distributed.is_main(),
-    ):
-        batch = order[start : start + batch_size]
-        width = max(len(ids[index]) for index in batch)
-        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, index in enumerate(batch):
-            input_ids[i, : len(ids[index])] = torch.tensor(ids[index])
-            labels[i, : len(all_labels[index])] = torch.tensor(all_labels[index])
-            attention[i, : len(ids[index])] = 1
-        input_ids, labels, attention = input_ids.to(device), labels.to(device), attention.to(device)
-        real = attention[:, 1:] == 1  # position i predicts token i + 1
-        targets = input_ids[:, 1:][real]
-        if distributed.weights_sharded():  # the output layer's weights are whole only inside the forward (FSDP, ZeRO-3)
-            logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1][real].float()
-            token_nll = F.cross_entropy(logits, targets, reduction="none")
-        else:
-            # Through the output layer in chunks (finetune.chunked_loss): the whole batch's logits would be
-            # rows x tokens x vocabulary floats (4 GiB for 16 rows of 256 tokens over Gemma 3's vocabulary).
-            hidden = chunked_loss.final_hidden_states(model, {"input_ids": input_ids, "attention_mask": attention})[
-                :, :-1
-            ][real]
-            token_nll = chunked_loss.token_nll(model, hidden, targets)
-        row = torch.arange(len(batch), device=device)[:, None].expand_as(real)[real]
-        assistant = (labels[:, 1:][real] != IGNORE_INDEX).to(token_nll.dtype)  # labels are the input tokens where set
-        sums = torch.zeros((len(batch), 4), dtype=torch.float64, device=device)
-        sums[:, 0].index_add_(0, row, (token_nll * assistant).double())
-        sums[:, 1].index_add_(0, row, assistant.double())
-        sums[:, 2].index_add_(0, row, token_nll.double())
-        sums[:, 3].index_add_(0, row, torch.ones_like(token_nll, dtype=torch.float64))
-        per_row[batch] = sums.cpu().numpy()
+    with precision.autocast_like(model):  # as training computed (finetune.precision)
+        for start in tqdm(
+            range(0, len(order), batch_size),
+            desc=desc,
+            unit="batch",
+            leave=False,
+            disable=not distributed.is_main(),
+        ):
+            batch = order[start : start + batch_size]
+            width = max(len(ids[index]) for index in batch)
+            input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, index in enumerate(batch):
+                input_ids[i, : len(ids[index])] = torch.tensor(ids[index])
+                labels[i, : len(all_labels[index])] = torch.tensor(all_labels[index])
+                attention[i, : len(ids[index])] = 1
+            input_ids, labels, attention = input_ids.to(device), labels.to(device), attention.to(device)
+            real = attention[:, 1:] == 1  # position i predicts token i + 1
+            targets = input_ids[:, 1:][real]
+            if (
+                distributed.weights_sharded()
+            ):  # the output layer's weights are whole only inside the forward (FSDP, ZeRO-3)
+                logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1][real].float()
+                token_nll = F.cross_entropy(logits, targets, reduction="none")
+            else:
+                # Through the output layer in chunks (finetune.chunked_loss): the whole batch's logits would be
+                # rows x tokens x vocabulary floats (4 GiB for 16 rows of 256 tokens over Gemma 3's vocabulary).
+                hidden = chunked_loss.final_hidden_states(model, {"input_ids": input_ids, "attention_mask": attention})[
+                    :, :-1
+                ][real]
+                token_nll = chunked_loss.token_nll(model, hidden, targets)
+            row = torch.arange(len(batch), device=device)[:, None].expand_as(real)[real]
+            assistant = (labels[:, 1:][real] != IGNORE_INDEX).to(
+                token_nll.dtype
+            )  # labels are the input tokens where set
+            sums = torch.zeros((len(batch), 4), dtype=torch.float64, device=device)
+            sums[:, 0].index_add_(0, row, (token_nll * assistant).double())
+            sums[:, 1].index_add_(0, row, assistant.double())
+            sums[:, 2].index_add_(0, row, token_nll.double())
+            sums[:, 3].index_add_(0, row, torch.ones_like(token_nll, dtype=torch.float64))
+            per_row[batch] = sums.cpu().numpy()
     model.train(was_training)
     total = NLL(per_row)
     if across_processes:
@@ -224,23 +229,26 @@ def generate(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for start in tqdm(
-            range(0, len(prompts), batch_size),
-            desc="Generating replies",
-            unit="batch",
-            leave=False,
-            disable=not distributed.is_main(),
-        ):
-            batch = tokenizer(
-                prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(device)
-            width = batch["input_ids"].shape[1]
-            output = model.generate(**batch, **generate_kwargs(decoding, model.generation_config, prompt_length=width))
-            eos = model.generation_config.eos_token_id
-            stops = {eos} if isinstance(eos, int) else set(eos or [])
-            for row in output[:, width:].tolist():
-                end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
-                replies.append(row[:end])
+        with precision.autocast_like(model):  # as training computed (finetune.precision)
+            for start in tqdm(
+                range(0, len(prompts), batch_size),
+                desc="Generating replies",
+                unit="batch",
+                leave=False,
+                disable=not distributed.is_main(),
+            ):
+                batch = tokenizer(
+                    prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+                ).to(device)
+                width = batch["input_ids"].shape[1]
+                output = model.generate(
+                    **batch, **generate_kwargs(decoding, model.generation_config, prompt_length=width)
+                )
+                eos = model.generation_config.eos_token_id
+                stops = {eos} if isinstance(eos, int) else set(eos or [])
+                for row in output[:, width:].tolist():
+                    end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+                    replies.append(row[:end])
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from finetune import distributed, model_source
+from finetune import distributed, model_source, precision
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
 from finetune.model_source import ResolvedSource
@@ -70,19 +70,16 @@ def _converted_gguf(source: ResolvedSource) -> Path:
 
 
 def compute_dtype(cfg: ModelConfig) -> torch.dtype:
-    """The dtype of activations and unquantized weights (`model.compute_dtype`).
+    """The dtype the model computes in: `model.compute_dtype`, with `auto` resolved for this machine
+    (`finetune.precision`: bf16 on a GPU, and on a CPU that computes bf16 natively and measurably faster).
 
     Args:
         cfg: The `model:` section.
 
     Returns:
-        The named dtype; for "auto", bfloat16 on CUDA (float16 where the GPU lacks bfloat16), float32 on CPU.
+        The compute dtype.
     """
-    if cfg.compute_dtype != "auto":
-        return getattr(torch, cfg.compute_dtype)
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return precision.choose_compute_dtype(cfg.compute_dtype).dtype
 
 
 def quant_storage(cfg: ModelConfig) -> torch.dtype:

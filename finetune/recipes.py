@@ -34,6 +34,7 @@ from finetune import (
     merging,
     models,
     planning,
+    precision,
     preflight,
     safety,
     trackers,
@@ -351,6 +352,11 @@ class Recipe:
             if finding.level in ("warning", "serious"):
                 self._say(f"  [yellow]audit {finding.level}[/yellow] {finding.check}: {finding.message}")
         self._say(f"Loading model (quantization: {cfg.model.quantization})")
+        choice = precision.choose_compute_dtype(cfg.model.compute_dtype)
+        if cfg.model.compute_dtype == "auto":
+            self._decide("model.compute_dtype", choice.name)
+        self._say(f"  compute dtype: {choice.name} ({choice.reason})")
+        cfg = self.config
         base = models.load_model(cfg.model)
         models.configure_generation(base, tokenizer, inputs.stop_ids)
         set_seed(cfg.training.seed)  # LoRA's initial weights (and new tokens' embedding rows): same seed, same run

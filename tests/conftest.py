@@ -119,7 +119,10 @@ def tiny_recipe(model_dir: Path, data_path: Path, run_dir: Path, **overrides) ->
     """A recipe dict that runs end to end on a tiny model in seconds."""
     recipe = {
         "name": "tiny",
-        "model": {"source": str(model_dir), "quantization": "none"},
+        # float32, not auto: tests compare tiny runs with plain float32 transformers exactly on any CI machine; bf16
+        # (auto's choice on CPUs that compute it natively) has its own tests (tests/test_precision.py), and the
+        # real-model tests run whatever auto picks.
+        "model": {"source": str(model_dir), "quantization": "none", "compute_dtype": "float32"},
         "lora": {"r": 8},
         "data": {
             "sources": [{"type": "file", "path": str(data_path)}],

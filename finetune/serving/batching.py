@@ -28,6 +28,7 @@ import torch
 from peft import PeftModel
 from transformers import LogitsProcessorList, TextIteratorStreamer
 
+from finetune import precision
 from finetune.errors import FinetuneError, argument
 from finetune.generation import DecodingSettings, generate_kwargs
 from finetune.serving import hf_internals
@@ -336,7 +337,8 @@ class Batcher:
         self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache: object, adapters: list[str]
     ) -> torch.Tensor:
         routed = self._router.rows(adapters) if self._router else nullcontext()
-        with self.chat.lock, routed:  # terminal chat's complete() switches adapters on the same model
+        # The terminal chat's complete() switches adapters on the same model; autocast as training computed.
+        with self.chat.lock, routed, precision.autocast_like(self.chat.model):
             output = self.chat.model(
                 input_ids=ids,
                 attention_mask=mask,

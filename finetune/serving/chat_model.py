@@ -26,7 +26,7 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from finetune import models
+from finetune import models, precision
 from finetune.adapters import add_trained, load_trained
 from finetune.config import ModelConfig, Quantization, choices
 from finetune.data import end_of_turn_ids, render_prompt
@@ -142,7 +142,7 @@ class ChatModel:
         adapter = self.variants[name]
         input_ids = torch.tensor([prompt_ids], device=self.model.device)
         try:
-            with self.lock, self._variant(adapter):
+            with self.lock, self._variant(adapter), precision.autocast_like(self.model):
                 output = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),

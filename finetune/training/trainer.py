@@ -119,7 +119,9 @@ def training_arguments(
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=not on_cuda,
-        bf16=on_cuda and dtype == torch.bfloat16,
+        # Mixed precision: the forward under autocast in the compute dtype, LoRA weights and optimizer state float32
+        # (Float32Adapters); on CPU too where the compute dtype is bf16 (finetune.precision).
+        bf16=dtype == torch.bfloat16,
         fp16=on_cuda and dtype == torch.float16,
         # The trackers in training.report_to, through their transformers integrations; the recipe adds where they
         # write and the run's name (finetune.trackers), a trainer built directly gets transformers' defaults.
