@@ -67,7 +67,10 @@ class ModelConfig(_Section):
         "4bit", description="Base weights while training: 4bit (NF4, QLoRA), 8bit, or none (full precision)."
     )
     compute_dtype: Dtype = Field(
-        "auto", description="Dtype of activations and unquantized weights; auto = bfloat16 on CUDA, float32 on CPU."
+        "auto",
+        description="Dtype the model computes in (mixed precision: LoRA weights stay float32); auto = bfloat16 on "
+        "CUDA, and on a CPU that computes bf16 natively and measurably faster (a matmul probe, cached per machine; "
+        "docs/performance.md#bf16-on-cpu), else float32.",
     )
     double_quant: bool = Field(
         True, description="4-bit only: quantize the quantization constants too (saves ~0.4 bit/param)."
