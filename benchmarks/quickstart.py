@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import OFFLINE, machine  # noqa: E402
 
@@ -38,11 +40,13 @@ def readme_block(record: dict[str, Any]) -> str:
     fidelity = metrics.get("merge_fidelity") or {}
     merged = fidelity.get("full_precision")
     cpu = record["machine"]["cpu"]
+    dtype = yaml.safe_load(record["recipe"])["model"].get("compute_dtype", "auto")  # as decided on that machine
     prompts = (metrics.get("safety") or {}).get("prompts") or {}
     safety = f", {min(prompts.values())} prompts of each safety set answered" if prompts else ""
     lines = [
         BEGIN,
-        f"Its last recorded run ({cpu}, {record['machine']['cores']} cores) took {record['wall_seconds']:.0f} s: "
+        f"Its last recorded run ({cpu}, {record['machine']['cores']} cores, computing in {dtype}) took "
+        f"{record['wall_seconds']:.0f} s: "
         f"training {metrics['train_seconds']:.0f} s on {metrics['train_rows']} conversations, evaluation "
         f"{metrics['evaluation_seconds']:.0f} s ({metrics['evaluation_rows']} held-out conversations scored, "
         f"{metrics['evaluation_generations']} replies generated{safety}, before and after), merge "

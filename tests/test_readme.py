@@ -12,11 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import quickstart  # noqa: E402
 
-# Settings a run records as decided (gradient checkpointing: auto -> the planner's choice) or as given on the
-# command line to replace an old run; neither changes what the quickstart computes.
-# Decided by the run, overridden by the benchmark, or only observing it (trackers read the metrics, change none).
+# Settings a run records as decided (gradient checkpointing: auto -> the planner's choice; the compute dtype: auto ->
+# this machine's, finetune.precision), as given on the command line to replace an old run, or only observing it
+# (trackers read the metrics, change none).
 _DECIDED_OR_OVERRIDDEN = (
     "training.gradient_checkpointing",
+    "model.compute_dtype",
     "output.overwrite",
     "training.report_to",
     "training.logging_dir",
