@@ -65,6 +65,13 @@ def _options(
 
 # The repetition guard's options say what the evaluation config says (one description for both).
 _EVALUATION = EvaluationConfig.model_fields
+ComputeDtypeOption = Annotated[
+    Dtype | None,
+    typer.Option(
+        help="Compute dtype: auto (bf16 where this CPU computes it natively and faster, finetune.precision), float32, "
+        "bfloat16, float16. Default: what the run ran with, else auto."
+    ),
+]
 GuardOption = Annotated[
     bool, typer.Option("--repetition-guard/--no-repetition-guard", help=_EVALUATION["repetition_guard"].description)
 ]
@@ -379,13 +386,16 @@ def chat(
     repetition_guard: GuardOption = True,
     repetition_guard_strength: GuardStrengthOption = _GUARD_STRENGTH,
     quantization: Annotated[Quantization, typer.Option(help="Load the model as none, 8bit or 4bit.")] = "none",
+    compute_dtype: ComputeDtypeOption = None,
 ) -> None:
     """Chat in the terminal with the model's own chat template, replies streamed; /reset starts over, /exit quits."""
     from finetune import serving
 
     # Checked before the model loads: a bad setting fails in a second, not after the loading.
     decoding = serving.DecodingSettings(max_new_tokens, temperature, top_p, repetition_guard, repetition_guard_strength)
-    model = serving.load_chat_model(target, [adapter] if adapter else [], quantization=quantization)
+    model = serving.load_chat_model(
+        target, [adapter] if adapter else [], quantization=quantization, compute_dtype=compute_dtype
+    )
     serving.chat_loop(model, system=system, decoding=decoding)
 
 
@@ -439,6 +449,7 @@ def serve(
     repetition_guard: GuardOption = True,
     repetition_guard_strength: GuardStrengthOption = _GUARD_STRENGTH,
     quantization: Annotated[Quantization, typer.Option(help="Load the model as none, 8bit or 4bit.")] = "none",
+    compute_dtype: ComputeDtypeOption = None,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models) and a web chat page at /."""
     from finetune import serving
@@ -452,7 +463,7 @@ def serve(
         max_queue=max_queue,
         request_timeout=request_timeout or None,
     )
-    model = serving.load_chat_model(target, adapter or [], quantization=quantization)
+    model = serving.load_chat_model(target, adapter or [], quantization=quantization, compute_dtype=compute_dtype)
     serving.serve(model, host=host, port=port, api_key=api_key, limits=limits, decoding=decoding)
 
 

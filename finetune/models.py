@@ -270,6 +270,8 @@ def load_model(cfg: ModelConfig, *, quantized: bool = True) -> PreTrainedModel:
     except OSError as exc:
         raise FinetuneError(f"model.source `{cfg.source}`: could not load weights ({exc}).") from exc
     disable_4bit_cpu_repacking(model)
+    if kwargs["dtype"] == torch.bfloat16 and torch.device(device).type == "cpu":
+        precision.keep_output_layer_float32(model)
     return model
 
 

@@ -64,8 +64,11 @@ def lora(base: Path, folder: Path, seed: int) -> Path:
 def chat(tiny_llama_dir, tmp_path_factory) -> ChatModel:
     """The tiny Llama base with two adapters over it: three variants, each answering differently."""
     folder = tmp_path_factory.mktemp("adapters")
+    # float32: batched greedy replies equal one-at-a-time ones token for token; bf16 rounds by the batch's shape.
     return load_chat_model(
-        tiny_llama_dir, [f"a={lora(tiny_llama_dir, folder / 'a', 1)}", f"b={lora(tiny_llama_dir, folder / 'b', 2)}"]
+        tiny_llama_dir,
+        [f"a={lora(tiny_llama_dir, folder / 'a', 1)}", f"b={lora(tiny_llama_dir, folder / 'b', 2)}"],
+        compute_dtype="float32",
     )
 
 
@@ -154,7 +157,7 @@ def test_sampling_draws_as_generate_does(chat):
 def test_every_family_batches_with_replies_unchanged(family, tmp_path):
     """Models with sliding-window layers (Gemma 2 and 3) are served one at a time; all others batch. Either way the
     replies are generate()'s."""
-    chat = load_chat_model(build_model_dir(FAMILIES[family], tmp_path / family))
+    chat = load_chat_model(build_model_dir(FAMILIES[family], tmp_path / family), compute_dtype="float32")
     batcher = Batcher(chat, max_batch_size=4)
     sliding = family in ("gemma2", "gemma3")
     assert (batcher.max_batch_size, bool(batcher.unbatched_because)) == ((1, True) if sliding else (4, False))
@@ -233,14 +236,21 @@ def test_cli_serve_passes_its_load_limits(monkeypatch):
     from finetune import serving
 
     seen = {}
-    monkeypatch.setattr(serving, "load_chat_model", lambda target, adapters, quantization: "model")
+
+    def load(target, adapters, quantization, compute_dtype):
+        seen["compute_dtype"] = compute_dtype
+        return "model"
+
+    monkeypatch.setattr(serving, "load_chat_model", load)
     monkeypatch.setattr(serving, "serve", lambda model, **options: seen.update(options))
-    flags = ["--max-batch-size", "8", "--max-queue", "5", "--request-timeout", "0"]
+    flags = ["--max-batch-size", "8", "--max-queue", "5", "--request-timeout", "0", "--compute-dtype", "float32"]
     result = CliRunner().invoke(cli_app, ["serve", "x", *flags])
     assert result.exit_code == 0, result.output
     assert seen["limits"] == Limits(max_batch_size=8, max_queue=5, request_timeout=None)
+    assert seen["compute_dtype"] == "float32"
     result = CliRunner().invoke(cli_app, ["serve", "x"])
     assert seen["limits"] == Limits()  # the flags' defaults are the Python API's
+    assert seen["compute_dtype"] is None  # the run's own, else auto
     assert CliRunner().invoke(cli_app, ["serve", "x", "--max-batch-size", "0"]).exit_code == 2
 
 

@@ -210,14 +210,14 @@ def test_4bit_weights_are_stored_in_the_compute_dtype_under_fsdp(tiny_llama_dir,
     import torch
 
     from finetune.config import ModelConfig
-    from finetune.models import load_model
+    from finetune.models import compute_dtype, load_model
 
     config = ModelConfig(source=str(tiny_llama_dir), quantization="4bit")
     plain = load_model(config)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
     sharded = load_model(config)
     assert plain.model.layers[0].mlp.up_proj.weight.dtype == torch.uint8
-    assert sharded.model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # the compute dtype on CPU
+    assert sharded.model.layers[0].mlp.up_proj.weight.dtype == compute_dtype(config)  # bf16 or float32 on CPU
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, sharded(ids).logits)  # same 4-bit values, packed differently

@@ -89,11 +89,17 @@ def test_bf16_training_on_cpu_is_mixed_precision_and_merges_to_the_base_dtype(ti
     states = [s for s in trainer.optimizer.state.values() if "exp_avg" in s]
     assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
     assert all(p.dtype == torch.float32 for _, p in model.named_parameters() if p.requires_grad)
-    seen = []
-    handle = model.base_model.model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    seen = {"mlp": [], "head": []}
+    inner = model.base_model.model
+    handles = [
+        inner.model.layers[0].mlp.register_forward_hook(lambda m, i, o: seen["mlp"].append(o.dtype)),
+        inner.lm_head.register_forward_hook(lambda m, i, o: seen["head"].append(o.dtype)),
+    ]
     recipe.evaluate_before_and_after()
-    handle.remove()
-    assert seen and set(seen) == {torch.bfloat16}  # evaluation computed as training did
+    for handle in handles:
+        handle.remove()
+    assert seen["mlp"] and set(seen["mlp"]) == {torch.bfloat16}  # evaluation computed as training did
+    assert seen["head"] and set(seen["head"]) == {torch.float32}  # the logits in float32 (precision.py says why)
     recipe.save()
     recipe.merge()
     merged = load_file(recipe.folder.merged / "model.safetensors")

@@ -243,7 +243,7 @@ def test_cli_chat_and_serve_pass_their_decoding_flags(monkeypatch):
     from finetune.cli import FLAGS
 
     seen = {}
-    monkeypatch.setattr(serving, "load_chat_model", lambda target, adapters, quantization: "model")
+    monkeypatch.setattr(serving, "load_chat_model", lambda target, adapters, quantization, compute_dtype: "model")
     monkeypatch.setattr(serving, "chat_loop", lambda model, system, decoding: seen.update(chat=decoding))
     monkeypatch.setattr(serving, "serve", lambda model, **options: seen.update(serve=options["decoding"]))
     runner = CliRunner()

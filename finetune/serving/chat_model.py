@@ -163,7 +163,11 @@ class ChatModel:
 
 
 def load_chat_model(
-    target: str | Path, adapters: Sequence[str | Path] = (), *, quantization: str = "none"
+    target: str | Path,
+    adapters: Sequence[str | Path] = (),
+    *,
+    quantization: str = "none",
+    compute_dtype: str | None = None,
 ) -> ChatModel:
     """Load what `target` names, ready to chat.
 
@@ -179,6 +183,9 @@ def load_chat_model(
         target: A run folder, model folder, .gguf file, bundled alias or Hub id.
         adapters: LoRA adapters to serve beside it, each `PATH` or `NAME=PATH`.
         quantization: Load the base as "none", "8bit" or "4bit".
+        compute_dtype: "auto", "float32", "bfloat16" or "float16"; None: what a run folder's recipe ran with, else
+            auto (finetune.precision). Greedy replies of batched serving equal one-at-a-time generation token for
+            token in float32; in bf16 a near tie can fall either way with the batch's rounding.
 
     Returns:
         The ChatModel: model, tokenizer and the variants by public name.
@@ -189,6 +196,8 @@ def load_chat_model(
     named = [_named_adapter(str(spec)) for spec in adapters]
     if run.has_recipe():
         recipe_model = run.read_config().model.model_copy(update={"quantization": quantization})
+        if compute_dtype is not None:
+            recipe_model = recipe_model.model_copy(update={"compute_dtype": compute_dtype})
         if not named and run.has_merged():
             base_cfg = recipe_model.model_copy(update={"source": str(run.merged), "revision": None})
             base_name = run.path.name
@@ -202,7 +211,8 @@ def load_chat_model(
                 f"Run its recipe ({run.recipe}) again with output.overwrite: true."
             )
     else:
-        base_cfg, base_name = ModelConfig(source=str(target), quantization=quantization), _display_name(str(target))
+        base_cfg = ModelConfig(source=str(target), quantization=quantization, compute_dtype=compute_dtype or "auto")
+        base_name = _display_name(str(target))
     names = [base_name, *(name for name, _ in named)]
     duplicate = next((name for name in names if names.count(name) > 1), None)
     if duplicate:
