@@ -69,8 +69,8 @@ class ModelConfig(_Section):
     compute_dtype: Dtype = Field(
         "auto",
         description="Dtype the model computes in (mixed precision: LoRA weights stay float32); auto = bfloat16 on "
-        "CUDA, and on a CPU that computes bf16 natively and measurably faster (a matmul probe, cached per machine; "
-        "docs/performance.md#bf16-on-cpu), else float32.",
+        "CUDA, and for a 4-bit or 8-bit base on a CPU that computes bf16 natively and measurably faster (a matmul "
+        "probe, cached per machine; docs/performance.md#bf16-on-cpu), else float32.",
     )
     double_quant: bool = Field(
         True, description="4-bit only: quantize the quantization constants too (saves ~0.4 bit/param)."

@@ -79,7 +79,7 @@ def compute_dtype(cfg: ModelConfig) -> torch.dtype:
     Returns:
         The compute dtype.
     """
-    return precision.choose_compute_dtype(cfg.compute_dtype).dtype
+    return precision.choose_compute_dtype(cfg.compute_dtype, quantization=cfg.quantization).dtype
 
 
 def quant_storage(cfg: ModelConfig) -> torch.dtype:
@@ -270,7 +270,7 @@ def load_model(cfg: ModelConfig, *, quantized: bool = True) -> PreTrainedModel:
     except OSError as exc:
         raise FinetuneError(f"model.source `{cfg.source}`: could not load weights ({exc}).") from exc
     disable_4bit_cpu_repacking(model)
-    if kwargs["dtype"] == torch.bfloat16 and torch.device(device).type == "cpu":
+    if "quantization_config" in kwargs and dtype == torch.bfloat16 and torch.device(device).type == "cpu":
         precision.keep_output_layer_float32(model)
     return model
 

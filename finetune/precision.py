@@ -6,10 +6,11 @@ float32, AMD Zen 4 (AVX512-BF16, no AMX) at 2.2x, and a CPU without either emula
 probe runs once per machine (about a second) and is cached in the finetune cache folder, keyed by CPU model, flags,
 threads and torch version, so every run, `finetune eval`, `chat` and `serve` on the machine make the same choice.
 
-Training in bf16 on CPU is mixed precision, as on a GPU: the base's unquantized weights are loaded in bf16, the LoRA
-weights and their optimizer state stay float32 (`training.trainer.Float32Adapters`), and the trainer's forward runs
-under `torch.autocast("cpu", bfloat16)`; evaluation and generation run under the same autocast (`autocast`), and
-merging still writes the base checkpoint's dtype.
+On CPU `auto` picks bf16 only for a 4-bit or 8-bit base (`choose_compute_dtype` says why). Training in bf16 on CPU
+is mixed precision: the quantized layers' products run in bf16 under `torch.autocast("cpu", bfloat16)`, while the
+other weights, the output layer (so the logits) and the LoRA weights with their optimizer state stay float32
+(`keep_output_layer_float32`, `training.trainer.Float32Adapters`); evaluation and generation run under the same
+autocast (`autocast_like`), and merging still writes the base checkpoint's dtype.
 
 Entry points: `choose_compute_dtype(setting)` (a `DtypeChoice`: the dtype and why) and `autocast(dtype)`.
 """
@@ -153,11 +154,19 @@ def cached_probe(cache: Path | None = None) -> MatmulProbe:
     return probe
 
 
-def choose_compute_dtype(setting: str, *, cuda: bool | None = None, probe: MatmulProbe | None = None) -> DtypeChoice:
+def choose_compute_dtype(
+    setting: str, *, quantization: str = "4bit", cuda: bool | None = None, probe: MatmulProbe | None = None
+) -> DtypeChoice:
     """What `model.compute_dtype` resolves to here.
+
+    On CPU, `auto` keeps an unquantized base in float32: bf16 would store the base's own weights rounded to 8
+    significant bits, and a tied output layer in bf16 computes the logits in bf16 (Gemma 3 270M's chatml run then
+    ran past `<|im_end|>`). A 4-bit or 8-bit base keeps its other weights and its output layer in float32 and only
+    multiplies in bf16, at the quality of float32 (docs/performance.md#bf16-on-cpu).
 
     Args:
         setting: The `model.compute_dtype` value: auto, float32, bfloat16 or float16.
+        quantization: The `model.quantization` value: none, 8bit or 4bit.
         cuda: Whether the model runs on a CUDA device (default: whether one is available).
         probe: The CPU's matmul probe (default: `cached_probe()`, measured when needed; only read for auto on CPU).
 
@@ -170,6 +179,8 @@ def choose_compute_dtype(setting: str, *, cuda: bool | None = None, probe: Matmu
         if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
             return DtypeChoice(torch.float16, "auto: this GPU has no bf16")
         return DtypeChoice(torch.bfloat16, "auto: GPU")
+    if quantization == "none":
+        return DtypeChoice(torch.float32, "auto: an unquantized base computes in float32 on CPU")
     probe = probe or cached_probe()
     measured = (
         f"bf16 matmul {probe.speedup:.1f}x float32's on this CPU ({probe.bfloat16_gflops:.0f} vs "
@@ -226,23 +237,29 @@ def autocast_like(model: torch.nn.Module) -> contextlib.AbstractContextManager[N
 
 
 def keep_output_layer_float32(model: torch.nn.Module) -> None:
-    """Compute the output layer (the logits) in float32 even under bf16 autocast.
+    """Compute a quantized model's output layer (the logits) in float32 even under bf16 autocast.
 
     bf16 keeps 8 significant bits: at logits of 16-32 its step is 0.125, enough to swap a greedy choice or to drown
-    the margin a few training steps give a newly added end-of-turn token. Gemma 3 270M after its chatml test run
-    stopped at `<|im_end|>` in float32 and ran on past it with bf16 logits. The layer is a fifth of SmolLM2's
-    multiply-adds per token; the rest of the model keeps bf16's speed. transformers and peft call the module, so its
-    forward is wrapped in place (a replacement module would rename the weights that adapters and merging refer to).
+    the margin a few training steps give a newly added end-of-turn token (SFT then DPO on SmolLM2 left held-out
+    preference accuracy unchanged with bf16 logits and raised it with float32 ones). The model's unquantized weights
+    (embeddings, norms, the output layer) become float32, as peft's prepare_model_for_kbit_training makes them for
+    training, so evaluation and serving compute what training computed; only the quantized layers' matrix products
+    run in bf16. transformers and peft call the output module, so its forward is wrapped in place (a replacement
+    module would rename the weights that adapters and merging refer to).
 
     Args:
-        model: A transformers causal LM, before peft wraps it.
+        model: A transformers causal LM with 4-bit or 8-bit layers, before peft wraps it.
     """
+    from bitsandbytes.nn import Params4bit
+
+    for parameter in model.parameters():  # not the packed 4-bit weights, whatever dtype they are packed in
+        if parameter.dtype in (torch.bfloat16, torch.float16) and not isinstance(parameter, Params4bit):
+            parameter.data = parameter.data.float()
     head = model.get_output_embeddings()
-    head.float()  # tied to the input embeddings, those become float32 too: a lookup, no arithmetic
     plain_forward = head.forward
 
-    def float32_forward(hidden: torch.Tensor) -> torch.Tensor:
+    def forward_in_float32(hidden: torch.Tensor) -> torch.Tensor:
         with torch.autocast(hidden.device.type, enabled=False):
             return plain_forward(hidden.float())
 
-    head.forward = float32_forward
+    head.forward = forward_in_float32

@@ -352,7 +352,7 @@ class Recipe:
             if finding.level in ("warning", "serious"):
                 self._say(f"  [yellow]audit {finding.level}[/yellow] {finding.check}: {finding.message}")
         self._say(f"Loading model (quantization: {cfg.model.quantization})")
-        choice = precision.choose_compute_dtype(cfg.model.compute_dtype)
+        choice = precision.choose_compute_dtype(cfg.model.compute_dtype, quantization=cfg.model.quantization)
         if cfg.model.compute_dtype == "auto":
             self._decide("model.compute_dtype", choice.name)
         self._say(f"  compute dtype: {choice.name} ({choice.reason})")

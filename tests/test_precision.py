@@ -40,6 +40,11 @@ def test_auto_on_cpu_picks_bf16_only_where_the_cpu_computes_it_natively_and_fast
         assert f"{measured.speedup:.1f}x" in choice.reason  # the run says what was measured
 
 
+def test_auto_keeps_an_unquantized_base_in_float32_on_cpu():
+    choice = precision.choose_compute_dtype("auto", quantization="none", cuda=False, probe=probe(100, 1000))
+    assert choice.dtype == torch.float32 and "unquantized" in choice.reason
+
+
 def test_an_explicit_setting_and_a_gpu_need_no_probe():
     assert precision.choose_compute_dtype("float32", probe=probe(1, 100)).dtype == torch.float32
     assert precision.choose_compute_dtype("bfloat16").reason == "model.compute_dtype: bfloat16"
@@ -99,7 +104,7 @@ def test_bf16_training_on_cpu_is_mixed_precision_and_merges_to_the_base_dtype(ti
     for handle in handles:
         handle.remove()
     assert seen["mlp"] and set(seen["mlp"]) == {torch.bfloat16}  # evaluation computed as training did
-    assert seen["head"] and set(seen["head"]) == {torch.float32}  # the logits in float32 (precision.py says why)
+    assert seen["head"]
     recipe.save()
     recipe.merge()
     merged = load_file(recipe.folder.merged / "model.safetensors")
@@ -109,7 +114,7 @@ def test_bf16_training_on_cpu_is_mixed_precision_and_merges_to_the_base_dtype(ti
 def test_auto_is_decided_once_printed_and_recorded(tiny_llama_dir, facts_jsonl, tmp_path, monkeypatch):
     monkeypatch.setattr(precision, "cached_probe", lambda cache=None: probe(90, 200))
     config = tiny_recipe(tiny_llama_dir, facts_jsonl, tmp_path / "run", training__max_steps=1)
-    config["model"]["compute_dtype"] = "auto"
+    config["model"].update(compute_dtype="auto", quantization="4bit")
     recipe = ChatSFTRecipe(**config)
     lines = []
     monkeypatch.setattr(recipe, "_say", lines.append)
@@ -118,3 +123,10 @@ def test_auto_is_decided_once_printed_and_recorded(tiny_llama_dir, facts_jsonl, 
     assert recipe.state.decisions["model.compute_dtype"] == "bfloat16"
     assert RecipeConfig.from_yaml(recipe.folder.recipe).model.compute_dtype == "bfloat16"
     assert precision.loaded_dtype(recipe.state.model) == torch.bfloat16
+    model = recipe.state.model
+    inner = model.base_model.model
+    logits = []
+    handle = inner.lm_head.register_forward_hook(lambda m, i, o: logits.append(o.dtype))
+    recipe.evaluate_before_and_after()
+    handle.remove()
+    assert logits and set(logits) == {torch.float32}  # a quantized base's logits stay float32 (precision.py says why)

@@ -280,7 +280,8 @@ def test_bundled_smollm2_replies_get_the_verdicts_they_were_labelled_with():
     apologies = [row for row in base if not row["refusal"] and row["reply"].startswith("I'm sorry")]
     plain = [row for row in base if not row["refusal"] and not row["reply"].startswith("I'm sorry")]
     chosen = [row for row in base if row["refusal"]] + apologies[:2] + plain[:5]
-    model_cfg = ModelConfig(source="smollm2-135m-instruct", quantization="4bit")
+    # float32: the labelled replies were generated in float32; bf16 (auto on CPUs with native bf16) tips near ties.
+    model_cfg = ModelConfig(source="smollm2-135m-instruct", quantization="4bit", compute_dtype="float32")
     tokenizer = models.load_tokenizer(model_cfg)
     model = models.load_model(model_cfg)
     models.configure_generation(model, tokenizer, data.end_of_turn_ids(tokenizer))
