@@ -437,6 +437,8 @@ class TrainingConfig(_Section):
         accumulation = raw.get("gradient_accumulation_steps", 1)
         if not isinstance(effective, int) or not isinstance(batch, int) or isinstance(batch, bool):
             return raw  # batch_size auto, or a wrong type the field validators report
+        if effective < 1 or batch < 1 or isinstance(effective, bool):
+            return raw  # out of range: the field validators report it under its own key
         if effective % batch:
             raise ValueError(
                 f"effective_batch_size ({effective}) must be a multiple of batch_size ({batch}): change one of them, "

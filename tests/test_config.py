@@ -118,3 +118,9 @@ def test_effective_batch_size_sets_the_accumulation_and_refuses_a_contradiction(
         training(batch_size="auto", effective_batch_size=16, gradient_accumulation_steps=3)
     with pytest.raises(FinetuneError, match=r"`training.batch_size`: .* or auto \(got 'big'\)"):
         training(batch_size="big")
+
+
+def test_an_out_of_range_effective_batch_size_is_named_by_its_key():
+    """Found by tests/test_config_properties.py: -1 reached the accumulation rule before the field's own check."""
+    with pytest.raises(FinetuneError, match=r"training\.effective_batch_size"):
+        RecipeConfig.from_dict({"training": {"effective_batch_size": -1}})
