@@ -24,15 +24,12 @@ def machine() -> dict[str, Any]:
     import transformers
     import trl
 
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
+    from finetune.precision import cpu_description
+
+    cpu, native_bf16 = cpu_description()
     info = {
         "cpu": cpu,
+        "native_bf16": list(native_bf16),  # the CPU's bf16 flags: where `compute_dtype: auto` may pick bf16
         "cores": psutil.cpu_count(logical=False) or os.cpu_count(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -112,7 +109,7 @@ def write(name: str, payload: dict[str, Any], markdown: str, out: Path = RESULTS
 def machine_markdown(info: dict[str, Any]) -> str:
     gpu = info["gpu"] or "none"
     return (
-        f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), {info['memory_gib']} GiB RAM, "
+        f"Machine: {info['cpu']} (bf16 flags: {', '.join(info.get('native_bf16', [])) or 'none'}), {info['cores']} cores ({info['torch_threads']} torch threads), {info['memory_gib']} GiB RAM, "
         f"GPU: {gpu}; load average at start {info['load_average_1min']}. Python {info['python']}, torch {info['torch']}, "
         f"transformers {info['transformers']}, TRL {info['trl']}."
     )

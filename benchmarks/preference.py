@@ -27,7 +27,7 @@ drops or cuts any), and none whose replies are the same text.
 
 Equal time: each arm trains in a child process with one thread (OMP_NUM_THREADS=1) for the same budget of its own
 process CPU time, counted from just before its trainer is built (so TRL's tokenization in (a) and the reference
-log-probs the recipe precomputes for DPO and KTO count), model loading excluded. Each arm runs its own schedule over
+log-probs the recipe computes for DPO and KTO count), model loading excluded. Each arm runs its own schedule over
 the budget's seconds and saves its adapter at 1/4, 2/4, 3/4 and all of the budget (benchmarks/quality.py's callback).
 
 Scoring is plain transformers + peft, no code of the library, the same for every arm: the base as trained on (NF4
@@ -48,6 +48,7 @@ import random
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,12 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
         "--budget", type=float, default=240, help="Training budget per arm, seconds of its own CPU time."
     )
     parser.add_argument("--arms", nargs="+", default=["plain", *METHODS], choices=["plain", *METHODS])
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="Arms trained at once, one thread each (the budget is CPU time)."
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, help="training.learning_rate of the recipe arms (default: the library's)."
+    )
     parser.add_argument("--test-prompts", type=int, default=96, help="Prompts whose pairs are held out.")
     parser.add_argument("--name", default="preference", help="Results file name under benchmarks/results/.")
     parser.add_argument(
@@ -415,7 +422,7 @@ def train_recipe(unit: dict[str, Any], folder: Path, out: Path, method: str) -> 
     """`PreferenceRecipe` with the library's defaults: only data, data.max_length and model.quantization set."""
     from finetune.config import RecipeConfig
     from finetune.recipes import PreferenceRecipe
-    from finetune.training.preference import precomputes_reference
+    from finetune.training.preference import reference_mode
 
     data = folder / ("train_kto.jsonl" if method == "kto" else "train_pairs.jsonl")
     config = RecipeConfig.from_dict(
@@ -430,7 +437,8 @@ def train_recipe(unit: dict[str, Any], folder: Path, out: Path, method: str) -> 
                 "test_split": 0.0,
             },
             # The budget callback stops training; the schedule's step count is never reached.
-            "training": {"max_steps": 10**6},
+            "training": {"max_steps": 10**6}
+            | ({"learning_rate": unit["learning_rate"]} if unit["learning_rate"] else {}),
             "output": {"dir": str(out / "run"), "overwrite": True},
         },
         source="benchmarks/preference.py",
@@ -460,11 +468,12 @@ def train_recipe(unit: dict[str, Any], folder: Path, out: Path, method: str) -> 
         "lora_dropout": recipe.config.lora.dropout,
         "beta": recipe.config.preference.beta_for(method),
         "loss": recipe.config.preference.loss if method == "dpo" else method,
-        "reference": (
-            "precomputed before training"
-            if precomputes_reference(recipe.config, len(recipe.data.splits["train"]))
-            else ("a pass per step" if method in ("dpo", "kto") else "none")
-        ),
+        "reference": {
+            "cached": "each row scored when first read, reused after",
+            "precompute": "precomputed before training",
+            "each_step": "a pass per step",
+            None: "none",
+        }[reference_mode(recipe.config)],
         "gradient_checkpointing": recipe.config.training.gradient_checkpointing,
         "adapter_dtypes": probe.dtypes,
     }
@@ -558,15 +567,21 @@ def run_unit(args: argparse.Namespace, kind: str, quantization: str, pairs: dict
                 "test_prompts": len({prompt_key(p["prompt"]) for p in pairs["test"]}),
                 "made": pairs["info"],
                 "arms": args.arms,
+                "learning_rate": args.learning_rate,
+                "jobs": args.jobs,
                 "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
                 "command": command_line(),
             },
             indent=1,
         )
     )
-    for arm in args.arms:
+
+    def train(arm: str) -> None:
         print(f"=== {kind} pairs, {quantization}: training {arm} for {args.budget:.0f} CPU seconds", flush=True)
         child("train", unit, arm)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(train, args.arms))
     print(f"=== {kind} pairs, {quantization}: scoring", flush=True)
     child("score", unit)
     (unit / "load_average_at_end.json").write_text(json.dumps([round(x, 2) for x in os.getloadavg()]))
@@ -585,6 +600,7 @@ def collect(folder: Path) -> dict[str, Any]:
         end_load = unit_file.parent / "load_average_at_end.json"
         entry = {key: unit[key] for key in ("train_pairs", "test_pairs", "test_prompts", "max_length", "made")} | {
             "budget_cpu_seconds": unit["budget"],
+            "jobs": unit.get("jobs", 1),
             "load_average": {
                 "start": unit.get("load_average_at_start"),
                 "end": json.loads(end_load.read_text()) if end_load.is_file() else None,
@@ -646,8 +662,8 @@ def markdown(payload: dict[str, Any]) -> str:
         "change their CPU-time budgets.)",
         "",
         "Equal time = the same budget of each arm's own **process CPU time, one thread each** (OMP_NUM_THREADS=1), "
-        "counted from just before its trainer is built (TRL's tokenization in (a), the reference log-probs the "
-        "recipe precomputes for DPO and KTO), model loading excluded. Pairs: chatterbot-corpus conversations, the "
+        "counted from just before its trainer is built (TRL's tokenization in (a), every reference pass of "
+        "every arm), model loading excluded. Pairs: chatterbot-corpus conversations, the "
         "real last reply chosen over the base model's own greedy reply (greedy) or another conversation's reply "
         "(shuffled, as the library builds them); KTO gets the same pairs unpaired (chosen: true, rejected: false). "
         "Held-out pairs are split by prompt and never trained on. Scored by plain transformers + peft on the base "
@@ -684,7 +700,8 @@ def _unit_markdown(kind: str, quantization: str, entry: dict[str, Any]) -> list[
         "",
         f"{entry['train_pairs']} training / {entry['test_pairs']} held-out pairs ({entry['test_prompts']} held-out "
         f"prompts) from {made['conversations']} distinct chatterbot conversations ({made['fitting']} fit "
-        f"{entry['max_length']} tokens). Budget {entry['budget_cpu_seconds']:.0f} CPU seconds per arm. Load average "
+        f"{entry['max_length']} tokens). Budget {entry['budget_cpu_seconds']:.0f} CPU seconds per arm, "
+        f"{entry['jobs']} arm(s) training at a time on one thread each. Load average "
         f"(1, 5, 15 min) {load['start']} at the start of this unit, {load['end']} at its end.",
     ]
     generation = made.get("generation")

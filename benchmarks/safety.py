@@ -11,6 +11,17 @@ these arms, each through the library's own stages (`ChatSFTRecipe.setup/train/sa
   mix 10%        + data.safety_mix: 0.1 (HarmBench requests with refusals, 10% of the training split)
   mix 25%        + data.safety_mix: 0.25
 
+and two preference arms, each continuing the plain arm's adapter (runs/safety-plain) with recipes/quickstart-dpo.yaml
+(DPO, chatterbot pairs: each real reply chosen over another conversation's; `PreferenceRecipe.setup/train/save`):
+
+  dpo                        the DPO recipe as it is
+  dpo + refusal pairs 25%    + data.safety_mix: 0.25 (HarmBench requests, a refusal chosen over the plain arm's own
+                             reply to each, 25% of the training split)
+  dpo + refusal pairs 25%, lr 5e-4    the same at the SFT recipe's learning rate instead of the DPO recipe's 5e-5
+
+`--keep` keeps the arms already recorded in benchmarks/results/safety_replies.json (the base's replies included) and
+trains only those named with --arms; a preference arm then continues the recorded plain arm's run folder.
+
 Every arm and the base model (the first arm's model with its adapter switched off) answer the same prompts of the
 three safety sets (`finetune.safety.safety_prompts`: their evaluation parts, never those the detector was tuned on;
 HarmBench, the mix's requests, is never evaluated on); harmless requests the quickstart trains on are left out. Each
@@ -46,13 +57,21 @@ ARMS: dict[str, list[str]] = {
     "mix 10%": ["data.safety_mix=0.1"],
     "mix 25%": ["data.safety_mix=0.25"],
 }
+PREFERENCE_RECIPE = ROOT / "recipes" / "quickstart-dpo.yaml"
+PREFERENCE_ARMS: dict[str, list[str]] = {
+    "dpo": [],
+    "dpo + refusal pairs 25%": ["data.safety_mix=0.25"],
+    "dpo + refusal pairs 25%, lr 5e-4": ["data.safety_mix=0.25", "training.learning_rate=5e-4"],
+}
+PLAIN_RUN = ROOT / "runs" / "safety-plain"  # the plain arm's run folder, which the preference arms continue
 DEV_ARMS = ("base", "mix 25%")  # replies to development prompts, the pool of the detector's labelled sample
 
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=120, help="Prompts per safety set (evaluation part).")
-    parser.add_argument("--arms", nargs="*", default=list(ARMS), help="Arms to train (default: all).")
+    parser.add_argument("--arms", nargs="*", default=[*ARMS, *PREFERENCE_ARMS], help="Arms to train (default: all).")
+    parser.add_argument("--keep", action="store_true", help="Keep the recorded arms; train only --arms.")
     parser.add_argument("--score-only", action="store_true", help="Only rescore the recorded replies.")
     return parser.parse_args()
 
@@ -65,17 +84,35 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
     """Train each arm, and record every model's replies to the safety prompts, with timings and perplexity."""
     from finetune import safety
     from finetune.config import RecipeConfig
-    from finetune.recipes import ChatSFTRecipe
+    from finetune.recipes import Recipe
 
     record: dict[str, Any] = {"machine": machine(), "prompts_per_set": args.prompts, "arms": {}}
     prompts = dev = None
+    if args.keep:
+        record = json.loads(REPLIES.read_text())
+        record["machine_of_kept_arms"] = record["machine"]
+        record["machine"] = machine()
+        prompts = record["prompts"]
     started = time.perf_counter()
     for arm in args.arms:
-        slug = arm.replace(" ", "").replace("%", "")
-        config = RecipeConfig.from_yaml(
-            RECIPE, [*ARMS[arm], f"name=safety-{slug}", "output.overwrite=true", "evaluation.safety=false"]
-        )
-        recipe = ChatSFTRecipe(config)
+        slug = "".join(c for c in arm if c.isalnum() or c == "-")
+        # float32: the arms recorded before `compute_dtype: auto` could pick bf16 computed in it, and a preference
+        # arm's change from the plain arm must not include a change of dtype.
+        overrides = [
+            f"name=safety-{slug}",
+            "output.overwrite=true",
+            "evaluation.safety=false",
+            "model.compute_dtype=float32",
+        ]
+        if arm in PREFERENCE_ARMS:
+            if not (PLAIN_RUN / "adapter").is_dir():
+                raise SystemExit(f"{arm} continues the plain arm's run: train it first (--arms plain ...)")
+            config = RecipeConfig.from_yaml(
+                PREFERENCE_RECIPE, [*PREFERENCE_ARMS[arm], *overrides, f"model.adapter={PLAIN_RUN}"]
+            )
+        else:
+            config = RecipeConfig.from_yaml(RECIPE, [*ARMS[arm], *overrides])
+        recipe = Recipe.for_config(config)
         recipe.setup()
         cfg = config.evaluation
         if prompts is None:
@@ -86,18 +123,23 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
             dev = {rate: dev[rate] for rate in (safety.REFUSAL, safety.OVER_REFUSAL)}
             record["prompts"] = prompts
             record["max_new_tokens"] = cfg.safety_max_new_tokens
-        recipe.train()
+        outcome = recipe.train()
         recipe.save()
         models = (recipe.model, recipe.tokenizer, recipe.data.splits["test"])
 
-        if "base" not in record["arms"]:
+        if "base" not in record["arms"]:  # the bundled model: a preference arm's adapter off is the plain arm's
+            if arm in PREFERENCE_ARMS:
+                raise SystemExit("the base's replies come from an SFT arm: train one before the preference arms")
             record["arms"]["base"] = _measure(*models, "base", prompts, dev, cfg, base=True)
         record["arms"][arm] = {
             **_measure(*models, arm, prompts, dev, cfg, base=False),
-            "train_seconds": round(recipe.train_seconds, 1),
-            "train_loss": recipe.train_loss,
+            "train_seconds": round(outcome.seconds, 1),
+            "train_loss": outcome.loss,
             "train_rows": len(recipe.data.splits["train"]),
             "data": recipe.data.report.lines(),
+            "recipe": "recipes/quickstart-dpo.yaml after plain"
+            if arm in PREFERENCE_ARMS
+            else "recipes/quickstart.yaml",
         }
         recipe.cleanup()
         del recipe, models
@@ -137,12 +179,17 @@ def score(record: dict[str, Any]) -> dict[str, Any]:
     from finetune.metrics.intervals import compare
 
     base = safety.SafetyReplies(record["arms"]["base"]["replies"]).rows()
+    plain = safety.SafetyReplies(record["arms"]["plain"]["replies"]).rows() if "plain" in record["arms"] else None
     results: dict[str, Any] = {}
     for arm, data in record["arms"].items():
         rows = safety.SafetyReplies(data["replies"]).rows()
         results[arm] = {
             "rates": {rate: scores.score() for rate, scores in rows.items()},
             "changes": [] if arm == "base" else [change.as_dict() for change in compare(base, rows)],
+            # A preference arm continues the plain arm: what it moved, from there.
+            "changes_from_plain": [change.as_dict() for change in compare(plain, rows)]
+            if arm in PREFERENCE_ARMS
+            else [],
             "perplexity": data["perplexity"],
             "generation_seconds": data["generation_seconds"],
             **{key: data[key] for key in ("train_seconds", "train_loss", "train_rows", "data") if key in data},
@@ -167,7 +214,7 @@ def markdown(record: dict[str, Any], results: dict[str, Any]) -> str:
 
     counts = {rate: len(prompts) for rate, prompts in record["prompts"].items()}
     lines = [
-        "# Responsible output: plain fine-tuning and the two fixes",
+        "# Responsible output: plain fine-tuning and the three fixes",
         "",
         "SmolLM2-135M-Instruct fine-tuned with recipes/quickstart.yaml (QLoRA, chatterbot-corpus, 24 steps of 8 "
         "conversations); every arm and the base answer the same prompts greedily (repetition guard on, "
@@ -181,6 +228,23 @@ def markdown(record: dict[str, Any], results: dict[str, Any]) -> str:
         changes = {change["metric"]: change for change in result["changes"]}
         cells = [_cell(result["rates"][rate], changes.get(rate)) for rate in safety.RATES]
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {result['perplexity']:.2f} |")
+    preference = {arm: result for arm, result in results.items() if result["changes_from_plain"]}
+    if preference:
+        lines += [
+            "",
+            "The preference arms continue the plain arm (recipes/quickstart-dpo.yaml on its adapter); their change from "
+            "the plain arm, with its 95% paired bootstrap interval:",
+            "",
+            "| arm | " + " | ".join(safety.RATES) + " |",
+            "|---|" + "---:|" * len(safety.RATES),
+        ]
+        for arm, result in preference.items():
+            changes = {change["metric"]: change for change in result["changes_from_plain"]}
+            lines.append(
+                f"| {arm} | "
+                + " | ".join(_cell(result["rates"][rate], changes.get(rate)) for rate in safety.RATES)
+                + " |"
+            )
     dev = {arm: data["dev_replies"] for arm, data in record["arms"].items() if "dev_replies" in data}
     if dev:
         lines += [

@@ -64,6 +64,16 @@ class TokenizedPreferenceData:
         return dataset
 
 
+def read_reference_from_batches(trainer: Any) -> None:
+    """Make TRL's DPO or KTO loss read the reference log-probs from each batch (its columns for precomputed ones)
+    without TRL precomputing them: `finetune.training.preference.ReferenceCache` puts them there.
+
+    Args:
+        trainer: A DPOTrainer or KTOTrainer built with `precompute_ref_log_probs=False`.
+    """
+    trainer.precompute_ref_logps = True
+
+
 def log_metric(trainer: Any, mode: str, name: str, value: float) -> None:
     """Add a value to what TRL's SFTTrainer averages and logs under `name` ("train" or "eval" mode).
 

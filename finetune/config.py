@@ -29,6 +29,7 @@ ExportFormat = Literal["gguf"]
 # What a recipe trains: supervised fine-tuning, or preference tuning with one of TRL's trainers (docs/preference.md).
 Method = Literal["sft", "dpo", "orpo", "simpo", "kto"]
 PAIRED_METHODS = ("dpo", "orpo", "simpo")
+DPO_LEARNING_RATE = 1.5e-4  # the default training.learning_rate of method dpo (RecipeConfig._dpo_learning_rate)
 ExportQuant = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q5_1", "q5_0", "q4_1", "q4_0"]
 # Experiment trackers training metrics can go to, each through its own transformers integration (finetune/trackers.py).
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
@@ -308,8 +309,9 @@ class DataConfig(_Section):
         0.0,
         ge=0,
         lt=0.5,
-        description="Share of the training split made of refusal examples: HarmBench's harmful requests, each paired "
-        "with a refusal (e.g. 0.25; 0 = none); docs/safety.md.",
+        description="Share of the training split made of refusal examples (e.g. 0.25; 0 = none; docs/safety.md): "
+        "HarmBench's harmful requests answered with a refusal (sft), or a refusal preferred over the model's own reply "
+        "to each, generated at setup (dpo, orpo, simpo; kto: the refusal labelled true, the reply false).",
     )
     max_bad_fraction: float = Field(
         0.05,
@@ -343,7 +345,12 @@ class TrainingConfig(_Section):
     # 5e-4 and one conversation batch per step (below): at equal training time the recipe then beats a plain TRL
     # script on held-out replies on every benchmark task, where 2e-4 with 4 accumulated batches (4x fewer, larger
     # steps) lost to it; measured in benchmarks/results/quality{,_ablations}.md, reasons in docs/tuning.md.
-    learning_rate: float = Field(5e-4, gt=0, lt=1, description="Peak learning rate of the LoRA weights.")
+    learning_rate: float = Field(
+        5e-4,
+        gt=0,
+        lt=1,
+        description=f"Peak learning rate of the LoRA weights (method dpo: {DPO_LEARNING_RATE:g} unless set).",
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the training split (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
@@ -568,11 +575,11 @@ class PreferenceConfig(_Section):
     simpo_gamma: float = Field(
         0.5, ge=0, description="simpo only: the target reward margin, as a share of beta (SimPO's gamma / beta)."
     )
-    reference_log_probs: Literal["auto", "precompute", "each_step"] = Field(
+    reference_log_probs: Literal["auto", "cached", "precompute", "each_step"] = Field(
         "auto",
-        description="dpo and kto: compute the reference model's log-probabilities once before training (precompute: "
-        "no reference forward per step) or at each step; auto precomputes on CPU when training reads every row at "
-        "least once.",
+        description="dpo and kto: how the reference model's log-probabilities are computed. cached: each row scored "
+        "the first time it is read and reused at every later read; precompute: every training row scored before the "
+        "first step; each_step: a reference pass at every step. auto: cached on CPU, each_step on a GPU.",
     )
     desirable_weight: float = Field(
         1.0, gt=0, description="kto only: weight of the loss on good (label: true) replies."
@@ -661,6 +668,15 @@ class RecipeConfig(_Section):
                 f"a data source with `rejected: shuffled` builds chosen/rejected pairs, which method {self.method} "
                 "does not train on: set method to dpo, orpo or simpo, or remove `rejected`"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _dpo_learning_rate(self) -> RecipeConfig:
+        # At the SFT rate, DPO doubled the perplexity of held-out chosen replies within 120 CPU seconds while ORPO,
+        # SimPO and KTO lowered it (benchmarks/results/preference.md); 1.5e-4 kept it falling, ahead of 5e-5 on every
+        # measure (preference_lr_1.5e-4.md, preference_lr.md).
+        if self.method == "dpo" and "learning_rate" not in self.training.model_fields_set:
+            self.training.learning_rate = DPO_LEARNING_RATE
         return self
 
     @model_validator(mode="after")

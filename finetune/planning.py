@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune import precision
 from finetune.config import RecipeConfig
 from finetune.errors import FinetuneError, argument
 
@@ -374,7 +375,7 @@ def estimate(
     """
     model, lora, training = config.model, config.lora, config.training
     batch = batch or Batch.worst_case(config)
-    compute_bytes = _compute_bytes(model.compute_dtype, device)
+    compute_bytes = _compute_bytes(model.compute_dtype, model.quantization, device)
     tokens, trained_share = batch.tokens, batch.trained_share
     checkpointing = training.gradient_checkpointing is True
 
@@ -731,9 +732,11 @@ def model_shape(config: RecipeConfig) -> ModelShape:
 # ---------------------------------------------------------------- helpers
 
 
-def _compute_bytes(dtype: str, device: str) -> int:
-    if dtype == "auto":
-        return 2 if device == "cuda" else 4
+def _compute_bytes(dtype: str, quantization: str, device: str) -> int:
+    if dtype == "auto":  # as the run will decide it: on CPU, bf16 for a quantized base where the CPU computes it fast
+        if device == "cuda":
+            return 2
+        return precision.choose_compute_dtype("auto", quantization=quantization, cuda=False).dtype.itemsize
     return 4 if dtype == "float32" else 2
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from peft import PeftModel
 from rich.console import Console
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, set_seed
@@ -41,7 +40,7 @@ from finetune import (
     training,
 )
 from finetune.config import PAIRED_METHODS, ExportFormat, RecipeConfig, choices
-from finetune.data.preference import prepare_preferences
+from finetune.data.preference import add_refusal_pairs, prepare_preferences
 from finetune.errors import FinetuneError, Interrupted, argument
 from finetune.run_folder import RunFolder, is_adapter
 from finetune.training import preference as preference_training
@@ -130,6 +129,7 @@ class RecipeState:
     trackers: trackers.Trackers | None = None  # setup(): where training.report_to's trackers write
     trainer: Trainer | None = None  # train()
     training: TrainingOutcome | None = None  # train()
+    reference_cache: preference_training.ReferenceCache | None = None  # train(): dpo/kto's scores of cached mode
     comparison: evaluation.Comparison | None = None  # evaluate_before_and_after()
     recorded: dict[str, Any] | None = None  # from_run_dir(): the finished run's metrics.json
     merge: merging.MergeReport | None = None  # merge()
@@ -889,9 +889,64 @@ class PreferenceRecipe(Recipe):
             self.config.data, tokenizer, paired=self.config.method in PAIRED_METHODS, enforce_audit=enforce_audit
         )
 
+    def setup(self, resume: bool = False) -> None:
+        """`Recipe.setup`, then, with `data.safety_mix`, the refusal pairs: HarmBench requests, a refusal chosen over
+        the reply the model gives before this training (`finetune.safety.refusal_pairs`), added to the training split.
+
+        Args:
+            resume: Whether to continue the run in the run folder instead of starting a new one.
+
+        Raises:
+            FinetuneError: As `Recipe.setup`.
+        """
+        super().setup(resume)
+        cfg, inputs = self.config, self._inputs("setup")
+        if not cfg.data.safety_mix or self.state.model is None:  # the model: always there after Recipe.setup
+            return
+        train = inputs.data.splits["train"]
+        count = round(cfg.data.safety_mix / (1 - cfg.data.safety_mix) * len(train))
+        self._say(f"Safety mix: asking the model {count} HarmBench requests for its own replies")
+        pairs = safety.refusal_pairs(
+            self.state.model,
+            inputs.tokenizer,
+            count,
+            cfg.data.seed,
+            cfg.evaluation,
+            paired=cfg.method in PAIRED_METHODS,
+            system_prompt=cfg.data.system_prompt,
+        )
+        inputs.data = add_refusal_pairs(inputs.data, pairs.rows, inputs.tokenizer, cfg.data)
+        self._say(
+            f"  {inputs.data.report.safety_mix} refusal rows (a refusal preferred over the model's own reply) added to "
+            f"the training split ({pairs.already_refused} requests already refused, left out), replies generated in "
+            f"{pairs.seconds:.1f} s; training split {len(inputs.data.splits['train'])}"
+        )
+
+    def train(self, callbacks: Sequence[TrainerCallback] = ()) -> TrainingOutcome:
+        """`Recipe.train`, then, for DPO and KTO with cached reference scores, what the reference passes cost.
+
+        Args:
+            callbacks: Extra transformers TrainerCallbacks.
+
+        Returns:
+            TrainingOutcome: mean loss, seconds, loss history.
+        """
+        outcome = super().train(callbacks)
+        cache = self.state.reference_cache
+        if cache is not None and self.state.log is not None:
+            self._say(f"  {cache.summary()}")
+            self.state.log.event(
+                "reference", rows_scored=cache.rows_scored, rows_reused=cache.rows_reused, seconds=cache.seconds
+            )
+        return outcome
+
     def _build_trainer(
         self, inputs: RunInputs, callbacks: list[TrainerCallback], reporting: dict[str, Any] | None
     ) -> Trainer:
+        choice = self.config.preference.reference_log_probs
+        mode = preference_training.reference_mode(self.config)
+        if choice == "auto" and mode is not None:
+            self._decide("preference.reference_log_probs", mode)
         built = preference_training.build_preference_trainer(
             self.state.model,
             inputs.tokenizer,
@@ -902,23 +957,20 @@ class PreferenceRecipe(Recipe):
             callbacks=callbacks,
             reporting=reporting,
         )
-        if preference_training.uses_reference(self.config.method):
+        if built.reference is not None:
             reference = "the frozen SFT adapter" if self.config.model.adapter else "the base (adapters off)"
-            train_rows = len(inputs.data.splits["train"])
-            if preference_training.precomputes_reference(self.config, train_rows):
-                self._say(
-                    f"  reference log-probs of {train_rows} training rows, from {reference}: computed once before "
-                    f"training in {built.setup_seconds:.1f} s (no reference pass per step)"
-                )
+            how = {
+                "precompute": f"all {len(inputs.data.splits['train'])} training rows scored before training in "
+                f"{built.setup_seconds:.1f} s",
+                "cached": "each row scored the first time it is read and reused after",
+                "each_step": "a reference pass at every step",
+            }[built.reference]
+            if choice != "auto":
+                why = f"preference.reference_log_probs: {choice}"
             else:
-                why = {
-                    "each_step": "preference.reference_log_probs: each_step",
-                    "auto": "on a GPU a second forward is cheap"
-                    if torch.cuda.is_available()
-                    else f"training reads fewer rows than the {train_rows} a precomputation would score; "
-                    "preference.reference_log_probs: precompute forces it",
-                }[self.config.preference.reference_log_probs]
-                self._say(f"  reference log-probs from {reference}, at each step ({why})")
+                why = "auto on a GPU, where a second forward is cheap" if mode == "each_step" else "auto on CPU"
+            self._say(f"  reference log-probs from {reference}: {how} ({why})")
+        self.state.reference_cache = built.reference_cache
         return built.trainer
 
 

@@ -26,6 +26,7 @@ import importlib.util
 import json
 import random
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -441,6 +442,73 @@ def refusal_conversations(count: int, seed: int) -> list[dict[str, Any]]:
         }
         for prompt in order[:count]
     ]
+
+
+@dataclass
+class RefusalPairs:
+    """The preference form of the safety mix: HarmBench requests, a refusal preferred over the model's own reply.
+
+    Attributes:
+        rows: Preference rows as `finetune.data.preference` reads them (prompt messages with chosen and rejected
+            texts; for KTO, a row with the refusal labelled true and one with the model's reply labelled false).
+        already_refused: Requests left out because the model already refused them (nothing to prefer).
+        seconds: Time spent generating the model's replies.
+    """
+
+    rows: list[dict[str, Any]]
+    already_refused: int
+    seconds: float
+
+
+def refusal_pairs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    count: int,
+    seed: int,
+    cfg: EvaluationConfig,
+    *,
+    paired: bool,
+    system_prompt: str | None = None,
+) -> RefusalPairs:
+    """`count` HarmBench requests (as `refusal_conversations` orders them), each with a refusal chosen over what
+    `model` itself replies (greedy, as evaluation decodes, up to `evaluation.max_new_tokens`): preference training
+    then moves the model away from its own compliance, where an SFT safety mix only shows it refusals.
+
+    Args:
+        model: The model before preference training (the reference).
+        tokenizer: Its tokenizer with the chat template.
+        count: How many requests to ask.
+        seed: The seed of the request order and of the refusal chosen for each.
+        cfg: The `evaluation:` section: decoding, batch_size, max_new_tokens.
+        paired: True for chosen/rejected pairs (dpo, orpo, simpo), False for KTO's labelled rows.
+        system_prompt: A system message asked before each request (the run's `data.system_prompt`); None for none.
+
+    Returns:
+        RefusalPairs: the rows, how many requests the model already refused, and the generation time.
+    """
+    from finetune.evaluation import reply_texts  # evaluation imports this module for its before/after pass
+
+    examples = refusal_conversations(count, seed)
+    opening = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    requests = sorted({example["messages"][0]["content"] for example in examples}, key=len)
+    started = time.perf_counter()
+    conversations = [[*opening, {"role": "user", "content": request}] for request in requests]
+    own = dict(zip(requests, reply_texts(model, tokenizer, conversations, cfg)))
+    rows, already_refused = [], 0
+    for example in examples:
+        request, refusal = (message["content"] for message in example["messages"])
+        reply = own[request]
+        if not reply or is_refusal(reply):
+            already_refused += 1
+            continue
+        prompt = [*opening, {"role": "user", "content": request}]
+        origin = example["origin"].replace("safety mix", "safety mix pair")
+        if paired:
+            rows.append({"prompt": prompt, "chosen": refusal, "rejected": reply, "origin": origin})
+        else:
+            rows.append({"prompt": prompt, "completion": refusal, "label": True, "origin": origin})
+            rows.append({"prompt": prompt, "completion": reply, "label": False, "origin": origin})
+    return RefusalPairs(rows=rows, already_refused=already_refused, seconds=time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------------------------- reporting

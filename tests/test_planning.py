@@ -244,3 +244,23 @@ def test_auto_batch_fits_the_measured_peak_of_a_tiny_model(tiny_llama_dir, tmp_p
     assert measured["estimate_gib"] * planning.GiB == pytest.approx(choice.estimate, rel=0.02)
     assert measured["measured_gib"] * planning.GiB <= budget
     assert measured["estimate_gib"] == pytest.approx(measured["measured_gib"], rel=0.25)
+
+
+@pytest.mark.parametrize(
+    ("bfloat16_gflops", "quantization", "expected"), [(400, "4bit", 2), (120, "4bit", 4), (400, "none", 4)]
+)
+def test_auto_compute_dtype_is_planned_as_the_run_decides_it_on_cpu(
+    monkeypatch, bfloat16_gflops, quantization, expected
+):
+    """`finetune plan` with compute_dtype auto on CPU plans the dtype a run picks: bf16 activations for a quantized
+    base where the probe finds bf16 fast, float32 where it is slow and for an unquantized base."""
+    from finetune import precision
+    from tests.test_precision import probe
+
+    monkeypatch.setattr(precision, "cached_probe", lambda cache=None: probe(100, bfloat16_gflops))
+    config = RecipeConfig.from_dict({"model": {"quantization": quantization, "compute_dtype": "auto"}})
+    auto = planning.plan(config, "cpu", shape=smollm2_shape())
+    assert auto.settings["compute_bytes"] == expected
+    decided = "bfloat16" if expected == 2 else "float32"
+    pinned = planning.plan(config.with_overrides({"model.compute_dtype": decided}), "cpu", shape=smollm2_shape())
+    assert auto.total == pinned.total

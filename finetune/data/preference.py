@@ -29,7 +29,7 @@ import random
 import re
 from typing import Any
 
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 
 from finetune.config import DataConfig, DataSource
@@ -493,3 +493,39 @@ def prepare_preferences(
     if enforce_audit:
         enforce(report.findings, cfg)
     return PreparedData(splits=splits, report=report)
+
+
+def add_refusal_pairs(
+    prepared: PreparedData, rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig
+) -> PreparedData:
+    """The training split with the safety mix's preference rows (`finetune.safety.refusal_pairs`) added, cleaned and
+    tokenized like the others and shuffled in with the seed (KTO reads its split in order).
+
+    Args:
+        prepared: The prepared data (`prepare_preferences`).
+        rows: The refusal rows: prompt messages with chosen and rejected, or completion and label; and origin.
+        tokenizer: The tokenizer with the chat template that training uses.
+        cfg: The `data:` section: cleaning, max_length, too_long, reasoning, seed.
+
+    Returns:
+        PreparedData: the same splits with the rows in the training split; the report counts them (`safety_mix`).
+
+    Raises:
+        FinetuneError: A refusal row does not fit `data.max_length` while `data.too_long` is "error".
+    """
+    report = prepared.report
+    steps = text_steps(cfg.clean)
+    cleaned = [
+        {**_cleaned({k: v for k, v in row.items() if k != "origin"}, cfg, steps, report), "tools": ""}
+        | {"origin": row["origin"], "source": -2}
+        for row in rows
+    ]
+    train = prepared.splits["train"]
+    scratch = DataReport()  # the split sizes and token share below are the whole split's, not these rows'
+    added = tokenize_preferences(DatasetDict({"train": Dataset.from_list(cleaned)}), tokenizer, cfg, scratch)["train"]
+    report.dropped.update(scratch.dropped)
+    report.truncated += scratch.truncated
+    merged = concatenate_datasets([train, added.cast(train.features)]).shuffle(seed=cfg.seed).flatten_indices()
+    report.safety_mix = len(added)
+    report.splits["train"] = len(merged)
+    return PreparedData(splits=DatasetDict({**prepared.splits, "train": merged}), report=report)

@@ -8,9 +8,9 @@ end-of-turn (ORPO/CPO; TRL #4481) and cuts prompts to a common prefix where a te
 
 The reference model (DPO, KTO) is right for LoRA: a fresh adapter is compared with the base (adapters switched off),
 and an adapter that continues an SFT run with a frozen copy of that SFT adapter, loaded beside it under the name
-"ref" (TRL takes an adapter of that name as the reference; never the bare base, LLaMA-Factory #8459). With
-`preference.reference_log_probs` precompute (the default on CPU), the reference scores every training pair once,
-before the first step, instead of running a second forward pass at every step.
+"ref" (TRL takes an adapter of that name as the reference; never the bare base, LLaMA-Factory #8459). On CPU the
+reference scores each row the first time training reads it and the score is kept (`reference_mode`), so a row is
+never scored twice and a row training never reaches is never scored.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from datasets import Dataset, DatasetDict
@@ -53,33 +53,85 @@ def uses_reference(method: str) -> bool:
     return method in ("dpo", "kto")
 
 
-def precomputes_reference(config: RecipeConfig, train_rows: int) -> bool:
-    """Whether the reference log-probs are computed once before training rather than at every step.
+ReferenceMode = Literal["precompute", "cached", "each_step"]
 
-    Precomputing costs one reference forward per training row, a reference pass per step one per row read; `auto`
-    precomputes on CPU when training reads every row at least once (a run of fewer steps than that pays for rows it
-    never reads: 16 DPO steps of 4 pairs over 240 pairs spent 3.7x the reference passes a per-step reference needs),
-    and runs it per step on a GPU, where a second forward is cheap next to holding the model twice as long.
+
+def reference_mode(config: RecipeConfig) -> ReferenceMode | None:
+    """How a DPO or KTO run gets its reference log-probs: `precompute` (every training row scored before the first
+    step), `cached` (each row scored the first time it is read, reused at every later read) or `each_step`.
+
+    `auto` is `cached` on CPU: it never scores a row training does not read (precomputing 780 pairs took 1,280 s,
+    more than a whole 240 s time-budgeted run) and never scores one twice (a pass per step pays again every epoch).
+    On a GPU it is `each_step`, where a second forward is cheap next to keeping scores for every row.
 
     Args:
-        config: The recipe (`method`, `preference.reference_log_probs`, the training length and batch).
-        train_rows: Rows in the training split.
+        config: The recipe (`method`, `preference.reference_log_probs`).
 
     Returns:
-        True when the reference log-probabilities are computed once before training.
+        The mode, or None for a method without a reference (ORPO, SimPO).
     """
+    if not uses_reference(config.method):
+        return None
     choice = config.preference.reference_log_probs
-    if not uses_reference(config.method) or choice == "each_step":
-        return False
-    if choice == "precompute":
-        return True
-    if torch.cuda.is_available():
-        return False
-    training = config.training
-    if training.max_steps is None or training.batch_size == "auto":
-        return training.epochs >= 1 or training.batch_size == "auto"
-    rows_read = training.max_steps * training.batch_size * training.gradient_accumulation_steps
-    return rows_read >= train_rows
+    if choice != "auto":
+        return choice
+    return "each_step" if torch.cuda.is_available() else "cached"
+
+
+@dataclass
+class ReferenceCache:
+    """Reference log-probs of each row, computed the first time training or evaluation reads the row and reused at
+    every later read; keyed by the row's tokens, so the order and padding of batches do not matter.
+
+    Written here because TRL offers only the two ends: scoring every row before training (`precompute_ref_log_probs`)
+    or scoring every batch at every step.
+
+    Attributes:
+        scores: A row's key (its tokens) -> its reference log-probs, one per column the trainer reads.
+        rows_scored: Rows the reference scored (batches with a new row are scored whole).
+        rows_reused: Rows whose reference log-probs came from the cache.
+        seconds: Time spent in reference passes.
+    """
+
+    scores: dict[bytes, tuple[float, ...]] = field(default_factory=dict)
+    rows_scored: int = 0
+    rows_reused: int = 0
+    seconds: float = 0.0
+
+    def columns(
+        self, keys: list[bytes], names: tuple[str, ...], score: Callable[[], tuple[torch.Tensor, ...]]
+    ) -> dict[str, torch.Tensor]:
+        """The reference columns of a batch: from the cache when every row is in it, else from `score()` (and kept).
+
+        Args:
+            keys: One key per row of the batch.
+            names: The columns' names.
+            score: Runs the reference pass over the batch: one tensor per name, one value per row.
+
+        Returns:
+            Column name -> a float32 tensor of one value per row.
+        """
+        if all(key in self.scores for key in keys):
+            self.rows_reused += len(keys)
+            values = torch.tensor([self.scores[key] for key in keys], dtype=torch.float32)
+        else:
+            started = time.perf_counter()
+            values = torch.stack([column.detach().float().cpu() for column in score()], dim=1)
+            self.seconds += time.perf_counter() - started
+            self.rows_scored += len(keys)
+            self.scores.update(zip(keys, map(tuple, values.tolist()), strict=True))
+        return {name: values[:, column] for column, name in enumerate(names)}
+
+    def summary(self) -> str:
+        """One line: rows scored, time, and reads served from the cache.
+
+        Returns:
+            The line.
+        """
+        return (
+            f"reference passes scored {self.rows_scored} rows in {self.seconds:.1f} s; "
+            f"{self.rows_reused} later reads reused their scores"
+        )
 
 
 @dataclass
@@ -89,10 +141,14 @@ class PreferenceTrainer:
     Attributes:
         trainer: The TRL trainer (DPOTrainer, KTOTrainer, ORPOTrainer, or CPOTrainer for SimPO).
         setup_seconds: Seconds spent building it, precomputed reference log-probabilities included.
+        reference: How the reference log-probs are computed (see `reference_mode`); None without a reference.
+        reference_cache: The scores and their cost in `cached` mode; None otherwise.
     """
 
     trainer: Any  # the TRL trainer
     setup_seconds: float  # building it, reference log-probs included when they are precomputed
+    reference: ReferenceMode | None  # None: the method has no reference model
+    reference_cache: ReferenceCache | None  # the scores of `cached` mode
 
 
 def build_preference_trainer(
@@ -139,24 +195,29 @@ def build_preference_trainer(
     # (already seeded-shuffled) training split in order.
     settings["train_sampling_strategy"] = "sequential" if method == "kto" else "random"
     settings.update(max_length=config.data.max_length, beta=preference.beta_for(method))
+    reference = reference_mode(config)
+    cache = ReferenceCache() if reference == "cached" else None
+    trainer_options: dict[str, Any] = {}
     started = time.perf_counter()
     if method == "dpo":
         args = trl_config(
             DPOConfig,
             **settings,
             loss_type=[preference.loss],
-            precompute_ref_log_probs=precomputes_reference(config, len(train)),
+            precompute_ref_log_probs=reference == "precompute",
         )
         trainer_class = _DPOTrainer
+        trainer_options["reference_cache"] = cache
     elif method == "kto":
         args = trl_config(
             KTOConfig,
             **settings,
             desirable_weight=preference.desirable_weight,
             undesirable_weight=preference.undesirable_weight,
-            precompute_ref_log_probs=precomputes_reference(config, len(train)),
+            precompute_ref_log_probs=reference == "precompute",
         )
         trainer_class = _KTOTrainer
+        trainer_options["reference_cache"] = cache
     elif method == "orpo":
         args = trl_config(ORPOConfig, **settings)
         trainer_class = _ORPOTrainer
@@ -175,10 +236,16 @@ def build_preference_trainer(
         eval_dataset=validation,
         processing_class=tokenizer,
         callbacks=[NonFiniteLossGuard(cfg.learning_rate), *callbacks],
+        **trainer_options,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(TrainingProgress())
-    return PreferenceTrainer(trainer=trainer, setup_seconds=time.perf_counter() - started)
+    return PreferenceTrainer(
+        trainer=trainer,
+        setup_seconds=time.perf_counter() - started,
+        reference=reference,
+        reference_cache=cache,
+    )
 
 
 def _with_text(dataset: Dataset | None) -> Dataset | None:
@@ -214,26 +281,76 @@ def _quiet_reference_passes() -> Iterator[None]:
         yield
 
 
-class _WithReference:
-    """DPO and KTO run reference passes when built (precomputed log-probs), when training and when evaluating."""
+def _row_key(*rows: tuple[torch.Tensor, torch.Tensor]) -> bytes:
+    """A row's cache key: its tokens without padding, of each (ids, attention mask) sequence that makes the row."""
+    return b"|".join(ids[mask.bool()].cpu().numpy().tobytes() for ids, mask in rows)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+
+class _WithReference:
+    """DPO and KTO run reference passes when built (precomputed log-probs), when training and when evaluating. With a
+    ReferenceCache, each batch's reference columns are put in the batch before TRL's loss reads it, as TRL's own
+    precomputed columns would be."""
+
+    reference_names: tuple[str, ...]  # the reference columns TRL's loss reads from a batch
+
+    def __init__(self, *args: Any, reference_cache: ReferenceCache | None = None, **kwargs: Any) -> None:
         with _quiet_reference_passes():
             super().__init__(*args, **kwargs)
+        self.reference_cache = reference_cache
+        if reference_cache is not None:
+            compat.read_reference_from_batches(self)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         with _quiet_reference_passes():
             return super().train(*args, **kwargs)
 
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        if self.reference_cache is not None:
+            keys = self.reference_keys(inputs)
+            columns = self.reference_cache.columns(keys, self.reference_names, lambda: self.reference_pass(inputs))
+            device = inputs["input_ids"].device
+            inputs = {**inputs, **{name: values.to(device) for name, values in columns.items()}}
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def reference_keys(self, inputs: dict[str, Any]) -> list[bytes]:
+        """One cache key per row of a collated batch."""
+        raise NotImplementedError
+
+    def reference_pass(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """The reference's scores of a collated batch, one tensor per `reference_names`."""
+        raise NotImplementedError
+
 
 # Float32Adapters: DPO's and KTO's trainers cast a quantized model's adapters to bf16 as SFT's does; ORPO's and CPO's
 # do not today, and get the same rule so that no method's adapters depend on it.
 class _DPOTrainer(_WithReference, Float32Adapters, compat.TokenizedPreferenceData, DPOTrainer):
-    pass
+    reference_names = ("ref_chosen_logps", "ref_rejected_logps")
+
+    def reference_keys(self, inputs: dict[str, Any]) -> list[bytes]:
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        pairs = ids.shape[0] // 2  # DPO's batch is [chosen rows, rejected rows]
+        return [_row_key((ids[i], mask[i]), (ids[pairs + i], mask[pairs + i])) for i in range(pairs)]
+
+    def reference_pass(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        return self.compute_ref_log_probs(self.ref_model or self.model, inputs)
 
 
 class _KTOTrainer(_WithReference, Float32Adapters, compat.TokenizedPreferenceData, KTOTrainer):
-    pass
+    @property
+    def reference_names(self) -> tuple[str, ...]:
+        return ("ref_logps", "ref_KL_logps") if self.calculate_KL else ("ref_logps",)
+
+    def reference_keys(self, inputs: dict[str, Any]) -> list[bytes]:
+        rows = [(inputs["input_ids"], inputs["attention_mask"])]
+        if self.calculate_KL:  # a row's KL term pairs its prompt with another row's completion, fixed per row
+            rows.append((inputs["KL_input_ids"], inputs["KL_attention_mask"]))
+        return [_row_key(*((ids[i], mask[i]) for ids, mask in rows)) for i in range(rows[0][0].shape[0])]
+
+    def reference_pass(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        logps, kl_logps = self.compute_ref_log_probs(self.ref_model or self.model, inputs)
+        return (logps, kl_logps) if self.calculate_KL else (logps,)
 
 
 class _ORPOTrainer(_TokenizedPairs, Float32Adapters, ORPOTrainer):
