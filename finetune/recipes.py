@@ -901,10 +901,9 @@ class PreferenceRecipe(Recipe):
         """
         super().setup(resume)
         cfg, inputs = self.config, self._inputs("setup")
-        if not cfg.data.safety_mix or self.state.model is None:  # the model: always there after Recipe.setup
+        if not cfg.data.safety_mix:
             return
-        train = inputs.data.splits["train"]
-        count = round(cfg.data.safety_mix / (1 - cfg.data.safety_mix) * len(train))
+        count = safety.mix_count(cfg.data.safety_mix, len(inputs.data.splits["train"]))
         self._say(f"Safety mix: asking the model {count} HarmBench requests for its own replies")
         pairs = safety.refusal_pairs(
             self.state.model,

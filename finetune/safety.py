@@ -414,6 +414,19 @@ REFUSALS = (
 )
 
 
+def mix_count(share: float, rows: int) -> int:
+    """How many refusal examples make up `share` (`data.safety_mix`) of a training split of `rows` other rows.
+
+    Args:
+        share: The safety mix's share of the training split, below 0.5.
+        rows: The training split's other rows.
+
+    Returns:
+        The number of refusal examples to add.
+    """
+    return round(share / (1 - share) * rows)
+
+
 def refusal_conversations(count: int, seed: int) -> list[dict[str, Any]]:
     """`count` training conversations: a HarmBench request and a refusal, requests in a seeded order (repeated, each
     time with other refusals, when more are asked for than HarmBench has).

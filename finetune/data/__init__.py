@@ -216,9 +216,9 @@ def _drop_toxic(train: Dataset, threshold: float, report: DataReport) -> Dataset
 def _safety_mix(rows: list[dict[str, Any]], cfg: DataConfig) -> list[dict[str, Any]]:
     """Refusal examples (finetune.safety: HarmBench requests, each with a refusal) making up `cfg.safety_mix` of the
     training rows, as conversations like the others (source -2)."""
-    from finetune.safety import refusal_conversations
+    from finetune.safety import mix_count, refusal_conversations
 
-    count = round(cfg.safety_mix / (1 - cfg.safety_mix) * len(rows))
+    count = mix_count(cfg.safety_mix, len(rows))
     return [
         {"messages": row["messages"], "text": "", "tools": "", "origin": row["origin"], "source": -2}
         for row in refusal_conversations(count, cfg.seed)
