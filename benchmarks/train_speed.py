@@ -526,18 +526,14 @@ def main() -> None:
     on_cuda = torch.cuda.is_available()
     device = "cuda" if on_cuda else "cpu"
     info = machine()
-    # The limit: the fastest matmul dtype this device offers, measured now (on CPU bf16 only where it is native).
-    native_bf16 = on_cuda or bool(precision.cpu_description()[1])
-    rates = {
-        str(dtype).removeprefix("torch."): matmul_tflops(dtype, device)
-        for dtype in ([torch.bfloat16] if on_cuda else [torch.float32, *([torch.bfloat16] if native_bf16 else [])])
-    }
+    # The dtypes this device computes in natively: bf16 on a GPU (where float32 is no one's choice); on CPU float32,
+    # and bf16 where the CPU has it. The limit is the fastest of their matmuls, measured now.
+    native = ["bfloat16"] if on_cuda else ["float32", *(["bfloat16"] if precision.cpu_description()[1] else [])]
+    rates = {name: matmul_tflops(getattr(torch, name), device) for name in native}
     limit_dtype = max(rates, key=rates.get)
     tflops = rates[limit_dtype]
     print(f"matmul rates (TFLOP/s): {rates}; limit {limit_dtype}", flush=True)
-    dtypes = [dtype for dtype in args.compute_dtypes if dtype == "float32" or native_bf16]
-    if on_cuda:
-        dtypes = ["bfloat16"]  # float32 is no one's choice on a GPU
+    dtypes = [dtype for dtype in args.compute_dtypes if dtype in native] or native
     if dtypes != args.compute_dtypes:
         print(f"compute dtypes run here: {dtypes} (no native bf16 on this CPU, or a GPU)", flush=True)
     if args.data == "sessions":
