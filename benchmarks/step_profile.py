@@ -1,6 +1,6 @@
 """Where a training step spends its time in float32 and in bf16, and what candidate bf16 levers are worth.
 
-    .venv/bin/python benchmarks/step_profile.py                    # 4-bit quickstart recipe, ~12 min on 2 cores
+    .venv/bin/python benchmarks/step_profile.py                    # 4-bit quickstart recipe, ~20 min on 2 cores
     .venv/bin/python benchmarks/step_profile.py --quantization none --rounds 4
 
 1. Profile: the quickstart recipe (SmolLM2-135M-Instruct, chatterbot, batch 8 x up to 256 tokens) in each compute
@@ -12,9 +12,14 @@
    with the interquartile range. The levers are candidates, patched in here; a lever that pays goes into the library.
      float32 attention   sdpa runs in float32 under bf16 autocast (torch's bf16 flash-attention backward on CPU is
                          ~3x slower than float32's at 40-100 tokens per conversation)
+     math attention      conversations under 256 tokens run sdpa's math backend (matrix products and a softmax),
+                         which in bf16 took 0.71x the flash kernel's forward + backward at 8 x ~40 tokens and 0.73x
+                         at 8 x ~100, standalone
      one input cast      each adapted layer casts its input to bf16 once, for the quantized layer and its adapter
                          (bitsandbytes casts the input to bf16 and its output back to float32, then autocast casts
                          the input again for LoRA)
+     compiled layers     torch.compile of the decoder layer's forward (one compiled function for every layer, dynamic
+                         shapes), fusing the elementwise work between matrix products; compiled in the warm-up
 Results: benchmarks/results/step_profile.{json,md}.
 """
 
@@ -37,7 +42,7 @@ from _harness import OFFLINE, machine, machine_markdown, write
 
 os.environ.update({k: os.environ.get(k, v) for k, v in OFFLINE.items()})
 ROOT = Path(__file__).resolve().parents[1]
-LEVERS = ("float32 attention", "one input cast")
+LEVERS = ("float32 attention", "math attention", "one input cast", "compiled layers")
 # Operator families of the profile, matched on the operator's name in order (first match wins).
 FAMILIES = (
     ("matrix products", ("aten::mm", "aten::bmm", "aten::addmm", "gemm_4bit")),
@@ -154,6 +159,7 @@ def levers_child(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
     import torch
     from datasets import DatasetDict
     from peft.tuners.lora import LoraLayer
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import finetune.training.speed as speed
     from finetune import models, training
@@ -167,6 +173,9 @@ def levers_child(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
             with torch.autocast(query.device.type, enabled=False):
                 out, weights = plain_sdpa(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
             return out.to(torch.get_autocast_dtype(query.device.type)), weights
+        if active["math attention"] and query.shape[2] < 256:
+            with sdpa_kernel(SDPBackend.MATH):
+                return plain_sdpa(module, query, key, value, attention_mask, **kwargs)
         return plain_sdpa(module, query, key, value, attention_mask, **kwargs)
 
     def cast_once(module, inputs):
@@ -175,6 +184,16 @@ def levers_child(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
         return None
 
     speed.sdpa_attention_forward = sdpa  # the packed attention calls it per conversation
+    layers = built.model.get_base_model().model.layers
+    plain_forwards = [layer.forward for layer in layers]
+    compiled_forward = torch.compile(type(layers[0]).forward, dynamic=True)  # compiles at its first call
+    compiled_forwards = [compiled_forward.__get__(layer) for layer in layers]
+
+    def use(variant: str) -> None:
+        active.update({lever: lever == variant for lever in LEVERS})
+        for layer, plain, compiled in zip(layers, plain_forwards, compiled_forwards):
+            layer.forward = compiled if variant == "compiled layers" else plain
+
     for module in built.model.modules():
         if isinstance(module, LoraLayer):
             module.register_forward_pre_hook(cast_once)
@@ -200,13 +219,13 @@ def levers_child(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
     variants = ["as it is", *LEVERS]
     for batch in batches:  # warm-up: oneDNN builds its bf16 kernels on first use
         for variant in variants:
-            active.update({lever: lever == variant for lever in LEVERS})
+            use(variant)
             step(batch)
     times: dict[str, list[float]] = {variant: [] for variant in variants}
     for round_ in range(args.rounds):
         for batch in batches:
             for variant in variants if round_ % 2 == 0 else variants[::-1]:
-                active.update({lever: lever == variant for lever in LEVERS})
+                use(variant)
                 times[variant].append(step(batch))
     result = {"dtype": args.dtype, "pairs": len(times["as it is"]), "variants": {}}
     for variant, values in times.items():

@@ -4,7 +4,9 @@ transformers' Trainer has no public hook for how a checkpoint's model is written
 data, TRL's SFTTrainer none for adding to the metrics it logs, and a model's attention implementation is read from a
 private config field. Each use is here, named for what it does; tests/test_compat.py checks each one against the
 installed version and fails with the library, the version it was written against and this file when an upgrade
-changes it. Nothing else in finetune touches a private attribute of transformers, TRL, peft or llama-cpp-python.
+changes it. The one other module that does is finetune/serving/hf_internals.py, for batched serving alone (its
+generation processors, KV-cache rows and per-row adapters), guarded by the parity tests in tests/test_batching.py;
+nothing else in finetune touches a private attribute of transformers, TRL, peft or llama-cpp-python.
 """
 
 from __future__ import annotations
