@@ -126,21 +126,22 @@ def profile_child(args: argparse.Namespace, run_dir: str) -> dict[str, Any]:
 
         def on_step_begin(self, run_args, state, control, **kwargs):
             if state.global_step == args.warmup:
-                profiler.__enter__()
+                profiler.start()
             self.started = time.perf_counter()
 
         def on_step_end(self, run_args, state, control, **kwargs):
             if state.global_step > args.warmup:
                 walls.append(time.perf_counter() - self.started)
             if state.global_step == args.warmup + args.profile_steps:
-                profiler.__exit__(None, None, None)
+                profiler.stop()
 
     built.train(callbacks=[Window()])
     events = [e for e in profiler.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
     families: dict[str, float] = {}
     for event in events:
-        families[family(event.key)] = families.get(family(event.key), 0.0) + event.self_cpu_time_total
+        name = family(event.key)
+        families[name] = families.get(name, 0.0) + event.self_cpu_time_total
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
     return {
         "dtype": args.dtype,

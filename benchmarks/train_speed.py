@@ -418,8 +418,8 @@ def markdown(payload: dict[str, Any]) -> str:
         *header(payload, "Training speed: plain TRL script (a) vs finetune recipe, per compute dtype"),
         f"Data: **{settings['data']}**, {DATA_TEXT[settings['data']]}. Model `{settings['model']}`, LoRA "
         f"r={settings['lora_r']} on all linear layers, {settings['steps']} steps of {settings['batch_size']} "
-        f"conversations (max {settings['max_length']} tokens), lr {settings['learning_rate']}. The baseline computes "
-        f"in {payload['baseline_dtype']}. Command: `{payload['command']}`.",
+        f"conversations (max {settings['max_length']} tokens), lr {settings['learning_rate']}. "
+        f"Command: `{payload['command']}`.",
     ]
     for quantization, entry in payload["results"].items():
         runs = {label: run for label, run in entry.items() if label != "comparison"}
@@ -435,7 +435,8 @@ def markdown(payload: dict[str, Any]) -> str:
             "",
             f"## quantization: {quantization}",
             "",
-            f"Validation: {runs[labels[0]].get('validation_rows', 'all')} held-out conversations, the same for every run.",
+            f"Validation: {runs[labels[0]].get('validation_rows', 'all')} held-out conversations, the same for every run."
+            + (f" The baseline computes in {runs['baseline']['compute_dtype']}." if "baseline" in runs else ""),
             "",
             row("figure", names + ratio_names),
             "|---" * (1 + len(names) + len(ratio_names)) + "|",
@@ -567,7 +568,6 @@ def main() -> None:
         "matmul_rates": rates,
         "matmul_tflops": tflops,
         "matmul_dtype": limit_dtype,
-        "baseline_dtype": "bfloat16" if on_cuda else "float32",
         "matmul_tflops_after": matmul_tflops(getattr(torch, limit_dtype), device),
         "command": " ".join(["python benchmarks/train_speed.py", *sys.argv[1:]]),
         "settings": {
@@ -585,13 +585,13 @@ def sessions_file(cache: Path) -> Path:
     """The multi-turn sessions as a messages JSONL file under `cache` (built once from the Debian FOLDOC package)."""
     from quality_tasks import sessions_task
 
+    from finetune import atomic
+
     path = cache / "foldoc_sessions.jsonl"
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
         chats = sessions_task(cache)
-        partial = path.with_suffix(".partial")
-        partial.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in chats))
-        partial.replace(path)
+        atomic.write_text(path, "".join(json.dumps({"messages": chat}) + "\n" for chat in chats))
     return path
 
 

@@ -138,7 +138,6 @@ def test_speed_table_has_a_column_and_a_ratio_per_compute_dtype(train_speed):
         "matmul_rates": {"float32": 0.1, "bfloat16": 0.4},
         "matmul_tflops": 0.4,
         "matmul_dtype": "bfloat16",
-        "baseline_dtype": "float32",
         "command": "python benchmarks/train_speed.py --data sessions",
         "settings": {
             "model": "m",
